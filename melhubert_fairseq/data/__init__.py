@@ -1,0 +1,1 @@
+"""Feature, manifest and dataset code for Mel-HuBERT."""
