@@ -6,7 +6,6 @@ may run at a coarser rate by concatenating ``stack`` consecutive frames
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,9 +16,9 @@ from melhubert_fairseq.atomic_output import atomic_save_npy
 FBANK_FRAME_RATE_HZ = 100
 
 
-def num_stacked_frames(num_frames: int, stack: int) -> int:
-    """Number of model frames for ``num_frames`` 10 ms frames stacked by ``stack``."""
-    return math.ceil(num_frames / stack)
+def num_stacked_frames(num_frames, stack: int):
+    """Number of model frames for ``num_frames`` 10 ms frames stacked by ``stack`` (int or array)."""
+    return -(-num_frames // stack)
 
 
 def stack_frames(feats: np.ndarray, stack: int) -> np.ndarray:

@@ -1,0 +1,145 @@
+"""Waveform -> 40-dim Kaldi log-Mel fbank, exactly as the original Mel-HuBERT computed it.
+
+The original release ran, on 16 kHz audio loaded as float in [-1, 1)::
+
+    torchaudio.compliance.kaldi.fbank(wav * 2**15, num_mel_bins=40,
+        sample_frequency=16000, window_type="hamming", frame_length=25, frame_shift=10)
+
+Here the same computation runs in kaldi-native-fbank (Kaldi's own C++ code),
+with every option set explicitly to torchaudio's defaults because
+kaldi-native-fbank's defaults differ (dither 3e-5, povey window, 23 bins).
+torchaudio is never imported.
+"""
+from __future__ import annotations
+
+import math
+
+import kaldi_native_fbank as knf
+import numpy as np
+import soundfile
+
+#: Sample rate every fbank feature in this project is computed at.
+FBANK_SAMPLE_RATE = 16000
+#: Mel bins per frame.
+FBANK_NUM_MEL_BINS = 40
+#: 25 ms analysis window at 16 kHz.
+FBANK_WINDOW_SAMPLES = 400
+#: 10 ms frame shift at 16 kHz.
+FBANK_SHIFT_SAMPLES = 160
+#: torchaudio.load returns int16 audio divided by 2**15; the original multiplied it back.
+INT16_SCALE = float(2**15)
+
+
+def fbank_options(num_mel_bins: int = FBANK_NUM_MEL_BINS) -> knf.FbankOptions:
+    """kaldi-native-fbank options equal to the original ``torchaudio.compliance.kaldi.fbank`` call."""
+    opts = knf.FbankOptions()
+    frame = opts.frame_opts
+    frame.samp_freq = float(FBANK_SAMPLE_RATE)
+    frame.frame_shift_ms = 10.0
+    frame.frame_length_ms = 25.0
+    frame.dither = 0.0  # torchaudio's default; Kaldi's (and knf's) default adds noise
+    frame.preemph_coeff = 0.97
+    frame.remove_dc_offset = True
+    frame.window_type = "hamming"  # the original's choice; torchaudio's default is povey
+    frame.round_to_power_of_two = True  # 512-point FFT
+    frame.blackman_coeff = 0.42
+    frame.snip_edges = True  # frames = 1 + (samples - 400) // 160
+    mel = opts.mel_opts
+    mel.num_bins = num_mel_bins
+    mel.low_freq = 20.0
+    mel.high_freq = 0.0  # 0 means the Nyquist frequency
+    mel.vtln_low = 100.0
+    mel.vtln_high = -500.0
+    mel.htk_mode = False
+    mel.is_librosa = False  # Kaldi mel scale 1127 ln(1 + f/700), unnormalised triangles
+    opts.use_energy = False
+    opts.raw_energy = True
+    opts.htk_compat = False
+    opts.use_log_fbank = True
+    opts.use_power = True
+    return opts
+
+
+_DEFAULT_OPTIONS = fbank_options()
+
+
+def num_fbank_frames(num_samples: int) -> int:
+    """Frames Kaldi fbank (snip_edges=True) yields for ``num_samples`` samples at 16 kHz."""
+    if num_samples < FBANK_WINDOW_SAMPLES:
+        return 0
+    return 1 + (num_samples - FBANK_WINDOW_SAMPLES) // FBANK_SHIFT_SAMPLES
+
+
+def compute_fbank(waveform: np.ndarray, sample_rate: int = FBANK_SAMPLE_RATE) -> np.ndarray:
+    """(frames, 40) float32 Kaldi log-Mel fbank of a mono 16 kHz waveform.
+
+    Float input is taken as audio in [-1, 1] and scaled by 2**15 (the original's
+    ``wav * 32768``); integer input is taken as already on the int16 scale.
+    Audio shorter than one 25 ms window gives a (0, 40) array.
+    """
+    if sample_rate != FBANK_SAMPLE_RATE:
+        raise ValueError(
+            f"fbank needs {FBANK_SAMPLE_RATE} Hz audio, got {sample_rate} Hz (resample it first)"
+        )
+    waveform = np.asarray(waveform)
+    if waveform.ndim != 1:
+        raise ValueError(f"fbank needs a 1-D mono waveform, got shape {waveform.shape}")
+    if np.issubdtype(waveform.dtype, np.integer):
+        samples = waveform.astype(np.float32)
+    elif np.issubdtype(waveform.dtype, np.floating):
+        samples = (waveform * INT16_SCALE).astype(np.float32, copy=False)
+    else:
+        raise TypeError(f"fbank needs a float or integer waveform, got dtype {waveform.dtype}")
+    extractor = knf.OnlineFbank(_DEFAULT_OPTIONS)
+    extractor.accept_waveform(float(FBANK_SAMPLE_RATE), samples)
+    extractor.input_finished()
+    num_frames = extractor.num_frames_ready
+    feats = np.empty((num_frames, FBANK_NUM_MEL_BINS), dtype=np.float32)
+    for index in range(num_frames):
+        # get_frame returns a view into the extractor's buffer: copy it out.
+        feats[index] = extractor.get_frame(index)
+    return feats
+
+
+def resample_audio(waveform: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    """Polyphase resampling (scipy.signal.resample_poly, Kaiser-windowed FIR) to ``target_sr``."""
+    if orig_sr == target_sr:
+        return waveform
+    from scipy.signal import resample_poly  # scipy comes with scikit-learn
+
+    divisor = math.gcd(int(orig_sr), int(target_sr))
+    resampled = resample_poly(waveform, int(target_sr) // divisor, int(orig_sr) // divisor, axis=0)
+    return resampled.astype(np.float32, copy=False)
+
+
+def load_audio(
+    path: str,
+    expected_sr: int = FBANK_SAMPLE_RATE,
+    resample: bool = False,
+    downmix: bool = False,
+) -> np.ndarray:
+    """Read an audio file as a 1-D float32 waveform in [-1, 1] at ``expected_sr``.
+
+    A different sample rate is an error naming the file unless ``resample`` is
+    set; more than one channel is an error unless ``downmix`` is set (then the
+    channels are averaged). 16-bit files come back as int16 / 2**15 exactly,
+    the same values ``torchaudio.load`` gave the original.
+    """
+    try:
+        audio, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)
+    except (RuntimeError, soundfile.LibsndfileError) as err:
+        raise ValueError(f"{path}: cannot read audio ({err})") from None
+    num_channels = audio.shape[1]
+    if num_channels != 1 and not downmix:
+        raise ValueError(
+            f"{path}: has {num_channels} channels, expected mono (downmix=True / --downmix averages them)"
+        )
+    waveform = audio[:, 0] if num_channels == 1 else audio.mean(axis=1, dtype=np.float32)
+    if sample_rate != expected_sr:
+        if not resample:
+            raise ValueError(
+                f"{path}: sample rate is {sample_rate} Hz, expected {expected_sr} Hz "
+                "(resample=True / --resample converts it)"
+            )
+        waveform = resample_audio(waveform, sample_rate, expected_sr)
+    return waveform

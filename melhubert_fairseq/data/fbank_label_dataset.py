@@ -1,0 +1,252 @@
+"""FbankLabelDataset: cropped, stacked log-Mel frames with their k-means labels."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from fairseq.data import FairseqDataset
+
+from melhubert_fairseq.data.features import (
+    FBANK_FRAME_RATE_HZ,
+    MeanStd,
+    num_stacked_frames,
+    stack_frames,
+    subsample_labels,
+)
+from melhubert_fairseq.data.manifest import FeatureManifest, LabelIndex
+
+logger = logging.getLogger(__name__)
+
+#: Label value used for padded positions in ``target`` (never read: padding_mask rules).
+LABEL_PAD = -100
+
+
+@dataclass(frozen=True)
+class FrameRates:
+    """How fbank frames, model frames and label frames line up (all in 10 ms fbank frames)."""
+
+    stack: int  # fbank frames per model frame
+    label_stride: int  # fbank frames per label
+
+    @classmethod
+    def from_config(cls, stack_frames: int, label_rate: float) -> "FrameRates":
+        """Validate that labels at ``label_rate`` Hz can be read at the model's rate."""
+        model_rate = FBANK_FRAME_RATE_HZ / stack_frames
+        stride = FBANK_FRAME_RATE_HZ / label_rate if label_rate > 0 else 0
+        if label_rate <= 0 or stride != int(stride) or stack_frames % int(stride):
+            raise ValueError(
+                f"label_rate={label_rate} Hz does not divide the model frame rate: the model runs at "
+                f"{model_rate:g} Hz (stack_frames={stack_frames}); labels must be at "
+                f"{FBANK_FRAME_RATE_HZ} Hz (one per fbank frame) or at a rate that is a multiple of "
+                f"{model_rate:g} Hz dividing {FBANK_FRAME_RATE_HZ}"
+            )
+        return cls(stack=stack_frames, label_stride=int(stride))
+
+    @property
+    def labels_per_model_frame_step(self) -> int:
+        """Take every n-th label to get one label per model frame."""
+        return self.stack // self.label_stride
+
+    def expected_labels(self, fbank_frames: np.ndarray) -> np.ndarray:
+        """Number of labels a ``.km`` line should hold for utterances of ``fbank_frames`` frames."""
+        return -(-fbank_frames // self.label_stride)
+
+    @property
+    def label_tolerance(self) -> int:
+        """Allowed |labels - expected|: labels per fbank frame must match exactly; coarser
+        labels may be one short or long, the rounding a 20 ms feature dump causes."""
+        return 0 if self.label_stride == 1 else 1
+
+
+class FbankLabelDataset(FairseqDataset):
+    """Reads only each utterance's crop window (memory-mapped ``.npy``) and its ``.km`` line.
+
+    ``sizes`` are in model frames. Items are cheap handles; the disk reads happen
+    in :meth:`collater`, which runs in the DataLoader workers and knows the
+    batch's crop length.
+    """
+
+    def __init__(
+        self,
+        manifest: FeatureManifest,
+        labels: LabelIndex,
+        feat_dim: int,
+        rates: FrameRates,
+        num_classes: int,
+        mean_std: Optional[MeanStd] = None,
+        max_sample_size: Optional[int] = None,
+        min_sample_size: Optional[int] = None,
+        max_keep_size: Optional[int] = None,
+        pad_audio: bool = False,
+        random_crop: bool = True,
+        shuffle: bool = True,
+        seed: int = 1,
+    ) -> None:
+        super().__init__()
+        if len(labels) != len(manifest):
+            raise ValueError(
+                f"{labels.path} has {len(labels)} lines but manifest {manifest.path} has "
+                f"{len(manifest)} utterances: they must match line for line"
+            )
+        if mean_std is not None and mean_std.dim != feat_dim:
+            raise ValueError(f"mean/std has dim {mean_std.dim} but task.feat_dim is {feat_dim}")
+        self.rates = rates
+        self.feat_dim = feat_dim
+        self.num_classes = num_classes
+        self.mean_std = mean_std
+        self.max_sample_size = max_sample_size or np.iinfo(np.int64).max
+        self.pad_audio = pad_audio
+        self.random_crop = random_crop
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 1
+
+        self._check_label_counts(manifest, labels)
+        model_frames = np.minimum(
+            num_stacked_frames(manifest.num_frames, rates.stack),
+            -(-labels.counts // rates.labels_per_model_frame_step),
+        )
+        keep = np.ones(len(manifest), dtype=bool)
+        if min_sample_size:
+            too_short = model_frames < min_sample_size
+            keep &= ~too_short
+            if too_short.any():
+                logger.info(f"skipping {int(too_short.sum())} utterances shorter than {min_sample_size} model frames")
+        if max_keep_size:
+            too_long = model_frames > max_keep_size
+            keep &= ~too_long
+            if too_long.any():
+                logger.info(f"skipping {int(too_long.sum())} utterances longer than {max_keep_size} model frames")
+        if not keep.any():
+            raise ValueError(f"{manifest.path}: no utterance left after min/max size filtering")
+        rows = np.flatnonzero(keep)
+        self.manifest = manifest.select(rows) if len(rows) < len(manifest) else manifest
+        self.label_path = labels.path
+        self.label_offsets = labels.offsets[rows]
+        self.sizes = model_frames[rows].astype(np.int64)
+        logger.info(
+            f"{manifest.path}: {len(self.sizes)} utterances kept of {len(manifest)}, "
+            f"{self.sizes.sum() * rates.stack / FBANK_FRAME_RATE_HZ / 3600:.2f} h"
+        )
+
+    def _check_label_counts(self, manifest: FeatureManifest, labels: LabelIndex) -> None:
+        expected = self.rates.expected_labels(manifest.num_frames)
+        bad = np.flatnonzero(np.abs(labels.counts - expected) > self.rates.label_tolerance)
+        if bad.size:
+            examples = "; ".join(
+                f"{manifest.describe(i)}: {manifest.num_frames[i]} frames -> expected "
+                f"{expected[i]} labels, {labels.path}:{i + 1} has {labels.counts[i]}"
+                for i in bad[:5]
+            )
+            raise ValueError(
+                f"{bad.size} utterances have a label count that does not match their frames "
+                f"(label stride {self.rates.label_stride} fbank frames): {examples}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, index: int) -> Dict[str, int]:
+        return {"id": index}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Crops are drawn from (seed, epoch, index) so a resumed run repeats them."""
+        self.epoch = epoch
+
+    def size(self, index: int) -> int:
+        return min(int(self.sizes[index]), self.max_sample_size)
+
+    def num_tokens(self, index: int) -> int:
+        return self.size(index)
+
+    def num_tokens_vec(self, indices: np.ndarray) -> np.ndarray:
+        return np.minimum(self.sizes[indices], self.max_sample_size)
+
+    def ordered_indices(self) -> np.ndarray:
+        """Longest first, ties broken randomly (fairseq seeds numpy around this call)."""
+        order = [np.random.permutation(len(self)) if self.shuffle else np.arange(len(self)), self.sizes]
+        return np.lexsort(order)[::-1]
+
+    def read_frames(self, index: int, start: int, length: int) -> np.ndarray:
+        """Model frames [start, start+length) of utterance ``index``: read, checked, normalised, stacked."""
+        stack = self.rates.stack
+        path = self.manifest.full_path(index)
+        where = self.manifest.describe(index)
+        expected_frames = int(self.manifest.num_frames[index])
+        try:
+            feats = np.load(path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{where}: feature file {path} is missing") from None
+        except (ValueError, OSError) as err:
+            raise ValueError(f"{where}: cannot read {path} (truncated or not a .npy file: {err})") from None
+        if feats.ndim != 2 or feats.shape[1] != self.feat_dim:
+            raise ValueError(
+                f"{where}: {path} has shape {feats.shape}, expected (frames, {self.feat_dim}) "
+                f"(task.feat_dim; model input = feat_dim x stack_frames = {self.feat_dim * stack})"
+            )
+        if feats.shape[0] != expected_frames:
+            raise ValueError(f"{where}: {path} has {feats.shape[0]} frames but the manifest says {expected_frames}")
+        if feats.dtype not in (np.float32, np.float16):
+            raise ValueError(f"{where}: {path} has dtype {feats.dtype}, expected float32 or float16")
+        crop = np.asarray(feats[start * stack : (start + length) * stack], dtype=np.float32)
+        if not np.isfinite(crop).all():
+            bad = int(np.flatnonzero(~np.isfinite(crop).all(axis=1))[0]) + start * stack
+            raise ValueError(f"{where}: {path} contains NaN/Inf (first at frame {bad})")
+        if self.mean_std is not None:
+            crop = self.mean_std.normalize(crop)
+        return stack_frames(crop, stack)[:length]
+
+    def read_labels(self, index: int, start: int, length: int) -> np.ndarray:
+        """Labels of model frames [start, start+length) of utterance ``index``, range-checked."""
+        with open(self.label_path, "rb") as handle:
+            handle.seek(int(self.label_offsets[index]))
+            line = handle.readline()
+        where = f"{self.manifest.describe(index)}, {self.label_path}"
+        try:
+            labels = np.array(line.split(), dtype=np.int64)
+        except ValueError:
+            raise ValueError(f"{where}: label line is not space-separated integers") from None
+        bad = (labels < 0) | (labels >= self.num_classes)
+        if bad.any():
+            raise ValueError(
+                f"{where}: label {int(labels[bad][0])} outside [0, {self.num_classes}) (task.num_classes)"
+            )
+        labels = subsample_labels(labels, self.rates.labels_per_model_frame_step)
+        return labels[start : start + length]
+
+    def crop_start(self, index: int, size: int, target: int) -> int:
+        """Random (or leading) crop start, drawn from (seed, epoch, index)."""
+        if size <= target or not self.random_crop:
+            return 0
+        rng = np.random.default_rng((self.seed, self.epoch, int(index)))
+        return int(rng.integers(0, size - target + 1))
+
+    def collater(self, samples: List[Dict[str, int]]) -> Dict:
+        """Crop every utterance to the batch length, read it from disk and pad."""
+        if not samples:
+            return {}
+        ids = [s["id"] for s in samples]
+        sizes = [int(self.sizes[i]) for i in ids]
+        longest = max(sizes) if self.pad_audio else min(sizes)
+        target = min(longest, self.max_sample_size)
+        batch = len(ids)
+        source = torch.zeros(batch, target, self.feat_dim * self.rates.stack)
+        padding_mask = torch.zeros(batch, target, dtype=torch.bool)
+        target_labels = torch.full((batch, target), LABEL_PAD, dtype=torch.long)
+        for row, (index, size) in enumerate(zip(ids, sizes)):
+            length = min(size, target)
+            start = self.crop_start(index, size, target)
+            source[row, :length] = torch.from_numpy(self.read_frames(index, start, length))
+            target_labels[row, :length] = torch.from_numpy(self.read_labels(index, start, length))
+            padding_mask[row, length:] = True
+        id_tensor = torch.tensor(ids, dtype=torch.long)
+        return {
+            "id": id_tensor,
+            "net_input": {"source": source, "padding_mask": padding_mask, "sample_ids": id_tensor},
+            "target": target_labels,
+            "ntokens": int((~padding_mask).sum()),
+            "nsentences": batch,
+        }

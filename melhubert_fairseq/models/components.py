@@ -1,0 +1,172 @@
+"""Small building blocks of the Mel-HuBERT encoder, each doing one thing.
+
+Parameter names follow fairseq's wav2vec2/HuBERT encoder (and so the original
+Mel-HuBERT release): ``self_attn.{q,k,v,out}_proj``, ``self_attn_layer_norm``,
+``fc1``, ``fc2``, ``final_layer_norm``, ``pos_conv.0.weight_g/weight_v``.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from fairseq.models.wav2vec.wav2vec2 import make_conv_pos
+from fairseq.modules import SamePad, TransposeLast
+from fairseq.utils import get_activation_fn
+from torch import nn
+
+
+def make_pos_conv(embed_dim: int, kernel_size: int, groups: int, depth: int) -> nn.Module:
+    """Convolutional positional embedding: ``depth`` 1 is HuBERT's weight-normalised conv + GELU."""
+    if depth == 1:
+        return make_conv_pos(embed_dim, kernel_size, groups)
+    # Deeper variant (data2vec 2.0 style): smaller kernels, parameter-free LayerNorm.
+    k = max(3, kernel_size // depth)
+    return nn.Sequential(
+        *[
+            nn.Sequential(
+                nn.Conv1d(embed_dim, embed_dim, kernel_size=k, padding=k // 2, groups=groups),
+                SamePad(k),
+                TransposeLast(),
+                nn.LayerNorm(embed_dim, elementwise_affine=False),
+                TransposeLast(),
+                nn.GELU(),
+            )
+            for _ in range(depth)
+        ]
+    )
+
+
+def attention_mask(
+    padding_mask: Optional[torch.Tensor], num_frames: int, causal: bool, device: torch.device
+) -> Optional[torch.Tensor]:
+    """Boolean SDPA mask (True = may attend) of shape (B|1, 1, T, T) or None when nothing is masked."""
+    mask = None
+    if padding_mask is not None and padding_mask.any():
+        mask = (~padding_mask)[:, None, None, :]
+    if causal:
+        past = torch.ones(num_frames, num_frames, dtype=torch.bool, device=device).tril()[None, None]
+        mask = past if mask is None else mask & past
+    return mask
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention on (B, T, C) through ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        batch, frames, channels = x.shape
+        heads = self.num_heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(batch, frames, heads, channels // heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            split(self.q_proj(x)),
+            split(self.k_proj(x)),
+            split(self.v_proj(x)),
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.out_proj(out.transpose(1, 2).reshape(batch, frames, channels))
+
+
+class TransformerLayer(nn.Module):
+    """BERT-style encoder layer: post-LN (original Mel-HuBERT) or pre-LN (``layer_norm_first``)."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        ffn_dim: int,
+        num_heads: int,
+        dropout: float,
+        attention_dropout: float,
+        activation_dropout: float,
+        activation_fn: str,
+        layer_norm_first: bool,
+    ) -> None:
+        super().__init__()
+        self.self_attn = SelfAttention(embed_dim, num_heads, attention_dropout)
+        self.self_attn_layer_norm = nn.LayerNorm(embed_dim)
+        self.fc1 = nn.Linear(embed_dim, ffn_dim)
+        self.fc2 = nn.Linear(ffn_dim, embed_dim)
+        self.final_layer_norm = nn.LayerNorm(embed_dim)
+        self.activation_fn = get_activation_fn(activation_fn)
+        self.dropout = nn.Dropout(dropout)
+        self.activation_dropout = nn.Dropout(activation_dropout)
+        self.layer_norm_first = layer_norm_first
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """fc1 -> activation -> dropout -> fc2 -> dropout."""
+        x = self.activation_dropout(self.activation_fn(self.fc1(x)))
+        return self.dropout(self.fc2(x))
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.layer_norm_first:
+            x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x), attn_mask))
+            return x + self.feed_forward(self.final_layer_norm(x))
+        x = self.self_attn_layer_norm(x + self.dropout(self.self_attn(x, attn_mask)))
+        return self.final_layer_norm(x + self.feed_forward(x))
+
+
+class TransformerEncoder(nn.Module):
+    """Positional conv + a stack of TransformerLayers (+ final LayerNorm placement of HuBERT)."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        layers: List[TransformerLayer],
+        conv_pos: int,
+        conv_pos_groups: int,
+        pos_conv_depth: int,
+        dropout: float,
+        layer_norm_first: bool,
+        layerdrop: float,
+        causal: bool,
+    ) -> None:
+        super().__init__()
+        self.pos_conv = make_pos_conv(embed_dim, conv_pos, conv_pos_groups, pos_conv_depth)
+        self.layers = nn.ModuleList(layers)
+        self.layer_norm = nn.LayerNorm(embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.layer_norm_first = layer_norm_first
+        self.layerdrop = layerdrop
+        self.causal = causal
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        padding_mask: Optional[torch.Tensor],
+        output_layer: Optional[int] = None,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Return the encoder output and every layer's output (B, T, C), stopping at ``output_layer``."""
+        if padding_mask is not None:
+            # Padded frames must not leak into real ones through the positional conv.
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        x = x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)
+        if not self.layer_norm_first:
+            x = self.layer_norm(x)
+        x = self.dropout(x)
+
+        mask = attention_mask(padding_mask, x.size(1), self.causal, x.device)
+        layer_results = []
+        for index, layer in enumerate(self.layers, start=1):
+            skip = self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop
+            if not skip:
+                x = layer(x, mask)
+            layer_results.append(x)
+            if output_layer is not None and index >= output_layer:
+                return x, layer_results
+        if self.layer_norm_first:
+            x = self.layer_norm(x)
+        return x, layer_results

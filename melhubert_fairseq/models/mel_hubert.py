@@ -1,0 +1,202 @@
+"""The ``mel_hubert`` model: HuBERT's encoder fed by projected log-Mel frames."""
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import BaseFairseqModel, register_model
+from fairseq.modules.transformer_sentence_encoder import init_bert_params
+from omegaconf import II
+from torch import nn
+
+from melhubert_fairseq.models.components import TransformerEncoder, TransformerLayer
+from melhubert_fairseq.models.masking import SpanMaskConfig, check_span_mask_config, span_mask
+
+logger = logging.getLogger(__name__)
+
+MASK_SELECTION_CHOICES = ChoiceEnum(["static", "normal", "poisson"])
+ATTENTION_TYPE_CHOICES = ChoiceEnum(["original", "causal"])
+
+
+@dataclass
+class MelHubertConfig(FairseqDataclass):
+    """Architecture, masking and regularisation of Mel-HuBERT (defaults: Base, 20 ms)."""
+
+    feat_dim: int = field(default=40, metadata={"help": "dimension of one 10 ms fbank frame"})
+    stack_frames: int = field(
+        default=II("task.stack_frames"),
+        metadata={"help": "10 ms frames concatenated per model frame; input dim = feat_dim * stack_frames"},
+    )
+    num_classes: int = field(
+        default=II("task.num_classes"), metadata={"help": "number of k-means clusters predicted"}
+    )
+    encoder_layers: int = field(default=12, metadata={"help": "number of transformer layers"})
+    encoder_embed_dim: int = field(default=768, metadata={"help": "transformer width"})
+    encoder_ffn_embed_dim: int = field(default=3072, metadata={"help": "feed-forward hidden size"})
+    encoder_attention_heads: int = field(default=12, metadata={"help": "attention heads per layer"})
+    activation_fn: str = field(default="gelu", metadata={"help": "feed-forward activation (fairseq name)"})
+    layer_norm_first: bool = field(
+        default=False, metadata={"help": "pre-LN transformer if true; false = post-LN as the original"}
+    )
+    attention_type: ATTENTION_TYPE_CHOICES = field(  # type: ignore[valid-type]
+        default="original",
+        metadata={"help": "original = bidirectional; causal = each frame attends to itself and the past"},
+    )
+    conv_pos: int = field(default=128, metadata={"help": "kernel size of the convolutional positional embedding"})
+    conv_pos_groups: int = field(default=16, metadata={"help": "groups of the positional convolution"})
+    pos_conv_depth: int = field(default=1, metadata={"help": "number of positional conv layers (1 = HuBERT)"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout after positional embedding and in each layer"})
+    attention_dropout: float = field(default=0.1, metadata={"help": "dropout on attention probabilities"})
+    activation_dropout: float = field(default=0.1, metadata={"help": "dropout after the FFN activation"})
+    encoder_layerdrop: float = field(default=0.0, metadata={"help": "probability of skipping a layer in training"})
+    mask_prob: float = field(default=0.8, metadata={"help": "fraction of frames chosen as span starts (x span)"})
+    mask_length: int = field(default=10, metadata={"help": "span length in model frames"})
+    mask_selection: MASK_SELECTION_CHOICES = field(  # type: ignore[valid-type]
+        default="static", metadata={"help": "how span lengths are drawn (fairseq compute_mask_indices)"}
+    )
+    mask_other: float = field(default=0.0, metadata={"help": "secondary span-length parameter (normal: stdev)"})
+    no_mask_overlap: bool = field(default=False, metadata={"help": "forbid overlapping spans (unsupported, see masking.py)"})
+    mask_min_space: int = field(default=1, metadata={"help": "min frames between spans when no_mask_overlap"})
+    mask_min_masks: int = field(default=2, metadata={"help": "minimum number of spans per utterance"})
+    require_same_masks: bool = field(
+        default=False,
+        metadata={"help": "old batch-dependent masking of the original (*-oldmask checkpoints): same masked count per batch"},
+    )
+    learnable_mask_emb: bool = field(
+        default=False, metadata={"help": "learn the mask embedding; false = masked frames are zeros"}
+    )
+    mask_before_proj: bool = field(
+        default=True, metadata={"help": "mask input fbank frames before the projection (original); else after"}
+    )
+    mask_seed: int = field(
+        default=II("common.seed"), metadata={"help": "seed for reproducible masks (with update number and sample id)"}
+    )
+
+
+@register_model("mel_hubert", dataclass=MelHubertConfig)
+class MelHubertModel(BaseFairseqModel):
+    """Linear projection of (stacked) fbank frames -> conv positional embedding -> transformer -> final_proj."""
+
+    def __init__(self, cfg: MelHubertConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.input_dim = cfg.feat_dim * cfg.stack_frames
+        self.mask_config = SpanMaskConfig(
+            mask_prob=cfg.mask_prob,
+            mask_length=cfg.mask_length,
+            mask_selection=str(cfg.mask_selection),
+            mask_other=cfg.mask_other,
+            no_mask_overlap=cfg.no_mask_overlap,
+            mask_min_space=cfg.mask_min_space,
+            require_same_masks=cfg.require_same_masks,
+            min_masks=cfg.mask_min_masks,
+        )
+        check_span_mask_config(self.mask_config)
+        self.pre_extract_proj = nn.Linear(self.input_dim, cfg.encoder_embed_dim)
+        layers = [
+            TransformerLayer(
+                embed_dim=cfg.encoder_embed_dim,
+                ffn_dim=cfg.encoder_ffn_embed_dim,
+                num_heads=cfg.encoder_attention_heads,
+                dropout=cfg.dropout,
+                attention_dropout=cfg.attention_dropout,
+                activation_dropout=cfg.activation_dropout,
+                activation_fn=cfg.activation_fn,
+                layer_norm_first=cfg.layer_norm_first,
+            )
+            for _ in range(cfg.encoder_layers)
+        ]
+        self.encoder = TransformerEncoder(
+            embed_dim=cfg.encoder_embed_dim,
+            layers=layers,
+            conv_pos=cfg.conv_pos,
+            conv_pos_groups=cfg.conv_pos_groups,
+            pos_conv_depth=cfg.pos_conv_depth,
+            dropout=cfg.dropout,
+            layer_norm_first=cfg.layer_norm_first,
+            layerdrop=cfg.encoder_layerdrop,
+            causal=str(cfg.attention_type) == "causal",
+        )
+        # BERT init of every Linear in the encoder, as HuBERT and the original do.
+        self.encoder.apply(init_bert_params)
+        mask_dim = self.input_dim if cfg.mask_before_proj else cfg.encoder_embed_dim
+        if cfg.learnable_mask_emb:
+            self.mask_emb = nn.Parameter(torch.empty(mask_dim).uniform_())
+        else:
+            self.register_buffer("mask_emb", torch.zeros(mask_dim), persistent=False)
+        self.final_proj = nn.Linear(cfg.encoder_embed_dim, cfg.num_classes)
+        self.num_updates = 0
+
+    @classmethod
+    def build_model(cls, cfg: MelHubertConfig, task=None) -> "MelHubertModel":
+        """Build a model from its config (fairseq entry point)."""
+        return cls(cfg)
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """Track the update number: it seeds each update's masks."""
+        super().set_num_updates(num_updates)
+        self.num_updates = num_updates
+
+    def apply_mask(
+        self, x: torch.Tensor, padding_mask: Optional[torch.Tensor], sample_ids: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Replace masked spans of ``x`` (B, T, C) by the mask embedding; return (x, mask)."""
+        mask = span_mask(
+            self.mask_config, tuple(x.shape[:2]), padding_mask, self.cfg.mask_seed, self.num_updates, sample_ids
+        ).to(x.device)
+        x = torch.where(mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
+        return x, mask
+
+    def extract_features(
+        self,
+        source: torch.Tensor,
+        padding_mask: Optional[torch.Tensor] = None,
+        mask: bool = False,
+        output_layer: Optional[int] = None,
+        sample_ids: Optional[torch.Tensor] = None,
+    ) -> Dict[str, Any]:
+        """Encode (B, T, input_dim) frames.
+
+        Returns ``x`` (final output, or layer ``output_layer``'s output when given,
+        1-based), ``layer_results`` (every layer's output so far, (B, T, C)),
+        ``padding_mask`` (True = padded) and ``mask_indices`` (True = masked).
+        """
+        if source.size(-1) != self.input_dim:
+            raise ValueError(
+                f"input frames have dim {source.size(-1)}, model expects feat_dim x stack_frames = "
+                f"{self.cfg.feat_dim} x {self.cfg.stack_frames} = {self.input_dim}"
+            )
+        mask_indices = None
+        x = source
+        if mask and self.cfg.mask_before_proj:
+            x, mask_indices = self.apply_mask(x, padding_mask, sample_ids)
+        x = self.pre_extract_proj(x)
+        if mask and not self.cfg.mask_before_proj:
+            x, mask_indices = self.apply_mask(x, padding_mask, sample_ids)
+        x, layer_results = self.encoder(x, padding_mask, output_layer=output_layer)
+        return {
+            "x": x,
+            "layer_results": layer_results,
+            "padding_mask": padding_mask,
+            "mask_indices": mask_indices,
+        }
+
+    def forward(
+        self,
+        source: torch.Tensor,
+        padding_mask: Optional[torch.Tensor] = None,
+        sample_ids: Optional[torch.Tensor] = None,
+        mask: bool = True,
+    ) -> Dict[str, Any]:
+        """Pretraining forward: masked encoding (see ``extract_features``)."""
+        return self.extract_features(source, padding_mask, mask=mask, sample_ids=sample_ids)
+
+    def cluster_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits over the k-means clusters for encoder outputs ``features`` (..., C)."""
+        return self.final_proj(features)
+
+    def remove_pretraining_modules(self) -> None:
+        """Drop the cluster classifier (for downstream use)."""
+        self.final_proj = None

@@ -1,0 +1,148 @@
+"""The ``mel_hubert_pretraining`` task: fbank manifests + k-means labels -> FbankLabelDataset."""
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+import numpy as np
+from fairseq.dataclass import FairseqDataclass
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import II, MISSING
+
+from melhubert_fairseq.data.features import load_mean_std
+from melhubert_fairseq.data.fbank_label_dataset import FbankLabelDataset, FrameRates
+from melhubert_fairseq.data.manifest import index_label_file, read_dictionary_size, read_manifest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MelHubertPretrainingConfig(FairseqDataclass):
+    """Where the fbank manifests and labels are, and how utterances become batches."""
+
+    data: str = field(default=MISSING, metadata={"help": "directory holding {split}.tsv fbank manifests"})
+    label_dir: Optional[str] = field(
+        default=None, metadata={"help": "directory holding {split}.{labels} and dict.{labels}.txt (default: data)"}
+    )
+    labels: str = field(default="km", metadata={"help": "label file extension: {label_dir}/{split}.{labels}"})
+    label_rate: float = field(
+        default=100.0,
+        metadata={"help": "labels per second: 100 = one per 10 ms fbank frame (stage 1), 50 = one per 20 ms model frame"},
+    )
+    num_classes: int = field(
+        default=512,
+        metadata={"help": "number of k-means clusters; labels are class ids 0..K-1; -1 = read dict.{labels}.txt"},
+    )
+    feat_dim: int = field(default=40, metadata={"help": "dimension of one 10 ms fbank frame in the .npy files"})
+    stack_frames: int = field(
+        default=2, metadata={"help": "10 ms frames concatenated per model frame: 1 (10 ms), 2 (20 ms) or 4 (40 ms)"}
+    )
+    mean_std_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "mean-std.npy (2 x feat_dim) to normalise features with; null = features are already normalised"},
+    )
+    max_sample_size: Optional[int] = field(
+        default=None, metadata={"help": "crop utterances to at most this many model frames (750 at 20 ms)"}
+    )
+    min_sample_size: Optional[int] = field(
+        default=None, metadata={"help": "skip utterances shorter than this many model frames"}
+    )
+    max_keep_size: Optional[int] = field(
+        default=None, metadata={"help": "skip utterances longer than this many model frames"}
+    )
+    pad_audio: bool = field(
+        default=False, metadata={"help": "pad to the longest utterance in the batch instead of cropping to the shortest"}
+    )
+    random_crop: bool = field(default=True, metadata={"help": "random crop window; false = crop from the start"})
+    seed: int = II("common.seed")
+
+
+@register_task("mel_hubert_pretraining", dataclass=MelHubertPretrainingConfig)
+class MelHubertPretrainingTask(FairseqTask):
+    """Masked prediction of hard k-means labels from log-Mel frames."""
+
+    cfg: MelHubertPretrainingConfig
+
+    def __init__(self, cfg: MelHubertPretrainingConfig) -> None:
+        super().__init__(cfg)
+        if cfg.stack_frames not in (1, 2, 4):
+            raise ValueError(f"task.stack_frames must be 1, 2 or 4, got {cfg.stack_frames}")
+        self.rates = FrameRates.from_config(cfg.stack_frames, cfg.label_rate)
+        self.num_classes = self._resolve_num_classes()
+        self.mean_std = load_mean_std(cfg.mean_std_path) if cfg.mean_std_path else None
+
+    @classmethod
+    def setup_task(cls, cfg: MelHubertPretrainingConfig, **kwargs) -> "MelHubertPretrainingTask":
+        """fairseq entry point."""
+        return cls(cfg)
+
+    @property
+    def label_dir(self) -> str:
+        """Directory of the label files."""
+        return self.cfg.label_dir if self.cfg.label_dir else self.cfg.data
+
+    def _resolve_num_classes(self) -> int:
+        dict_path = os.path.join(self.label_dir, f"dict.{self.cfg.labels}.txt")
+        dict_size = read_dictionary_size(dict_path)
+        if self.cfg.num_classes == -1:
+            if dict_size is None:
+                raise FileNotFoundError(f"task.num_classes=-1 asks for {dict_path}, which does not exist")
+            return dict_size
+        if dict_size is not None and dict_size != self.cfg.num_classes:
+            raise ValueError(
+                f"task.num_classes={self.cfg.num_classes} but {dict_path} lists {dict_size} clusters"
+            )
+        return self.cfg.num_classes
+
+    @property
+    def source_dictionary(self):
+        return None
+
+    @property
+    def target_dictionary(self):
+        return None
+
+    def load_dataset(self, split: str, **kwargs) -> None:
+        """Index ``{data}/{split}.tsv`` and ``{label_dir}/{split}.{labels}`` (labels stay on disk)."""
+        manifest = read_manifest(os.path.join(self.cfg.data, f"{split}.tsv"))
+        labels = index_label_file(os.path.join(self.label_dir, f"{split}.{self.cfg.labels}"))
+        self.datasets[split] = FbankLabelDataset(
+            manifest,
+            labels,
+            feat_dim=self.cfg.feat_dim,
+            rates=self.rates,
+            num_classes=self.num_classes,
+            mean_std=self.mean_std,
+            max_sample_size=self.cfg.max_sample_size,
+            min_sample_size=self.cfg.min_sample_size,
+            max_keep_size=self.cfg.max_keep_size,
+            pad_audio=self.cfg.pad_audio,
+            random_crop=self.cfg.random_crop,
+            shuffle=split.startswith("train"),
+            seed=self.cfg.seed,
+        )
+        # Fail before training, not at the first batch: read one utterance fully.
+        dataset = self.datasets[split]
+        dataset.read_frames(0, 0, int(dataset.sizes[0]))
+
+    def build_model(self, cfg, from_checkpoint: bool = False):
+        """Build the model and check it reads this task's frames and labels."""
+        model = super().build_model(cfg, from_checkpoint)
+        expected_input = self.cfg.feat_dim * self.cfg.stack_frames
+        if getattr(model, "input_dim", expected_input) != expected_input:
+            raise ValueError(
+                f"model input dim {model.input_dim} != task feat_dim x stack_frames = {expected_input}"
+            )
+        final_proj = getattr(model, "final_proj", None)
+        if final_proj is not None and final_proj.out_features != self.num_classes:
+            raise ValueError(f"model predicts {final_proj.out_features} classes, task has {self.num_classes}")
+        return model
+
+    def max_positions(self) -> Tuple[int, int]:
+        return (sys.maxsize, sys.maxsize)
+
+    def filter_indices_by_size(self, indices: np.ndarray, *args, **kwargs) -> np.ndarray:
+        """Sizes are already bounded by cropping; nothing to filter."""
+        return indices

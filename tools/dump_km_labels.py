@@ -1,0 +1,102 @@
+"""Label every frame of a manifest with its nearest k-means centroid (``{split}.km`` + ``dict.km.txt``).
+
+Stage 1 labels each 10 ms fbank frame; stage 2 (``--checkpoint CKPT --layer L``)
+labels each model frame of that layer. With ``--nshard N --rank R`` only shard
+R is labelled into ``{split}_{R}_{N}.km``; merge the shards with
+``merge_km_shards``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional
+
+from tqdm import tqdm
+
+from melhubert_fairseq.atomic_output import atomic_output, check_writable
+from melhubert_fairseq.data.manifest import read_dictionary_size, write_dictionary
+from melhubert_fairseq.kmeans import (
+    KMeansAssigner,
+    LabelLineFormatter,
+    load_kmeans,
+    open_feature_source,
+    shard_file_name,
+    shard_range,
+    split_name,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags of dump_km_labels."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--manifest", required=True, help="{split}.tsv manifest of fbank .npy files to label")
+    parser.add_argument("--km-path", required=True, help="centroids .npy written by learn_kmeans (with its .json sidecar)")
+    parser.add_argument("--out-dir", required=True, help="directory for {split}.km (or its shard) and dict.km.txt")
+    parser.add_argument("--split", help="split name of the output file (default: manifest file name)")
+    parser.add_argument("--mean-std", help="mean-std.npy to normalise fbank with (default: features are already normalised)")
+    parser.add_argument("--checkpoint", help="stage 2: mel_hubert checkpoint whose hidden states to label")
+    parser.add_argument("--layer", type=int, help="stage 2: 1-based transformer layer of --checkpoint")
+    parser.add_argument("--device", default="cpu", help="torch device for the model forward and the assignment")
+    parser.add_argument("--max-batch-frames", type=int, default=20000, help="stage 2: model frames per forward batch")
+    parser.add_argument("--chunk-frames", type=int, default=16384, help="frames per distance matmul (bounds memory)")
+    parser.add_argument("--nshard", type=int, default=1, help="split the manifest into this many shards")
+    parser.add_argument("--rank", type=int, default=0, help="which shard to label (0-based)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    return parser
+
+
+def ensure_dictionary(path: str, num_clusters: int, overwrite: bool) -> None:
+    """Write ``dict.km.txt`` for K clusters; an existing one for the same K is kept as is."""
+    existing = read_dictionary_size(path)
+    if existing == num_clusters:
+        return
+    if existing is not None and not overwrite:
+        raise FileExistsError(
+            f"{path} lists {existing} clusters but the k-means model has {num_clusters}; "
+            "pass --overwrite to replace it"
+        )
+    write_dictionary(path, num_clusters, overwrite=True)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run dump_km_labels; return the exit status."""
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    split = args.split or split_name(args.manifest)
+    out_path = os.path.join(args.out_dir, shard_file_name(split, args.rank, args.nshard, ".km"))
+    check_writable(out_path, args.overwrite)
+    model = load_kmeans(args.km_path)
+    source = open_feature_source(
+        args.manifest, args.mean_std, args.checkpoint, args.layer, args.device, args.max_batch_frames
+    )
+    trained_on = model.metadata.get("feature_source", {})
+    if trained_on.get("kind") != source.kind or trained_on.get("layer") != getattr(source, "layer", None):
+        print(f"warning: {args.km_path} was learned on {trained_on}, labelling {source.describe()}", file=sys.stderr)
+    start, end = shard_range(len(source.manifest), args.nshard, args.rank)
+    assigner = KMeansAssigner(model.centroids, device=args.device, chunk_frames=args.chunk_frames)
+    format_line = LabelLineFormatter(model.num_clusters)
+    labels_written = 0
+    with atomic_output(out_path, overwrite=args.overwrite) as handle:
+        pairs = source.iter_shard(args.nshard, args.rank)
+        for row, labels in tqdm(
+            assigner.label_utterances(pairs, source.where), total=end - start,
+            desc=f"label {split} {args.rank}/{args.nshard}", unit="utt", disable=args.no_progress,
+        ):
+            handle.write(format_line(labels))
+            labels_written += len(labels)
+    ensure_dictionary(os.path.join(args.out_dir, "dict.km.txt"), model.num_clusters, args.overwrite)
+    seconds = time.perf_counter() - started
+    audio_frames = int(source.manifest.num_frames[start:end].sum())
+    print(
+        f"labelled {end - start} utterances ({audio_frames / 100 / 3600:.2f} h, {audio_frames} fbank frames): "
+        f"{labels_written} labels at {source.frame_rate_hz:g} Hz, K={model.num_clusters}, in {seconds:.1f} s "
+        f"({labels_written / max(seconds, 1e-9):.0f} frames/s) -> {out_path}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

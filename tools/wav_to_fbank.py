@@ -1,0 +1,315 @@
+"""Turn 16 kHz audio into normalised 40-dim Kaldi fbank ``.npy`` features and a feature manifest.
+
+Input is either a fairseq audio manifest (first line the root directory, then
+``relative/path.wav<TAB>num_samples``; a relative root is taken relative to the
+manifest's own directory) or ``--audio-dir`` (every .wav/.flac below it,
+sorted). Output, in ``--out-dir``:
+
+* ``<relative/path>.npy`` per utterance: (frames, 40) fbank, float32 (or
+  ``--dtype float16``), exactly the original Mel-HuBERT features;
+* ``mean-std.npy``: (2, 40) corpus mean and std of the raw log-Mel features,
+  accumulated in float64 in the same pass that computes them;
+* ``{split}.tsv``: feature manifest (root = the output directory, relative
+  ``.npy`` paths, frame counts), written last.
+
+Features are normalised with the corpus statistics by default: the raw
+features go to a private staging directory, and a second, I/O-only pass
+normalises them there once the statistics are known (fbank is never computed
+twice). ``--mean-std FILE`` normalises with given statistics in one pass
+(dev/test splits with the train statistics); ``--no-normalize`` keeps the raw
+log-Mel values. Files move into place only after every utterance succeeded and
+the manifest is written last, so a failure leaves no manifest and no staging
+files behind.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, List, Optional
+
+import numpy as np
+import soundfile
+from tqdm import tqdm
+
+from melhubert_fairseq.atomic_output import check_writable
+from melhubert_fairseq.data.fbank import (
+    FBANK_NUM_MEL_BINS,
+    FBANK_SAMPLE_RATE,
+    FBANK_WINDOW_SAMPLES,
+    compute_fbank,
+    load_audio,
+)
+from melhubert_fairseq.data.features import (
+    FBANK_FRAME_RATE_HZ,
+    MeanStd,
+    MeanStdAccumulator,
+    load_mean_std,
+    save_mean_std,
+)
+from melhubert_fairseq.data.manifest import write_manifest
+
+AUDIO_EXTENSIONS = (".wav", ".flac")
+MEAN_STD_NAME = "mean-std.npy"
+
+
+@dataclass(frozen=True)
+class AudioItem:
+    """One input utterance: where its audio is and how to name it in errors."""
+
+    relative_path: str
+    full_path: str
+    expected_samples: Optional[int]
+    where: str
+
+    @property
+    def feature_path(self) -> str:
+        """Relative path of its feature file: the audio path with ``.npy`` for the extension."""
+        return os.path.splitext(self.relative_path)[0] + ".npy"
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """Per-utterance settings shared by all workers."""
+
+    staging_dir: str
+    dtype: str
+    resample: bool
+    downmix: bool
+    stats: Optional[MeanStd]  # normalise with these at once; None: write raw features
+    raw_for_second_pass: bool  # raw float32 now, normalised later by normalize_staged
+
+
+@dataclass
+class ExtractResult:
+    """What one worker reports back about one utterance."""
+
+    num_frames: int
+    num_samples: int
+    accumulator: Optional[MeanStdAccumulator]
+
+
+def read_audio_manifest(path: str) -> List[AudioItem]:
+    """Parse a fairseq audio manifest; errors name the file and line."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"audio manifest not found: {path}")
+    items = []
+    with open(path, "r", encoding="utf-8") as handle:
+        root = handle.readline().rstrip("\n")
+        if not root:
+            raise ValueError(f"{path}: empty audio manifest (the first line must be the root directory)")
+        root = os.path.join(os.path.dirname(os.path.abspath(path)), root)
+        for line_no, line in enumerate(handle, start=2):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            if len(fields) != 2:
+                raise ValueError(f"{path}:{line_no}: expected 'relative/path.wav<TAB>num_samples', got {line!r}")
+            rel_path, count = fields
+            try:
+                num_samples = int(count)
+            except ValueError:
+                raise ValueError(f"{path}:{line_no}: num_samples {count!r} is not an integer") from None
+            utt_id = os.path.splitext(os.path.basename(rel_path))[0]
+            items.append(
+                AudioItem(rel_path, os.path.normpath(os.path.join(root, rel_path)), num_samples, f"{path}:{line_no} ({utt_id})")
+            )
+    if not items:
+        raise ValueError(f"{path}: no utterances after the root line")
+    return items
+
+
+def list_audio_dir(audio_dir: str) -> List[AudioItem]:
+    """Every .wav/.flac file below ``audio_dir``, sorted by relative path."""
+    if not os.path.isdir(audio_dir):
+        raise FileNotFoundError(f"audio directory not found: {audio_dir}")
+    items = []
+    for dirpath, dirnames, filenames in os.walk(audio_dir):
+        dirnames.sort()
+        for name in sorted(filenames):
+            if name.lower().endswith(AUDIO_EXTENSIONS):
+                full_path = os.path.join(dirpath, name)
+                rel_path = os.path.relpath(full_path, audio_dir)
+                items.append(AudioItem(rel_path, full_path, None, f"utterance {os.path.splitext(name)[0]}"))
+    if not items:
+        raise ValueError(f"{audio_dir}: no {'/'.join(AUDIO_EXTENSIONS)} files found")
+    return sorted(items, key=lambda item: item.relative_path)
+
+
+def check_outputs(items: List[AudioItem], out_dir: str, output_names: List[str], overwrite: bool) -> None:
+    """Fail before any work if two inputs map to one feature file or outputs exist."""
+    seen = {}
+    for item in items:
+        other = seen.setdefault(item.feature_path, item)
+        if other is not item:
+            raise ValueError(f"{other.where} and {item.where} would both be written to {item.feature_path}")
+    for name in output_names:
+        check_writable(os.path.join(out_dir, name), overwrite)
+    if not overwrite:
+        existing = [item.feature_path for item in items if os.path.exists(os.path.join(out_dir, item.feature_path))]
+        if existing:
+            raise FileExistsError(
+                f"{len(existing)} feature files already exist in {out_dir} (first: {existing[0]}); "
+                "refusing to overwrite them (pass --overwrite to replace them)"
+            )
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+    """np.save into the (private) staging directory, creating subdirectories."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.save(path, array, allow_pickle=False)
+
+
+def extract_one(item: AudioItem, options: ExtractOptions) -> ExtractResult:
+    """Compute, account for and stage one utterance's fbank; errors name the utterance."""
+    try:
+        if item.expected_samples is not None:
+            actual = soundfile.info(item.full_path).frames
+            if actual != item.expected_samples:
+                raise ValueError(f"{item.full_path}: manifest says {item.expected_samples} samples, the file has {actual}")
+        waveform = load_audio(item.full_path, resample=options.resample, downmix=options.downmix)
+        feats = compute_fbank(waveform, FBANK_SAMPLE_RATE)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise RuntimeError(f"{item.where}: {err}") from None
+    if len(feats) == 0:
+        return ExtractResult(0, len(waveform), None)
+    accumulator = None
+    if options.stats is None:
+        accumulator = MeanStdAccumulator(FBANK_NUM_MEL_BINS)
+        accumulator.update(feats)
+    if options.stats is not None:
+        feats = options.stats.normalize(feats)
+    if not options.raw_for_second_pass:
+        feats = feats.astype(options.dtype, copy=False)
+    save_npy(os.path.join(options.staging_dir, item.feature_path), feats)
+    return ExtractResult(len(feats), len(waveform), accumulator)
+
+
+def normalize_staged(path: str, stats: MeanStd, dtype: str) -> None:
+    """Second pass: replace a staged raw feature file by its normalised version."""
+    np.save(path, stats.normalize(np.load(path)).astype(dtype, copy=False), allow_pickle=False)
+
+
+def run_parallel(func: Callable, tasks: Iterable, total: int, workers: int, desc: str) -> Iterator:
+    """``map(func, tasks)`` in order, over ``workers`` processes (1: in this process), with progress."""
+    pool = multiprocessing.Pool(workers) if workers > 1 else None
+    with pool if pool is not None else contextlib.nullcontext():
+        results = pool.imap(func, tasks, chunksize=4) if pool is not None else map(func, tasks)
+        yield from tqdm(results, total=total, desc=desc, unit="utt")
+
+
+def _extract_task(task):
+    return extract_one(*task)
+
+
+def _normalize_task(task):
+    return normalize_staged(*task)
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", help="fairseq audio manifest (root line, then relative/path<TAB>num_samples)")
+    source.add_argument("--audio-dir", help="directory searched recursively for .wav/.flac files")
+    parser.add_argument("--out-dir", required=True, help="output directory for .npy features, mean-std.npy and the manifest")
+    parser.add_argument("--split", help="manifest name {split}.tsv (default: the input manifest's name, or 'train')")
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="dtype of the feature files")
+    norm = parser.add_mutually_exclusive_group()
+    norm.add_argument("--no-normalize", action="store_true", help="write raw log-Mel features (mean-std.npy is still written)")
+    norm.add_argument("--mean-std", help="normalise with this (2, 40) mean-std.npy instead of this split's statistics")
+    parser.add_argument("--resample", action="store_true", help="resample audio that is not 16 kHz (default: error)")
+    parser.add_argument("--downmix", action="store_true", help="average the channels of multi-channel audio (default: error)")
+    parser.add_argument("--workers", type=int, default=1, help="parallel worker processes (default: 1)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing features, mean-std.npy and manifest")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.split is None:
+        args.split = os.path.splitext(os.path.basename(args.manifest))[0] if args.manifest else "train"
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Command-line entry point."""
+    args = parse_args(argv)
+    start = time.perf_counter()
+    items = read_audio_manifest(args.manifest) if args.manifest else list_audio_dir(args.audio_dir)
+    given_stats = None
+    if args.mean_std:
+        given_stats = load_mean_std(args.mean_std)
+        if given_stats.dim != FBANK_NUM_MEL_BINS:
+            raise ValueError(f"{args.mean_std}: has {given_stats.dim} dims, fbank features have {FBANK_NUM_MEL_BINS}")
+    out_dir = os.path.abspath(args.out_dir)
+    manifest_name = f"{args.split}.tsv"
+    computes_stats = given_stats is None
+    check_outputs(items, out_dir, [manifest_name] + ([MEAN_STD_NAME] if computes_stats else []), args.overwrite)
+
+    os.makedirs(out_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{args.split}.wav_to_fbank.", suffix=".tmp", dir=out_dir)
+    try:
+        options = ExtractOptions(
+            staging_dir=staging,
+            dtype=args.dtype,
+            resample=args.resample,
+            downmix=args.downmix,
+            stats=given_stats,
+            raw_for_second_pass=computes_stats and not args.no_normalize,
+        )
+        totals = MeanStdAccumulator(FBANK_NUM_MEL_BINS)
+        kept, skipped, total_samples = [], [], 0
+        tasks = ((item, options) for item in items)
+        for item, result in zip(items, run_parallel(_extract_task, tasks, len(items), args.workers, "fbank")):
+            total_samples += result.num_samples
+            if result.num_frames == 0:
+                skipped.append(item)
+                print(
+                    f"skipped {item.where}: {item.full_path} has {result.num_samples} samples, shorter than one "
+                    f"{FBANK_WINDOW_SAMPLES}-sample (25 ms) window",
+                    file=sys.stderr,
+                )
+                continue
+            kept.append((item.feature_path, result.num_frames))
+            if result.accumulator is not None:
+                totals.merge(result.accumulator)
+        if not kept:
+            raise ValueError(f"no utterance produced any fbank frame ({len(skipped)} skipped as too short)")
+
+        stats = totals.result(f"fbank statistics of {args.manifest or args.audio_dir}") if computes_stats else None
+        if options.raw_for_second_pass:
+            staged = [(os.path.join(staging, rel), stats, args.dtype) for rel, _ in kept]
+            for _ in run_parallel(_normalize_task, staged, len(staged), args.workers, "normalise"):
+                pass
+        for rel, _ in kept:
+            final = os.path.join(out_dir, rel)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(os.path.join(staging, rel), final)
+        if stats is not None:
+            save_mean_std(os.path.join(out_dir, MEAN_STD_NAME), stats, overwrite=args.overwrite)
+        write_manifest(os.path.join(out_dir, manifest_name), out_dir, kept, overwrite=args.overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    seconds = time.perf_counter() - start
+    frames = sum(count for _, count in kept)
+    audio_seconds = total_samples / FBANK_SAMPLE_RATE
+    normalised = (
+        "raw log-Mel" if args.no_normalize else f"normalised by {args.mean_std if given_stats else MEAN_STD_NAME}"
+    )
+    print(
+        f"{args.split}: {len(kept)} utterances ({len(skipped)} skipped), "
+        f"{frames / FBANK_FRAME_RATE_HZ / 3600:.3f} hours, {frames} frames, {seconds:.1f} s, "
+        f"{audio_seconds / seconds:.0f}x real time with {args.workers} worker(s); "
+        f"{args.dtype} {normalised} -> {os.path.join(out_dir, manifest_name)}"
+    )
+
+
+if __name__ == "__main__":
+    main()
