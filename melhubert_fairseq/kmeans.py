@@ -334,9 +334,14 @@ def fit_kmeans(
     backend: str = DEFAULT_BACKEND,
     seed: int = 0,
     iterations: Optional[int] = None,
+    init: str = "k-means++",
     batch_size: int = 10000,
 ) -> np.ndarray:
-    """Fit k-means on ``frames`` (n, dim); return float32 centroids (num_clusters, dim)."""
+    """Fit k-means on ``frames`` (n, dim); return float32 centroids (num_clusters, dim).
+
+    ``init`` is ``"k-means++"`` (both backends) or ``"random"`` (faiss' own
+    initialisation: random frames, which can leave clusters merged).
+    """
     frames = np.ascontiguousarray(frames, dtype=np.float32)
     if frames.ndim != 2 or frames.shape[0] == 0:
         raise ValueError(f"need a non-empty (frames, dim) matrix to fit k-means, got {frames.shape}")
@@ -350,7 +355,12 @@ def fit_kmeans(
     if backend not in BACKENDS:
         raise ValueError(f"unknown k-means backend {backend!r}; choose one of {BACKENDS}")
     iterations = DEFAULT_ITERATIONS[backend] if iterations is None else iterations
+    if init not in ("k-means++", "random"):
+        raise ValueError(f"unknown k-means init {init!r}; choose 'k-means++' or 'random'")
     if backend == "faiss":
+        import logging
+
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs its CPU probing
         import faiss
 
         kmeans = faiss.Kmeans(
@@ -364,7 +374,10 @@ def fit_kmeans(
             min_points_per_centroid=1,
             verbose=False,
         )
-        kmeans.train(frames)
+        init_centroids = None
+        if init == "k-means++":
+            init_centroids = kmeans_plusplus_init(frames, num_clusters, seed)
+        kmeans.train(frames, init_centroids=init_centroids)
         centroids = kmeans.centroids
     else:
         from sklearn.cluster import MiniBatchKMeans
@@ -372,7 +385,7 @@ def fit_kmeans(
         # fairseq simple_kmeans' settings (HuBERT's labels were made with these).
         kmeans = MiniBatchKMeans(
             n_clusters=num_clusters,
-            init="k-means++",
+            init=init,
             max_iter=iterations,
             batch_size=batch_size,
             compute_labels=False,
@@ -385,6 +398,20 @@ def fit_kmeans(
         kmeans.fit(frames)
         centroids = kmeans.cluster_centers_
     return np.ascontiguousarray(centroids, dtype=np.float32)
+
+
+def kmeans_plusplus_init(
+    frames: np.ndarray, num_clusters: int, seed: int, max_points: int = 100_000
+) -> np.ndarray:
+    """k-means++ seeds (scikit-learn's) drawn from at most ``max_points`` random frames."""
+    from sklearn.cluster import kmeans_plusplus
+
+    rng = np.random.default_rng(seed)
+    if frames.shape[0] > max_points:
+        # k-means++ costs O(points * K * dim); a subsample seeds as well at K <= 1000s.
+        frames = frames[np.sort(rng.choice(frames.shape[0], max_points, replace=False))]
+    centres, _ = kmeans_plusplus(frames, num_clusters, random_state=int(rng.integers(2**31 - 1)))
+    return np.ascontiguousarray(centres, dtype=np.float32)
 
 
 # --------------------------------------------------------------------------- assignment

@@ -127,12 +127,26 @@ class MelHubertModel(BaseFairseqModel):
         else:
             self.register_buffer("mask_emb", torch.zeros(mask_dim), persistent=False)
         self.final_proj = nn.Linear(cfg.encoder_embed_dim, cfg.num_classes)
+        # Corpus mean (row 0) and std (row 1) of the fbank the model was trained on,
+        # saved with the weights so a checkpoint alone can turn audio into inputs.
+        # NaN = unknown (features were normalised by a tool whose stats were not given).
+        self.register_buffer("fbank_mean_std", torch.full((2, cfg.feat_dim), float("nan")))
         self.num_updates = 0
 
     @classmethod
     def build_model(cls, cfg: MelHubertConfig, task=None) -> "MelHubertModel":
         """Build a model from its config (fairseq entry point)."""
         return cls(cfg)
+
+    def set_fbank_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Record the corpus mean/std of the training features in the checkpoint."""
+        self.fbank_mean_std.copy_(torch.stack([torch.as_tensor(mean), torch.as_tensor(std)]))
+
+    def fbank_stats(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(mean, std) of the training features, or None if the checkpoint does not know them."""
+        if torch.isnan(self.fbank_mean_std).any():
+            return None
+        return self.fbank_mean_std[0], self.fbank_mean_std[1]
 
     def set_num_updates(self, num_updates: int) -> None:
         """Track the update number: it seeds each update's masks."""

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import numpy as np
+import torch
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
-from melhubert_fairseq.data.features import load_mean_std
+from melhubert_fairseq.data.features import MeanStd, load_mean_std
 from melhubert_fairseq.data.fbank_label_dataset import FbankLabelDataset, FrameRates
 from melhubert_fairseq.data.manifest import index_label_file, read_dictionary_size, read_manifest
 
@@ -41,7 +42,7 @@ class MelHubertPretrainingConfig(FairseqDataclass):
     )
     mean_std_path: Optional[str] = field(
         default=None,
-        metadata={"help": "mean-std.npy (2 x feat_dim) to normalise features with; null = features are already normalised"},
+        metadata={"help": "mean-std.npy (2 x feat_dim) to normalise features with at load; null = features are already normalised"},
     )
     max_sample_size: Optional[int] = field(
         default=None, metadata={"help": "crop utterances to at most this many model frames (750 at 20 ms)"}
@@ -71,7 +72,21 @@ class MelHubertPretrainingTask(FairseqTask):
             raise ValueError(f"task.stack_frames must be 1, 2 or 4, got {cfg.stack_frames}")
         self.rates = FrameRates.from_config(cfg.stack_frames, cfg.label_rate)
         self.num_classes = self._resolve_num_classes()
-        self.mean_std = load_mean_std(cfg.mean_std_path) if cfg.mean_std_path else None
+        self._mean_std: Optional[MeanStd] = None
+
+    @property
+    def mean_std(self) -> Optional[MeanStd]:
+        """Stats to normalise features with at load time (``mean_std_path``), read on first use."""
+        if self.cfg.mean_std_path and self._mean_std is None:
+            self._mean_std = load_mean_std(self.cfg.mean_std_path)
+        return self._mean_std
+
+    def training_feature_stats(self) -> Optional[MeanStd]:
+        """Corpus stats of the training features: ``mean_std_path``, else ``{data}/mean-std.npy`` written by tools/."""
+        if self.cfg.mean_std_path:
+            return self.mean_std
+        stats_path = os.path.join(self.cfg.data, "mean-std.npy")
+        return load_mean_std(stats_path) if os.path.isfile(stats_path) else None
 
     @classmethod
     def setup_task(cls, cfg: MelHubertPretrainingConfig, **kwargs) -> "MelHubertPretrainingTask":
@@ -135,6 +150,10 @@ class MelHubertPretrainingTask(FairseqTask):
             raise ValueError(
                 f"model input dim {model.input_dim} != task feat_dim x stack_frames = {expected_input}"
             )
+        if not from_checkpoint and hasattr(model, "set_fbank_stats"):
+            stats = self.training_feature_stats()
+            if stats is not None:
+                model.set_fbank_stats(torch.from_numpy(stats.mean), torch.from_numpy(stats.std))
         final_proj = getattr(model, "final_proj", None)
         if final_proj is not None and final_proj.out_features != self.num_classes:
             raise ValueError(f"model predicts {final_proj.out_features} classes, task has {self.num_classes}")

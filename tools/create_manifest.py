@@ -1,0 +1,163 @@
+"""Build ``{split}.tsv`` (and optionally ``{split}.km``) from folders of per-utterance ``.npy`` files.
+
+For features that already exist as one ``(frames, dim)`` ``.npy`` per
+utterance, e.g. the ``feature/`` folder the original release's preprocessing
+wrote, with optional per-utterance label ``.npy`` int arrays (its
+``cluster/`` folder). Frame counts come from the ``.npy`` headers only
+(memory-mapped, never read). Utterance id = file stem; features and labels
+are matched by id and every mismatch is reported by id and count.
+
+Example::
+
+    melhubert-create-manifest --feature-dir out/feature --label-dir out/cluster \\
+        --out-dir data/libri360 --split train-clean-360
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from tqdm import tqdm
+
+from melhubert_fairseq.atomic_output import check_writable
+from melhubert_fairseq.data.manifest import write_manifest
+from melhubert_fairseq.tools.kaldi_dump import (
+    KaldiDumpError,
+    ManifestRows,
+    check_unique_ids,
+    match_ids,
+    summary_line,
+    write_label_outputs,
+)
+
+
+def find_npy_files(folder: str) -> List[Tuple[str, str]]:
+    """``(relative path, utterance id)`` of every ``.npy`` below ``folder``, sorted; hidden entries skipped."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"folder not found: {folder}")
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        # Hidden folders include the importers' staging folders (.name.partial).
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.endswith(".npy") and not name.startswith("."):
+                rel_path = os.path.relpath(os.path.join(dirpath, name), folder)
+                found.append((rel_path, name[: -len(".npy")]))
+    found.sort()
+    if not found:
+        raise KaldiDumpError(f"{folder}: no .npy files found")
+    check_unique_ids([utt for _, utt in found], folder)
+    return found
+
+
+def npy_shape(path: str) -> Tuple[Tuple[int, ...], np.dtype]:
+    """Shape and dtype of a ``.npy`` file from its header (the data is memory-mapped, not read)."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise KaldiDumpError(f"{path}: not a readable .npy array ({err})") from None
+    return array.shape, array.dtype
+
+
+def scan_features(folder: str, files: Sequence[Tuple[str, str]]) -> np.ndarray:
+    """Frames per feature file; every file must be a non-empty float (frames, dim) matrix of one common dim."""
+    frames = np.zeros(len(files), dtype=np.int64)
+    first_dim: Optional[Tuple[int, str]] = None
+    for i, (rel_path, utt_id) in enumerate(tqdm(files, desc="feature headers", unit="file", mininterval=1.0)):
+        path = os.path.join(folder, rel_path)
+        shape, dtype = npy_shape(path)
+        if len(shape) != 2 or dtype.kind != "f":
+            raise KaldiDumpError(f"{path}: utterance {utt_id} is a {dtype} array of shape {shape}, expected float (frames, dim)")
+        if shape[0] == 0:
+            raise KaldiDumpError(f"{path}: utterance {utt_id} has no frames")
+        if first_dim is None:
+            first_dim = (shape[1], rel_path)
+        elif shape[1] != first_dim[0]:
+            raise KaldiDumpError(
+                f"{path}: utterance {utt_id} has {shape[1]}-dim features but {first_dim[1]} has {first_dim[0]}"
+            )
+        frames[i] = shape[0]
+    return frames
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line interface of the manifest builder."""
+    parser = argparse.ArgumentParser(
+        prog="melhubert-create-manifest",
+        description="Write {split}.tsv (and {split}.km + dict.km.txt) from folders of per-utterance .npy files.",
+    )
+    parser.add_argument("--feature-dir", required=True, help="folder of (frames, dim) feature .npy files (searched recursively)")
+    parser.add_argument("--out-dir", required=True, help="folder for {split}.tsv, {split}.km and dict.km.txt")
+    parser.add_argument("--split", help="output name (default: the feature folder's name)")
+    parser.add_argument(
+        "--label-dir", help="folder of per-utterance 1-D integer label .npy files with the same file stems"
+    )
+    parser.add_argument("--num-classes", type=int, default=512, help="number of clusters K; labels must be in [0, K)")
+    parser.add_argument(
+        "--skip-missing",
+        action="store_true",
+        help="leave out utterances without labels (listed, with a count) instead of failing",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
+    """Build the manifest (and labels); return the paths written by kind."""
+    args = build_parser().parse_args(argv)
+    start = time.perf_counter()
+    if args.num_classes <= 0:
+        raise ValueError(f"--num-classes must be positive, got {args.num_classes}")
+    feature_dir = os.path.abspath(args.feature_dir)
+    out_dir = os.path.abspath(args.out_dir)
+    split = args.split or os.path.basename(feature_dir.rstrip(os.sep))
+    manifest_path = os.path.join(out_dir, f"{split}.tsv")
+    check_writable(manifest_path, args.overwrite)
+
+    feature_files = find_npy_files(feature_dir)
+    label_files = find_npy_files(os.path.abspath(args.label_dir)) if args.label_dir else None
+    all_rows = ManifestRows(
+        feature_dir,
+        [rel for rel, _ in feature_files],
+        scan_features(feature_dir, feature_files),
+        [utt for _, utt in feature_files],
+    )
+    if label_files is None:
+        write_manifest(manifest_path, feature_dir, zip(all_rows.rel_paths, all_rows.num_frames.tolist()), args.overwrite)
+        written = {"manifest": manifest_path}
+        rows = all_rows
+    else:
+        label_dir = os.path.abspath(args.label_dir)
+        label_paths = {utt: os.path.join(label_dir, rel) for rel, utt in label_files}
+        match = match_ids(all_rows.utt_ids, label_paths, feature_dir, label_dir, args.skip_missing)
+        rows = all_rows.select(match.keep)
+
+        def read_labels(i: int) -> np.ndarray:
+            path = label_paths[rows.utt_ids[i]]
+            try:
+                labels = np.load(path, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as err:
+                raise KaldiDumpError(f"{path}: not a readable .npy array ({err})") from None
+            # The original stored labels as 1-D arrays; accept a (frames, 1) column too.
+            return labels.reshape(-1) if labels.ndim == 2 and labels.shape[1] == 1 else labels
+
+        written = write_label_outputs(
+            out_dir,
+            split,
+            rows,
+            read_labels,
+            label_dir,
+            args.num_classes,
+            args.overwrite,
+            write_new_manifest=True,
+            dropped=match.dropped_rows(),
+        )
+    print(summary_line("listed", len(rows.utt_ids), int(rows.num_frames.sum()), time.perf_counter() - start, written))
+    return written
+
+
+if __name__ == "__main__":
+    main()
