@@ -33,8 +33,25 @@ setup(
         "kaldiio",
         "kaldi-native-fbank",
         "scikit-learn",
+        "scipy",
+        "faiss-cpu",
         "tensorboardX",
     ],
     extras_require={"test": ["pytest"]},
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": [
+            "melhubert-demo = melhubert_fairseq.tools.run_demo:main",
+            "melhubert-make-demo-corpus = melhubert_fairseq.tools.make_demo_corpus:main",
+            "melhubert-wav-to-fbank = melhubert_fairseq.tools.wav_to_fbank:main",
+            "melhubert-import-kaldi-features = melhubert_fairseq.tools.import_kaldi_features:main",
+            "melhubert-import-kaldi-labels = melhubert_fairseq.tools.import_kaldi_labels:main",
+            "melhubert-create-manifest = melhubert_fairseq.tools.create_manifest:main",
+            "melhubert-learn-kmeans = melhubert_fairseq.tools.learn_kmeans:main",
+            "melhubert-dump-km-labels = melhubert_fairseq.tools.dump_km_labels:main",
+            "melhubert-merge-km-shards = melhubert_fairseq.tools.merge_km_shards:main",
+            "melhubert-convert-original = melhubert_fairseq.tools.convert_original_checkpoint:main",
+            "melhubert-extract-features = melhubert_fairseq.tools.extract_features:main",
+            "melhubert-average-checkpoints = melhubert_fairseq.tools.average_checkpoints:main",
+        ]
+    },
 )

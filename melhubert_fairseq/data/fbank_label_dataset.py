@@ -191,7 +191,7 @@ class FbankLabelDataset(FairseqDataset):
             raise ValueError(f"{where}: {path} has {feats.shape[0]} frames but the manifest says {expected_frames}")
         if feats.dtype not in (np.float32, np.float16):
             raise ValueError(f"{where}: {path} has dtype {feats.dtype}, expected float32 or float16")
-        crop = np.asarray(feats[start * stack : (start + length) * stack], dtype=np.float32)
+        crop = np.array(feats[start * stack : (start + length) * stack], dtype=np.float32)  # the disk read
         if not np.isfinite(crop).all():
             bad = int(np.flatnonzero(~np.isfinite(crop).all(axis=1))[0]) + start * stack
             raise ValueError(f"{where}: {path} contains NaN/Inf (first at frame {bad})")

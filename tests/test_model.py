@@ -1,0 +1,199 @@
+"""Model shapes, padding invariance, masking statistics and the criterion value."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from melhubert_fairseq.criterions.hard_label_masked_ce import HardLabelMaskedCe
+from melhubert_fairseq.models.masking import SpanMaskConfig, span_mask
+from melhubert_fairseq.models.mel_hubert import MelHubertConfig, MelHubertModel
+
+
+def tiny_config(**overrides) -> MelHubertConfig:
+    base = dict(
+        stack_frames=2,
+        num_classes=16,
+        mask_seed=7,
+        encoder_layers=3,
+        encoder_embed_dim=32,
+        encoder_ffn_embed_dim=64,
+        encoder_attention_heads=4,
+        conv_pos=16,
+        conv_pos_groups=4,
+    )
+    base.update(overrides)
+    return MelHubertConfig(**base)
+
+
+def padded_batch(lengths, dim=80, seed=0):
+    torch.manual_seed(seed)
+    source = torch.randn(len(lengths), max(lengths), dim)
+    padding_mask = torch.arange(max(lengths))[None, :] >= torch.tensor(lengths)[:, None]
+    return source, padding_mask
+
+
+@pytest.mark.parametrize("layer_norm_first", [False, True])
+def test_output_shapes_with_padding(layer_norm_first):
+    model = MelHubertModel(tiny_config(layer_norm_first=layer_norm_first))
+    source, padding_mask = padded_batch([50, 37, 12])
+    out = model(source, padding_mask, sample_ids=torch.arange(3))
+    assert out["x"].shape == (3, 50, 32)
+    assert len(out["layer_results"]) == 3 and all(h.shape == (3, 50, 32) for h in out["layer_results"])
+    assert out["mask_indices"].shape == (3, 50)
+    assert not (out["mask_indices"] & padding_mask).any(), "padded frames must never be masked"
+    assert model.cluster_logits(out["x"]).shape == (3, 50, 16)
+
+
+@pytest.mark.parametrize("layer_norm_first", [False, True])
+@pytest.mark.parametrize("stack", [1, 2])
+def test_padded_frames_never_influence_real_frames(layer_norm_first, stack):
+    model = MelHubertModel(tiny_config(layer_norm_first=layer_norm_first, stack_frames=stack)).eval()
+    source, padding_mask = padded_batch([60, 23, 41], dim=40 * stack)
+    source[padding_mask] = 1e3  # garbage in the padding must not matter
+    batch_out = model.extract_features(source, padding_mask)
+    for row, length in enumerate([60, 23, 41]):
+        alone = model.extract_features(source[row : row + 1, :length])
+        torch.testing.assert_close(batch_out["x"][row, :length], alone["x"][0], atol=1e-5, rtol=1e-5)
+        for batch_layer, alone_layer in zip(batch_out["layer_results"], alone["layer_results"]):
+            torch.testing.assert_close(batch_layer[row, :length], alone_layer[0], atol=1e-5, rtol=1e-5)
+
+
+def test_output_layer_stops_early_and_matches_full_run():
+    model = MelHubertModel(tiny_config()).eval()
+    source, padding_mask = padded_batch([30, 20])
+    full = model.extract_features(source, padding_mask)
+    early = model.extract_features(source, padding_mask, output_layer=2)
+    assert len(early["layer_results"]) == 2
+    torch.testing.assert_close(early["x"], full["layer_results"][1])
+
+
+def test_wrong_input_dimension_is_a_clear_error():
+    model = MelHubertModel(tiny_config(stack_frames=2))
+    with pytest.raises(ValueError, match=r"feat_dim x stack_frames = 40 x 2 = 80"):
+        model.extract_features(torch.randn(1, 10, 40))
+
+
+def test_mask_before_projection_replaces_input_frames_with_mask_embedding():
+    model = MelHubertModel(tiny_config(mask_prob=0.5, mask_length=3))
+    seen = {}
+    model.pre_extract_proj.register_forward_pre_hook(lambda mod, inp: seen.update(input=inp[0]))
+    source, padding_mask = padded_batch([40, 40])
+    out = model(source, padding_mask, sample_ids=torch.tensor([0, 1]))
+    masked = out["mask_indices"]
+    assert masked.any()
+    assert (seen["input"][masked] == 0).all()  # zero mask embedding, as the original
+    torch.testing.assert_close(seen["input"][~masked], source[~masked])
+
+
+def test_learned_mask_embedding_is_a_parameter():
+    model = MelHubertModel(tiny_config(learnable_mask_emb=True))
+    assert any(name == "mask_emb" for name, _ in model.named_parameters())
+    assert model.mask_emb.shape == (80,)
+    after = MelHubertModel(tiny_config(learnable_mask_emb=True, mask_before_proj=False))
+    assert after.mask_emb.shape == (32,)
+
+
+# --- masking statistics ----------------------------------------------------------------------
+
+
+def mask_stats(require_same_masks: bool, lengths, seed=1, epoch=0):
+    cfg = SpanMaskConfig(mask_prob=0.7, mask_length=5, require_same_masks=require_same_masks)
+    padding = torch.arange(max(lengths))[None, :] >= torch.tensor(lengths)[:, None]
+    return span_mask(cfg, padding.shape, padding, seed, epoch, torch.arange(len(lengths))), padding
+
+
+def test_per_utterance_masking_covers_expected_fraction():
+    mask, padding = mask_stats(False, [500] * 64)
+    # starts ~ 0.7/5 of frames, spans of 5 may overlap: P(uncovered) ~ (1 - 0.14)^5
+    expected = 1 - (1 - 0.7 / 5) ** 5
+    assert abs(mask.float().mean().item() - expected) < 0.03
+    counts = mask.sum(1)
+    assert counts.min() != counts.max(), "new masking draws each utterance independently"
+
+
+def test_old_batch_dependent_masking_gives_equal_counts():
+    lengths = [500, 420, 300, 260]
+    mask, padding = mask_stats(True, lengths)
+    counts = mask.sum(1)
+    assert (counts == counts[0]).all(), "require_same_masks: every utterance masks the same number of frames"
+    assert not (mask & padding).any()
+    new_mask, _ = mask_stats(False, lengths)
+    assert new_mask.sum(1)[0] > counts[0], "old masking trims the long utterances to the shortest's count"
+
+
+def test_masks_are_reproducible_from_seed_update_and_sample_id():
+    first, _ = mask_stats(False, [200, 200], seed=1, epoch=5)
+    again, _ = mask_stats(False, [200, 200], seed=1, epoch=5)
+    other_update, _ = mask_stats(False, [200, 200], seed=1, epoch=6)
+    other_seed, _ = mask_stats(False, [200, 200], seed=2, epoch=5)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other_update)
+    assert not torch.equal(first, other_seed)
+
+
+def test_min_masks_applies_to_short_utterances():
+    cfg = SpanMaskConfig(mask_prob=0.01, mask_length=2, min_masks=2)
+    mask = span_mask(cfg, (8, 40), None, 1, 0, torch.arange(8))
+    assert (mask.sum(1) >= 2).all()
+
+
+def test_unsupported_mask_options_fail_at_build():
+    with pytest.raises(ValueError, match="no_mask_overlap"):
+        MelHubertModel(tiny_config(no_mask_overlap=True))
+
+
+# --- criterion -------------------------------------------------------------------------------
+
+
+class FakeTask:
+    pass
+
+
+def test_criterion_matches_hand_computed_cross_entropy():
+    torch.manual_seed(0)
+    model = MelHubertModel(tiny_config(num_classes=16, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0))
+    source, padding_mask = padded_batch([30, 22])
+    target = torch.randint(0, 16, (2, 30))
+    ids = torch.tensor([4, 9])
+    sample = {
+        "net_input": {"source": source, "padding_mask": padding_mask, "sample_ids": ids},
+        "target": target,
+        "ntokens": 52,
+        "nsentences": 2,
+    }
+    criterion = HardLabelMaskedCe(FakeTask(), pred_masked_weight=1.0, pred_nomask_weight=0.5)
+    loss, sample_size, log = criterion(model, sample)
+
+    # Same masks again (seeded by update/sample id), then the loss by hand.
+    out = model(source, padding_mask, sample_ids=ids)
+    masked = out["mask_indices"] & ~padding_mask
+    unmasked = ~out["mask_indices"] & ~padding_mask
+    logits = model.final_proj(out["x"])
+    log_probs = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0]
+    expected = -(log_probs[masked].sum() + 0.5 * log_probs[unmasked].sum())
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert sample_size == 52 == log["count_m"] + log["count_u"]
+    assert log["count_m"] == int(masked.sum())
+    predictions = logits.argmax(-1)
+    assert log["correct_m"] == int((predictions == target)[masked].sum())
+    assert HardLabelMaskedCe.logging_outputs_can_be_summed()
+
+
+def test_criterion_default_predicts_masked_frames_only():
+    model = MelHubertModel(tiny_config())
+    source, padding_mask = padded_batch([30, 30])
+    sample = {
+        "net_input": {"source": source, "padding_mask": padding_mask, "sample_ids": torch.arange(2)},
+        "target": torch.randint(0, 16, (2, 30)),
+        "ntokens": 60,
+        "nsentences": 2,
+    }
+    loss, sample_size, log = HardLabelMaskedCe(FakeTask(), 1.0, 0.0)(model, sample)
+    assert sample_size == log["count_m"] > 0
+    assert log["loss_u"] == 0.0 and log["correct_u"] == 0
+    loss.backward()
+    assert model.final_proj.weight.grad is not None
+    assert math.isfinite(loss.item())

@@ -1,0 +1,76 @@
+"""fairseq-hydra-train end to end: train, resume, load for inference."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import torch
+from fairseq import checkpoint_utils
+
+import melhubert_fairseq  # noqa: F401  (registers the plugin and the checkpoint allow-list)
+from conftest import make_fbank_corpus, run_hydra_train
+
+
+def logged_updates(stdout: str):
+    """Parse fairseq's json train_inner lines."""
+    return [json.loads(m) for m in re.findall(r"\[train_inner\]\[INFO\] - (\{.*\})", stdout)]
+
+
+def model_state(path):
+    return torch.load(path, map_location="cpu")["model"]
+
+
+def test_train_resume_and_load(tmp_path):
+    data = make_fbank_corpus(tmp_path / "data")
+    save_dir = tmp_path / "ckpt"
+    first = run_hydra_train(data, save_dir, max_update=2)
+    updates = logged_updates(first.stdout)
+    assert [int(u["num_updates"]) for u in updates] == [1, 2]
+    assert all(float(u["acc_m"]) >= 0 and int(u["count_m"]) > 0 for u in updates)
+
+    # Resume from checkpoint_last.pt (weights_only stays on: the plugin allow-lists fairseq's types).
+    second = run_hydra_train(data, save_dir, max_update=4)
+    assert "Loaded checkpoint" in second.stdout + second.stderr
+    assert [int(u["num_updates"]) for u in logged_updates(second.stdout)] == [3, 4]
+
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(save_dir / "checkpoint_last.pt")])
+    model = models[0].eval()
+    assert type(model).__name__ == "MelHubertModel" and cfg.task.stack_frames == 2
+    out = model.extract_features(torch.randn(1, 30, 80))
+    assert out["x"].shape == (1, 30, 64) and len(out["layer_results"]) == 2
+
+
+def test_resumed_run_repeats_uninterrupted_run(tmp_path):
+    data = make_fbank_corpus(tmp_path / "data", num_utts=10)
+    straight = tmp_path / "straight"
+    run_hydra_train(data, straight, max_update=4)
+    interrupted = tmp_path / "interrupted"
+    run_hydra_train(data, interrupted, max_update=2)
+    run_hydra_train(data, interrupted, max_update=4)
+    a = model_state(straight / "checkpoint_last.pt")
+    b = model_state(interrupted / "checkpoint_last.pt")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], equal_nan=True, msg=f"{name} differs after resume")
+
+
+def test_resume_from_copied_run_directory(tmp_path):
+    data = make_fbank_corpus(tmp_path / "data")
+    run_hydra_train(data, tmp_path / "machine_a", max_update=2)
+    shutil.copytree(tmp_path / "machine_a", tmp_path / "machine_b")
+    shutil.rmtree(tmp_path / "machine_a")
+    resumed = run_hydra_train(data, tmp_path / "machine_b", max_update=3)
+    assert [int(u["num_updates"]) for u in logged_updates(resumed.stdout)] == [3]
+
+
+def test_checkpoint_records_fbank_stats(tmp_path, tiny_checkpoint):
+    state = torch.load(tiny_checkpoint, map_location="cpu")
+    torch.testing.assert_close(state["model"]["fbank_mean_std"][0], torch.full((40,), 0.5))
+    torch.testing.assert_close(state["model"]["fbank_mean_std"][1], torch.full((40,), 2.0))
+
+
+def test_bad_input_stops_before_training(tmp_path):
+    data = make_fbank_corpus(tmp_path / "data", num_classes=32)
+    result = run_hydra_train(data, tmp_path / "ckpt", num_classes=16, check=False)
+    assert result.returncode != 0
+    assert "task.num_classes=16 but" in result.stdout + result.stderr
