@@ -230,6 +230,10 @@ def test_manifest_input_checks_sample_counts_and_lists_short_skips(audio_dir, tm
     assert [written.relative_path(i) for i in range(len(written))] == ["a.npy", "spk/c.npy"]
     assert written.num_frames.tolist() == [num_fbank_frames(11200), num_fbank_frames(6400)]
 
+    manifest.write_text(f"{audio_dir}\n../a.flac\t11200\n")
+    with pytest.raises(ValueError, match=r"set\.tsv:2 \(a\): path '\.\./a\.flac' must stay below"):
+        wav_to_fbank.main(["--manifest", str(manifest), "--out-dir", str(tmp_path / "other")])
+
     manifest.write_text(f"{audio_dir}\na.flac\t999\n")
     with pytest.raises(RuntimeError, match=r"set\.tsv:2 \(a\): .*a\.flac: manifest says 999 samples"):
         wav_to_fbank.main(["--manifest", str(manifest), "--out-dir", str(tmp_path / "other")])

@@ -5,8 +5,9 @@ Each of 120 fixed sentences is spoken once, by one of 12 synthetic speakers
 drawn per utterance. All choices come from a seeded random generator, and
 espeak-ng is deterministic, so the same espeak-ng version regenerates the same
 audio. espeak-ng writes 22050 Hz audio; it is resampled to 16 kHz with the
-same polyphase resampler ``load_audio(resample=True)`` uses, and stored as
-16-bit FLAC.
+same polyphase resampler ``load_audio(resample=True)`` uses, given a faint
+seeded noise floor (about -84 dBFS, so pauses are not digital zeros), and
+stored as 16-bit FLAC.
 
 Outputs, under ``--out-dir`` (default ``demo/corpus``):
 
@@ -164,6 +165,10 @@ SENTENCES = [
 #: espeak-ng accents and voice variants the speakers are drawn from.
 ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-x-gbcwmd"]
 VARIANTS = ["m1", "m2", "m3", "m4", "m5", "m7", "f1", "f2", "f3", "f4", "f5"]
+#: Std of the Gaussian noise floor added to every utterance (2 LSB of 16-bit audio, about -84 dBFS):
+#: espeak-ng's pauses are digital zeros, which no microphone records and which
+#: would pile up at Kaldi's log floor (-15.9) as an outlier mode in every mel bin.
+NOISE_FLOOR_STD = 2.0 / 32768
 #: Fraction of utterances held out as the validation split (every N-th one).
 VALID_EVERY = 10
 
@@ -226,8 +231,8 @@ def plan_corpus(num_speakers: int, seed: int) -> List[Utterance]:
     return utterances
 
 
-def synthesize(utt: Utterance, espeak: str) -> np.ndarray:
-    """Run espeak-ng for one utterance; return 16 kHz float32 mono audio."""
+def synthesize(utt: Utterance, espeak: str, noise_rng: np.random.Generator) -> np.ndarray:
+    """Run espeak-ng for one utterance; return 16 kHz float32 mono audio with a faint noise floor."""
     speaker = utt.speaker
     command = [espeak, "-v", speaker.voice, "-s", str(utt.speed_wpm), "-p", str(speaker.pitch),
                "-a", str(speaker.amplitude), "--stdout", utt.text]
@@ -240,7 +245,8 @@ def synthesize(utt: Utterance, espeak: str) -> np.ndarray:
     if audio.ndim != 1:
         raise RuntimeError(f"{utt.utt_id}: espeak-ng produced {audio.shape[1]} channels, expected 1")
     resampled = resample_audio(audio, sample_rate, FBANK_SAMPLE_RATE)
-    # Resampling can overshoot full scale by a hair; 16-bit FLAC cannot hold that.
+    resampled = resampled + noise_rng.normal(0.0, NOISE_FLOOR_STD, len(resampled)).astype(np.float32)
+    # Resampling and noise can overshoot full scale by a hair; 16-bit FLAC cannot hold that.
     return np.clip(resampled, -1.0, 32767 / 32768)
 
 
@@ -258,8 +264,9 @@ def build_corpus(out_dir: str, num_speakers: int, seed: int, espeak: str) -> tup
     split_rows = {"train": [], "valid": []}
     transcript_lines = ["utt_id\tvoice\tspeed_wpm\tpitch\tamplitude\tnum_samples\ttext"]
     total_samples = total_frames = 0
+    noise_rng = np.random.default_rng(seed)
     for position, utt in enumerate(tqdm(utterances, desc="synthesising", unit="utt")):
-        audio = synthesize(utt, espeak)
+        audio = synthesize(utt, espeak, noise_rng)
         path = os.path.join(out_dir, utt.relative_path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         soundfile.write(path, audio, FBANK_SAMPLE_RATE, format="FLAC", subtype="PCM_16", compression_level=1.0)

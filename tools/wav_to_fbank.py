@@ -144,9 +144,11 @@ def list_audio_dir(audio_dir: str) -> List[AudioItem]:
 
 
 def check_outputs(items: List[AudioItem], out_dir: str, output_names: List[str], overwrite: bool) -> None:
-    """Fail before any work if two inputs map to one feature file or outputs exist."""
+    """Fail before any work if a path leaves the root, two inputs share a feature file, or outputs exist."""
     seen = {}
     for item in items:
+        if os.path.isabs(item.relative_path) or os.path.normpath(item.relative_path).startswith(".."):
+            raise ValueError(f"{item.where}: path {item.relative_path!r} must stay below the manifest root")
         other = seen.setdefault(item.feature_path, item)
         if other is not item:
             raise ValueError(f"{other.where} and {item.where} would both be written to {item.feature_path}")

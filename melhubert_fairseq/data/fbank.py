@@ -127,7 +127,7 @@ def load_audio(
     """
     try:
         audio, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)
-    except (RuntimeError, soundfile.LibsndfileError) as err:
+    except RuntimeError as err:  # soundfile.LibsndfileError (older soundfile: RuntimeError)
         raise ValueError(f"{path}: cannot read audio ({err})") from None
     num_channels = audio.shape[1]
     if num_channels != 1 and not downmix:
