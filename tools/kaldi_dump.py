@@ -334,7 +334,7 @@ def match_ids(
     if not len(keep):
         raise KaldiDumpError(f"no utterance of {feature_source} has labels in {label_source}")
     for problem in problems:
-        print(f"skipping {problem}", file=sys.stderr)
+        print(f"skipped: {problem}", file=sys.stderr)
     return match
 
 
