@@ -66,12 +66,17 @@ class MelHubertPretrainingTask(FairseqTask):
 
     cfg: MelHubertPretrainingConfig
 
-    def __init__(self, cfg: MelHubertPretrainingConfig) -> None:
+    def __init__(self, cfg: MelHubertPretrainingConfig, from_checkpoint: bool = False) -> None:
         super().__init__(cfg)
         if cfg.stack_frames not in (1, 2, 4):
             raise ValueError(f"task.stack_frames must be 1, 2 or 4, got {cfg.stack_frames}")
         self.rates = FrameRates.from_config(cfg.stack_frames, cfg.label_rate)
-        self.num_classes = self._resolve_num_classes()
+        # A loaded checkpoint already fixes K; its training data (and dict.km.txt)
+        # need not exist on this machine, and a dict in the cwd must not be read.
+        if from_checkpoint and cfg.num_classes > 0:
+            self.num_classes = cfg.num_classes
+        else:
+            self.num_classes = self._resolve_num_classes()
         self._mean_std: Optional[MeanStd] = None
 
     @property
@@ -90,8 +95,8 @@ class MelHubertPretrainingTask(FairseqTask):
 
     @classmethod
     def setup_task(cls, cfg: MelHubertPretrainingConfig, **kwargs) -> "MelHubertPretrainingTask":
-        """fairseq entry point."""
-        return cls(cfg)
+        """fairseq entry point (``from_checkpoint=True`` when loading a model for inference)."""
+        return cls(cfg, from_checkpoint=bool(kwargs.get("from_checkpoint", False)))
 
     @property
     def label_dir(self) -> str:

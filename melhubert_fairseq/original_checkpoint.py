@@ -1,0 +1,482 @@
+"""Read checkpoints of the original Mel-HuBERT release and turn them into fairseq ``mel_hubert`` checkpoints.
+
+An original ``.ckpt`` (``nervjack2/MelHuBERT``, ``pretrain_expert.save_model``)
+is a ``torch.save`` dict::
+
+    model            state_dict of MelHuBERTModel
+    Upstream_Config  {"melhubert": {...}} (older release: {"hubert": {...}}), the model yaml
+    Optimizer        torch.optim.Adam state_dict (plain tensors, numbers, lists)
+    Step             int, the global step
+    Args             argparse.Namespace of train.py (strings, numbers, bools, None)
+    Runner           the runner yaml (plain dicts, lists, numbers, strings)
+
+It is read with ``torch.load(weights_only=True)``: the only class allowed
+beyond torch's own plain types is ``argparse.Namespace``, so a file carrying any
+other pickled object (for example one whose ``__reduce__`` runs a shell
+command) is refused before anything in it is executed.
+
+The original parameter names already equal ours (both follow fairseq's
+wav2vec2 encoder), so conversion is a checked copy: every key must be known,
+every shape must match, and nothing may be missing.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pickle
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from omegaconf import OmegaConf, open_dict
+
+from melhubert_fairseq.atomic_output import atomic_output
+from melhubert_fairseq.data.features import MeanStd
+
+logger = logging.getLogger(__name__)
+
+#: Keys of ``Upstream_Config`` holding the model config: newer release first.
+CONFIG_SECTIONS = ("melhubert", "hubert")
+#: 10 ms fbank bins; ``feat_emb_dim`` is this times the number of stacked frames.
+FBANK_DIM = 40
+
+#: The original ``MelHuBERTConfig`` defaults (model.py), used for keys a file leaves out.
+ORIGINAL_DEFAULTS: Dict[str, Any] = {
+    "feat_emb_dim": 40,
+    "pos_emb_type": "conv",
+    "pos_conv_depth": 1,
+    "conv_pos": 128,
+    "conv_pos_groups": 16,
+    "encoder_layers": 1,
+    "encoder_embed_dim": 768,
+    "encoder_ffn_embed_dim": 3072,
+    "encoder_attention_heads": 12,
+    "activation_fn": "gelu",
+    "layer_norm_first": False,
+    "attention_type": "original",
+    "num_cluster": 512,
+    "final_dim": 40,
+    "pred_masked_weight": 1.0,
+    "pred_nomask_weight": 0.0,
+    "mask_prob": 0.8,
+    "mask_length": 10,
+    "mask_selection": "static",
+    "mask_other": 0.0,
+    "no_mask_overlap": False,
+    "mask_min_space": 1,
+    "skip_masked": False,
+    "skip_nomask": True,
+    "learnable_mask_emb": False,
+    "mask_before_proj": True,
+    "dropout": 0.1,
+    "attention_dropout": 0.1,
+    "activation_dropout": 0.1,
+    "encoder_layerdrop": 0.0,
+}
+
+#: Original config keys copied to ``model.<same name>``, with the original's type cast.
+MODEL_KEYS: Dict[str, type] = {
+    "encoder_layers": int,
+    "encoder_embed_dim": int,
+    "encoder_ffn_embed_dim": int,
+    "encoder_attention_heads": int,
+    "activation_fn": str,
+    "layer_norm_first": bool,
+    "conv_pos": int,
+    "conv_pos_groups": int,
+    "pos_conv_depth": int,
+    "dropout": float,
+    "attention_dropout": float,
+    "activation_dropout": float,
+    "encoder_layerdrop": float,
+    "mask_prob": float,
+    "mask_length": int,
+    "mask_selection": str,
+    "mask_other": float,
+    "mask_min_space": int,
+    "learnable_mask_emb": bool,
+    "mask_before_proj": bool,
+}
+#: Keys handled specially in :func:`convert_config` (or documented as unused by the original).
+SPECIAL_KEYS = (
+    "feat_emb_dim",
+    "num_cluster",
+    "attention_type",
+    "pos_emb_type",
+    "no_mask_overlap",
+    "pred_masked_weight",
+    "pred_nomask_weight",
+    "skip_masked",
+    "skip_nomask",
+    "final_dim",  # read by the original config class but never used: final_proj maps to num_cluster
+)
+
+TASK_NAME = "mel_hubert_pretraining"
+MODEL_NAME = "mel_hubert"
+CRITERION_NAME = "hard_label_masked_ce"
+#: Class names fairseq's trainer compares before it restores an optimizer state.
+CRITERION_CLASS = "HardLabelMaskedCe"
+OPTIMIZER_CLASS = "FairseqAdam"
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """The file holds pickled objects outside the allow-list; nothing in it was executed."""
+
+
+class CheckpointFormatError(ValueError):
+    """The file is not an original Mel-HuBERT checkpoint this converter understands."""
+
+
+def original_checkpoint_safe_globals() -> List[type]:
+    """Classes beyond torch's plain types that an original ``.ckpt`` holds: only ``Args``' Namespace."""
+    return [argparse.Namespace]
+
+
+def safe_torch_load(path: str, extra_safe_globals: Sequence[Any] = ()) -> Any:
+    """``torch.load(weights_only=True)`` on CPU; refusals name the offending pickled globals."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(list(extra_safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        allowed = set(torch.serialization.get_safe_globals()) | set(extra_safe_globals)
+        allowed_names = {f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', g)}" for g in allowed}
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # legacy (non-zip) files cannot be scanned; the refusal still stands
+            found = []
+        offending = [name for name in found if name not in allowed_names]
+        detail = ", ".join(offending) if offending else str(err).splitlines()[0]
+        raise UnsafeCheckpointError(
+            f"{path}: refusing to load: it contains pickled objects outside the allow-list ({detail}). "
+            "Loading it would let the file run code; nothing was executed."
+        ) from None
+
+
+@dataclass
+class OriginalCheckpoint:
+    """The parts of an original ``.ckpt`` the converter uses."""
+
+    path: str
+    model_state: Dict[str, torch.Tensor]
+    model_config: Dict[str, Any]
+    config_section: str
+    step: int
+    optimizer_state: Optional[Dict[str, Any]]
+
+
+def read_original_checkpoint(path: str) -> OriginalCheckpoint:
+    """Safely load an original ``.ckpt`` and check its top-level layout."""
+    state = safe_torch_load(path, original_checkpoint_safe_globals())
+    if not isinstance(state, dict):
+        raise CheckpointFormatError(f"{path}: expected a dict saved by the original release, got {type(state).__name__}")
+    missing = [key for key in ("model", "Upstream_Config") if key not in state]
+    if missing:
+        raise CheckpointFormatError(
+            f"{path}: not an original Mel-HuBERT checkpoint: missing {missing} (top-level keys: {sorted(state)})"
+        )
+    upstream = state["Upstream_Config"]
+    section = next((name for name in CONFIG_SECTIONS if isinstance(upstream, dict) and name in upstream), None)
+    if section is None:
+        keys = sorted(upstream) if isinstance(upstream, dict) else type(upstream).__name__
+        raise CheckpointFormatError(f"{path}: Upstream_Config has none of {list(CONFIG_SECTIONS)} (found {keys})")
+    model_state = state["model"]
+    if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
+        raise CheckpointFormatError(f"{path}: 'model' is not a state_dict of tensors")
+    return OriginalCheckpoint(
+        path=path,
+        model_state=dict(model_state),
+        model_config=dict(upstream[section] or {}),
+        config_section=section,
+        step=int(state.get("Step") or 0),
+        optimizer_state=state.get("Optimizer"),
+    )
+
+
+@dataclass
+class ConvertedConfig:
+    """Overrides of our task, model and criterion configs equivalent to an original model config."""
+
+    task: Dict[str, Any]
+    model: Dict[str, Any]
+    criterion: Dict[str, Any]
+    notes: List[str] = field(default_factory=list)
+
+
+def convert_config(
+    original: Dict[str, Any], old_mask: bool = False, ignore_keys: Sequence[str] = ()
+) -> ConvertedConfig:
+    """Map an original model config (``Upstream_Config[section]``) onto ours; unknown keys are an error."""
+    unknown = sorted(set(original) - set(ORIGINAL_DEFAULTS) - set(ignore_keys))
+    if unknown:
+        raise CheckpointFormatError(
+            f"unknown model config keys {unknown}: they may change the architecture, so the conversion stops "
+            "(pass --ignore-config-key KEY for each one you have checked is irrelevant)"
+        )
+    cfg = {**ORIGINAL_DEFAULTS, **{k: v for k, v in original.items() if k not in ignore_keys}}
+    notes: List[str] = []
+    feat_emb_dim = int(cfg["feat_emb_dim"])
+    stack, remainder = divmod(feat_emb_dim, FBANK_DIM)
+    if remainder or stack not in (1, 2, 4):
+        raise CheckpointFormatError(
+            f"feat_emb_dim={feat_emb_dim} is not 40 (10 ms), 80 (20 ms) or 160 (40 ms) stacked 40-dim fbank"
+        )
+    if str(cfg["pos_emb_type"]) != "conv":
+        raise CheckpointFormatError(f"pos_emb_type={cfg['pos_emb_type']!r}: only 'conv' exists in the original")
+    model = {key: cast(cfg[key]) for key, cast in MODEL_KEYS.items()}
+    if model["encoder_layers"] < 1:
+        raise CheckpointFormatError("encoder_layers=0 (the original's GELU-only model) has no transformer to convert")
+    # The original builds the same attention for 'causal' and never passes an
+    # attention mask (module.py), so its causal checkpoints are bidirectional.
+    model["attention_type"] = "original"
+    if str(cfg["attention_type"]) == "causal":
+        notes.append(
+            "attention_type=causal in the original applies no causal mask (module.py never passes attn_mask); "
+            "converted as bidirectional 'original' to reproduce its outputs"
+        )
+    elif str(cfg["attention_type"]) != "original":
+        raise CheckpointFormatError(f"attention_type={cfg['attention_type']!r} is unknown to the original")
+    model["no_mask_overlap"] = False
+    if bool(cfg["no_mask_overlap"]):
+        notes.append("no_mask_overlap=true is not supported by fairseq main with numpy 2; set to false (training masks only)")
+    # The original hard-codes min_masks=2; its *-oldmask checkpoints predate per-utterance masking.
+    model["mask_min_masks"] = 2
+    if model["mask_selection"] != "static":
+        # Our vectorised masking draws fixed-length spans only; fairseq's loop draws the others.
+        model["mask_impl"] = "fairseq"
+    model["require_same_masks"] = bool(old_mask)
+    task = {"stack_frames": stack, "feat_dim": FBANK_DIM, "num_classes": int(cfg["num_cluster"])}
+    criterion = {
+        "pred_masked_weight": 0.0 if bool(cfg["skip_masked"]) else float(cfg["pred_masked_weight"]),
+        "pred_nomask_weight": 0.0 if bool(cfg["skip_nomask"]) else float(cfg["pred_nomask_weight"]),
+    }
+    return ConvertedConfig(task=task, model=model, criterion=criterion, notes=notes)
+
+
+#: Config keys that change the network a state_dict is loaded into (shapes alone do not catch all).
+ARCHITECTURE_KEYS = (
+    "encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_attention_heads", "activation_fn",
+    "layer_norm_first", "attention_type", "conv_pos", "conv_pos_groups", "pos_conv_depth",
+    "learnable_mask_emb", "mask_before_proj", "require_same_masks",
+)
+
+
+def training_overrides(converted: ConvertedConfig) -> List[str]:
+    """fairseq-hydra-train overrides that rebuild the converted network (training reads the command line, not the file)."""
+    overrides = [f"task.stack_frames={converted.task['stack_frames']}", f"task.num_classes={converted.task['num_classes']}"]
+    for key in ARCHITECTURE_KEYS:
+        value = converted.model[key]
+        overrides.append(f"model.{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return overrides
+
+
+def build_fairseq_cfg(converted: ConvertedConfig, seed: int = 1337) -> Dict[str, Any]:
+    """A full fairseq config (as a plain dict, like the trainer saves it) for the converted model."""
+    from fairseq.dataclass.configs import FairseqConfig
+
+    from melhubert_fairseq.criterions.hard_label_masked_ce import HardLabelMaskedCeConfig
+    from melhubert_fairseq.models.mel_hubert import MelHubertConfig
+    from melhubert_fairseq.tasks.mel_hubert_pretraining import MelHubertPretrainingConfig
+
+    cfg = OmegaConf.structured(FairseqConfig)
+    with open_dict(cfg):
+        cfg.common.seed = seed
+        # No training data belongs to a converted model; train with task.data=... as usual.
+        cfg.task = OmegaConf.structured(MelHubertPretrainingConfig(data="", **converted.task))
+        cfg.task._name = TASK_NAME
+        cfg.model = OmegaConf.structured(MelHubertConfig(**converted.model))
+        cfg.model._name = MODEL_NAME
+        cfg.criterion = OmegaConf.structured(HardLabelMaskedCeConfig(**converted.criterion))
+        cfg.criterion._name = CRITERION_NAME
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def build_model(fairseq_cfg: Dict[str, Any]):
+    """Instantiate our model from a fairseq config dict (task fields resolved into the model config)."""
+    from melhubert_fairseq.models.mel_hubert import MelHubertConfig, MelHubertModel
+
+    model_cfg = OmegaConf.merge(
+        OmegaConf.structured(MelHubertConfig),
+        {k: v for k, v in fairseq_cfg["model"].items() if k != "_name"},
+    )
+    return MelHubertModel(model_cfg)
+
+
+def convert_state_dict(
+    original: Dict[str, torch.Tensor], target: Dict[str, torch.Tensor], where: str
+) -> Dict[str, torch.Tensor]:
+    """Checked copy of original weights into our state_dict layout; unknown or missing keys are an error.
+
+    ``pre_extract_proj`` is absent in the original when ``feat_emb_dim`` equals the
+    model width (it feeds frames straight to the encoder): it becomes an identity.
+    """
+    converted: Dict[str, torch.Tensor] = {}
+    own_buffers = {"fbank_mean_std"}  # ours only: filled from --mean-std or left unknown (NaN)
+    unknown = sorted(set(original) - set(target))
+    missing = sorted(set(target) - set(original) - own_buffers)
+    if "pre_extract_proj.weight" in missing and "pre_extract_proj.bias" in missing:
+        weight = target["pre_extract_proj.weight"]
+        if weight.shape[0] == weight.shape[1]:
+            converted["pre_extract_proj.weight"] = torch.eye(weight.shape[0], dtype=weight.dtype)
+            converted["pre_extract_proj.bias"] = torch.zeros(weight.shape[0], dtype=weight.dtype)
+            missing = [k for k in missing if not k.startswith("pre_extract_proj.")]
+    if unknown or missing:
+        raise CheckpointFormatError(
+            f"{where}: state_dict does not match the converted config: unknown keys {unknown}, missing keys {missing}"
+        )
+    wrong = [
+        f"{name} {tuple(original[name].shape)} vs {tuple(target[name].shape)}"
+        for name in original
+        if original[name].shape != target[name].shape
+    ]
+    if wrong:
+        raise CheckpointFormatError(f"{where}: parameter shapes differ from the config: {wrong}")
+    for name, tensor in target.items():
+        if name in original:
+            converted[name] = original[name].detach().to(tensor.dtype).clone()
+        elif name not in converted:
+            converted[name] = tensor.clone()
+    return converted
+
+
+def convert_optimizer_state(
+    optimizer_state: Dict[str, Any],
+    original_names: Sequence[str],
+    target_names: Sequence[str],
+    where: str,
+) -> Dict[str, Any]:
+    """The original torch Adam state re-indexed for fairseq's Adam over our parameter order.
+
+    The original built ``Adam(model.parameters())`` and its state_dict holds only
+    parameters, so optimizer index i is the i-th key of its ``model`` state_dict;
+    every moment's shape is checked against that parameter.
+    """
+    groups = optimizer_state.get("param_groups") if isinstance(optimizer_state, dict) else None
+    if not groups or len(groups) != 1:
+        raise CheckpointFormatError(f"{where}: Optimizer must hold one parameter group, got {groups and len(groups)}")
+    group = groups[0]
+    if len(group["params"]) != len(original_names):
+        raise CheckpointFormatError(
+            f"{where}: Optimizer covers {len(group['params'])} parameters, the model has {len(original_names)}"
+        )
+    index_of_name = {name: index for index, name in enumerate(target_names)}
+    state: Dict[int, Dict[str, Any]] = {}
+    for position, param_id in enumerate(group["params"]):
+        moments = optimizer_state["state"].get(param_id)
+        if not moments:
+            continue  # never stepped: fairseq's Adam initialises it lazily
+        name = original_names[position]
+        if name not in index_of_name:
+            raise CheckpointFormatError(f"{where}: optimizer entry for unknown parameter {name}")
+        state[index_of_name[name]] = {
+            "step": int(torch.as_tensor(moments["step"]).item()),
+            "exp_avg": moments["exp_avg"].detach().float().clone(),
+            "exp_avg_sq": moments["exp_avg_sq"].detach().float().clone(),
+        }
+    hyper = {
+        "lr": float(group["lr"]),
+        "betas": tuple(float(b) for b in group["betas"]),
+        "eps": float(group["eps"]),
+        "weight_decay": float(group["weight_decay"]),
+        "amsgrad": bool(group.get("amsgrad", False)),
+    }
+    if hyper["amsgrad"]:
+        raise CheckpointFormatError(f"{where}: amsgrad Adam states are not converted")
+    return {"state": state, "param_groups": [{**hyper, "params": list(range(len(target_names)))}]}
+
+
+def fairseq_checkpoint_state(
+    model_state: Dict[str, torch.Tensor],
+    fairseq_cfg: Dict[str, Any],
+    num_updates: int,
+    optimizer_state: Optional[Dict[str, Any]] = None,
+    extra: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """A checkpoint dict in the layout of fairseq's ``Trainer.state_dict`` (plain types only).
+
+    ``optimizer_history`` must not be empty (``checkpoint_utils._upgrade_state_dict``
+    reads its last entry); ``extra_state.train_iterator`` starts at epoch 1, so the
+    file can also be given as ``checkpoint.restore_file`` without resetting the dataloader.
+    """
+    state = {
+        "args": None,
+        "cfg": fairseq_cfg,
+        "model": model_state,
+        "criterion": None,
+        "optimizer_history": [
+            {
+                "criterion_name": CRITERION_CLASS,
+                "optimizer_name": OPTIMIZER_CLASS,
+                "lr_scheduler_state": {"best": None},
+                "num_updates": int(num_updates),
+            }
+        ],
+        "task_state": {},
+        "extra_state": {
+            "train_iterator": {"version": 2, "epoch": 1, "iterations_in_epoch": 0, "shuffle": True},
+            **(extra or {}),
+        },
+    }
+    if optimizer_state is not None:
+        state["last_optimizer_state"] = optimizer_state
+    return state
+
+
+def save_fairseq_checkpoint(state: Dict[str, Any], path: str, overwrite: bool = False) -> None:
+    """``torch.save`` through :func:`atomic_output`: a crash never leaves a truncated checkpoint."""
+    with atomic_output(path, overwrite=overwrite, mode="wb") as handle:
+        torch.save(state, handle)
+
+
+def is_old_mask_checkpoint(path: str) -> bool:
+    """True for the original's ``*-oldmask`` files (batch-dependent masking)."""
+    return "oldmask" in os.path.basename(path).lower()
+
+
+@dataclass
+class ConversionResult:
+    """A converted checkpoint dict plus what the converter had to decide."""
+
+    state: Dict[str, Any]
+    config: ConvertedConfig
+    source: OriginalCheckpoint
+
+
+def convert_original_checkpoint(
+    path: str,
+    mean_std: Optional[MeanStd] = None,
+    old_mask: Optional[bool] = None,
+    with_optimizer: bool = False,
+    ignore_config_keys: Sequence[str] = (),
+) -> ConversionResult:
+    """Original ``.ckpt`` -> fairseq ``mel_hubert`` checkpoint dict (``old_mask`` None: guess from the name)."""
+    source = read_original_checkpoint(path)
+    old_mask = is_old_mask_checkpoint(path) if old_mask is None else old_mask
+    converted = convert_config(source.model_config, old_mask=old_mask, ignore_keys=ignore_config_keys)
+    fairseq_cfg = build_fairseq_cfg(converted)
+    model = build_model(fairseq_cfg)
+    model_state = convert_state_dict(source.model_state, model.state_dict(), path)
+    if mean_std is not None:
+        if mean_std.dim != FBANK_DIM:
+            raise ValueError(f"mean/std has {mean_std.dim} dims, the model reads {FBANK_DIM}-dim fbank")
+        model_state["fbank_mean_std"] = torch.from_numpy(mean_std.to_array())
+    model.load_state_dict(model_state)  # final check: the converted dict builds our model
+    optimizer = None
+    if with_optimizer:
+        if not source.optimizer_state:
+            raise CheckpointFormatError(f"{path}: has no Optimizer state to convert")
+        optimizer = convert_optimizer_state(
+            source.optimizer_state,
+            list(source.model_state),
+            [name for name, p in model.named_parameters() if p.requires_grad],
+            path,
+        )
+        if optimizer["param_groups"][0]["weight_decay"]:
+            converted.notes.append(
+                "weight_decay != 0: the original's torch Adam adds it to the gradient, fairseq's Adam decays weights directly"
+            )
+    extra = {"converted_from": os.path.basename(path), "original_step": source.step}
+    state = fairseq_checkpoint_state(model_state, fairseq_cfg, source.step, optimizer, extra)
+    return ConversionResult(state=state, config=converted, source=source)

@@ -1,0 +1,179 @@
+"""Write hidden states of a ``mel_hubert`` checkpoint for every utterance of a manifest or an audio folder.
+
+Inputs (one of):
+
+* ``--manifest {split}.tsv``: fbank features exactly as training read them
+  (normalised on disk, or normalised here when the model was trained with
+  ``task.mean_std_path``);
+* ``--audio-dir DIR`` (every .wav/.flac below it) or ``--audio-manifest``
+  (fairseq audio manifest): 16 kHz audio, turned into 40-dim Kaldi fbank and
+  normalised with the corpus mean/std stored in the checkpoint (an error if
+  the checkpoint does not record them).
+
+Output: one float32 ``.npy`` per utterance per layer,
+``{out-dir}/layer{L}/{relative path}.npy`` of shape (model frames, C), where
+the relative path mirrors the input (manifest path, or audio path with
+``.npy``). Layers are 1-based transformer layer outputs (``--layers 1,8,12``
+or ``all``). Frame stacking (10/20/40 ms) comes from the checkpoint.
+Everything is written to a staging folder and moved into place only after
+every utterance succeeded.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Tuple
+
+import numpy as np
+from tqdm import tqdm
+
+from melhubert_fairseq.atomic_output import check_writable
+from melhubert_fairseq.data.fbank import compute_fbank, load_audio
+from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ
+from melhubert_fairseq.data.manifest import read_manifest
+from melhubert_fairseq.feature_reader import MelHubertFeatureReader, parse_layers
+from melhubert_fairseq.tools.wav_to_fbank import list_audio_dir, read_audio_manifest
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One input: where its output goes, how to name it in errors, and how to compute its model input."""
+
+    output_path: str  # relative, ends in .npy
+    where: str
+    make_input: Callable[[], Tuple[np.ndarray, int]]  # -> (model input, 10 ms fbank frames)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line flags of extract_features."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="fairseq mel_hubert checkpoint (trained, averaged or converted)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--manifest", help="{split}.tsv of fbank .npy features, as used for training")
+    source.add_argument("--audio-dir", help="folder of 16 kHz .wav/.flac files (searched recursively)")
+    source.add_argument("--audio-manifest", help="fairseq audio manifest (root line, then path<TAB>num_samples)")
+    parser.add_argument("--out-dir", required=True, help="output folder: layer{L}/<relative path>.npy")
+    parser.add_argument("--layers", default="all", help="1-based layers to write: 'all' or e.g. '1,8,12'")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="dtype of the written arrays")
+    parser.add_argument("--device", default="cpu", help="torch device for the model forward")
+    parser.add_argument("--max-batch-frames", type=int, default=20000, help="padded model frames per forward batch")
+    parser.add_argument("--resample", action="store_true", help="resample audio that is not 16 kHz (default: error)")
+    parser.add_argument("--downmix", action="store_true", help="average the channels of multi-channel audio (default: error)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing feature files")
+    return parser
+
+
+def manifest_utterances(reader: MelHubertFeatureReader, manifest_path: str) -> List[Utterance]:
+    """One Utterance per manifest row; its frame count is checked against the manifest when read."""
+    manifest = read_manifest(manifest_path)
+
+    def loader(row: int) -> Callable[[], Tuple[np.ndarray, int]]:
+        def load() -> Tuple[np.ndarray, int]:
+            fbank = np.load(manifest.full_path(row), mmap_mode="r", allow_pickle=False)
+            if fbank.shape[0] != manifest.num_frames[row]:
+                raise ValueError(f"{manifest.full_path(row)} has {fbank.shape[0]} frames, manifest says {manifest.num_frames[row]}")
+            return reader.prepare(fbank), len(fbank)
+
+        return load
+
+    return [
+        Utterance(os.path.splitext(manifest.relative_path(row))[0] + ".npy", manifest.describe(row), loader(row))
+        for row in range(len(manifest))
+    ]
+
+
+def audio_utterances(reader: MelHubertFeatureReader, args: argparse.Namespace) -> List[Utterance]:
+    """One Utterance per audio file; fails at once if the checkpoint cannot normalise raw audio."""
+    reader.require_corpus_stats()
+    items = read_audio_manifest(args.audio_manifest) if args.audio_manifest else list_audio_dir(args.audio_dir)
+
+    def loader(path: str) -> Callable[[], Tuple[np.ndarray, int]]:
+        def load() -> Tuple[np.ndarray, int]:
+            fbank = compute_fbank(load_audio(path, resample=args.resample, downmix=args.downmix))
+            if len(fbank) == 0:  # shorter than one 25 ms window
+                return np.zeros((0, reader.feat_dim * reader.stack), dtype=np.float32), 0
+            return reader.prepare_raw_fbank(fbank), len(fbank)
+
+        return load
+
+    return [Utterance(item.feature_path, item.where, loader(item.full_path)) for item in items]
+
+
+def check_outputs(utterances: List[Utterance], out_dir: str, layers: List[int], overwrite: bool) -> None:
+    """Fail before any work if two inputs share an output file or outputs exist (without --overwrite)."""
+    seen = {}
+    for utt in utterances:
+        other = seen.setdefault(utt.output_path, utt)
+        if other is not utt:
+            raise ValueError(f"{other.where} and {utt.where} would both be written to {utt.output_path}")
+    for layer in layers:
+        for utt in utterances:
+            check_writable(os.path.join(out_dir, f"layer{layer}", utt.output_path), overwrite)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run extract_features; return the exit status."""
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    reader = MelHubertFeatureReader(args.checkpoint, device=args.device, max_batch_frames=args.max_batch_frames)
+    layers = parse_layers(args.layers, reader.num_layers)
+    utterances = manifest_utterances(reader, args.manifest) if args.manifest else audio_utterances(reader, args)
+    out_dir = os.path.abspath(args.out_dir)
+    check_outputs(utterances, out_dir, layers, args.overwrite)
+    os.makedirs(out_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".extract_features.", suffix=".tmp", dir=out_dir)
+    skipped: List[str] = []
+    written: List[Tuple[str, int]] = []
+    fbank_frames = 0
+
+    def model_inputs() -> Iterator[Tuple[int, np.ndarray]]:
+        nonlocal fbank_frames
+        for index, utt in enumerate(utterances):
+            try:
+                model_input, num_fbank = utt.make_input()
+            except (OSError, ValueError, RuntimeError) as err:
+                raise RuntimeError(f"{utt.where}: {err}") from None
+            fbank_frames += num_fbank
+            if len(model_input) == 0:
+                skipped.append(utt.where)
+                print(f"skipped {utt.where}: shorter than one 25 ms fbank window", file=sys.stderr)
+                continue
+            yield index, model_input
+
+    try:
+        for index, states in tqdm(
+            reader.iter_batched(model_inputs(), layers), total=len(utterances),
+            desc="extract", unit="utt", disable=args.no_progress,
+        ):
+            for layer, state in zip(layers, states):
+                path = os.path.join(staging, f"layer{layer}", utterances[index].output_path)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                np.save(path, state.astype(args.dtype, copy=False), allow_pickle=False)
+            written.append((utterances[index].output_path, len(states[0])))
+        for layer in layers:
+            for rel, _ in written:
+                final = os.path.join(out_dir, f"layer{layer}", rel)
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                os.replace(os.path.join(staging, f"layer{layer}", rel), final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    model_frames = sum(frames for _, frames in written)
+    seconds = time.perf_counter() - started
+    print(
+        f"extracted {len(written)} utterances ({len(skipped)} skipped), "
+        f"{fbank_frames / FBANK_FRAME_RATE_HZ / 3600:.3f} hours, {fbank_frames} fbank frames "
+        f"({model_frames} model frames at {reader.frame_rate_hz:g} Hz), layers {','.join(map(str, layers))}, "
+        f"{seconds:.1f} s -> {out_dir}/layer{{L}}/"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
