@@ -53,7 +53,7 @@ from melhubert_fairseq.data.features import (
     load_mean_std,
     save_mean_std,
 )
-from melhubert_fairseq.data.manifest import write_manifest
+from melhubert_fairseq.data.manifest import iter_tsv_manifest, write_manifest
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 MEAN_STD_NAME = "mean-std.npy"
@@ -96,31 +96,14 @@ class ExtractResult:
 
 
 def read_audio_manifest(path: str) -> List[AudioItem]:
-    """Parse a fairseq audio manifest; errors name the file and line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"audio manifest not found: {path}")
+    """Parse a fairseq audio manifest (a relative root is read against the manifest's folder)."""
     items = []
-    with open(path, "r", encoding="utf-8") as handle:
-        root = handle.readline().rstrip("\n")
-        if not root:
-            raise ValueError(f"{path}: empty audio manifest (the first line must be the root directory)")
+    for root, line_no, rel_path, num_samples in iter_tsv_manifest(path, count_name="num_samples"):
         root = os.path.join(os.path.dirname(os.path.abspath(path)), root)
-        for line_no, line in enumerate(handle, start=2):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            if len(fields) != 2:
-                raise ValueError(f"{path}:{line_no}: expected 'relative/path.wav<TAB>num_samples', got {line!r}")
-            rel_path, count = fields
-            try:
-                num_samples = int(count)
-            except ValueError:
-                raise ValueError(f"{path}:{line_no}: num_samples {count!r} is not an integer") from None
-            utt_id = os.path.splitext(os.path.basename(rel_path))[0]
-            items.append(
-                AudioItem(rel_path, os.path.normpath(os.path.join(root, rel_path)), num_samples, f"{path}:{line_no} ({utt_id})")
-            )
+        utt_id = os.path.splitext(os.path.basename(rel_path))[0]
+        items.append(
+            AudioItem(rel_path, os.path.normpath(os.path.join(root, rel_path)), num_samples, f"{path}:{line_no} ({utt_id})")
+        )
     if not items:
         raise ValueError(f"{path}: no utterances after the root line")
     return items

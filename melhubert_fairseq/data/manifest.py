@@ -63,14 +63,15 @@ class FeatureManifest:
         )
 
 
-def read_manifest(path: str) -> FeatureManifest:
-    """Parse ``path`` (a ``{split}.tsv``); errors name the file and line."""
+def iter_tsv_manifest(path: str, count_name: str = "num_frames") -> Iterator[Tuple[str, int, str, int]]:
+    """Yield ``(root, line_no, relative_path, count)`` for each row of a fairseq tsv manifest.
+
+    The format of both fbank (``num_frames``) and audio (``num_samples``)
+    manifests: a root line, then ``relative/path<TAB>count`` rows. Errors name
+    the file and line.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"manifest not found: {path}")
-    encoded_paths = bytearray()
-    offsets = [0]
-    frames = []
-    lines = []
     with open(path, "r", encoding="utf-8") as handle:
         root = handle.readline().rstrip("\n")
         if not root:
@@ -81,19 +82,28 @@ def read_manifest(path: str) -> FeatureManifest:
                 continue
             fields = line.split("\t")
             if len(fields) != 2:
-                raise ValueError(
-                    f"{path}:{line_no}: expected 'relative/path.npy<TAB>num_frames', got {line!r}"
-                )
+                raise ValueError(f"{path}:{line_no}: expected 'relative/path<TAB>{count_name}', got {line!r}")
             try:
                 count = int(fields[1])
             except ValueError:
-                raise ValueError(f"{path}:{line_no}: num_frames {fields[1]!r} is not an integer") from None
+                raise ValueError(f"{path}:{line_no}: {count_name} {fields[1]!r} is not an integer") from None
             if count <= 0:
-                raise ValueError(f"{path}:{line_no}: num_frames must be positive, got {count}")
-            encoded_paths += fields[0].encode("utf-8")
-            offsets.append(len(encoded_paths))
-            frames.append(count)
-            lines.append(line_no)
+                raise ValueError(f"{path}:{line_no}: {count_name} must be positive, got {count}")
+            yield root, line_no, fields[0], count
+
+
+def read_manifest(path: str) -> FeatureManifest:
+    """Parse ``path`` (a ``{split}.tsv``); errors name the file and line."""
+    encoded_paths = bytearray()
+    offsets = [0]
+    frames = []
+    lines = []
+    root = None
+    for root, line_no, rel_path, count in iter_tsv_manifest(path):
+        encoded_paths += rel_path.encode("utf-8")
+        offsets.append(len(encoded_paths))
+        frames.append(count)
+        lines.append(line_no)
     if not frames:
         raise ValueError(f"{path}: empty manifest (no utterances after the root line)")
     return FeatureManifest(

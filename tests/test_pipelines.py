@@ -1,0 +1,63 @@
+"""The user-facing pipelines end to end: the README demo, and stage 2 from a stage-1 checkpoint."""
+from __future__ import annotations
+
+import json
+import re
+
+import torch
+
+from conftest import make_fbank_corpus, run_hydra_train
+from melhubert_fairseq.data.manifest import load_km_labels, read_manifest
+from melhubert_fairseq.tools import dump_km_labels, learn_kmeans, run_demo
+
+
+def test_stage2_trains_from_stage1_checkpoint_on_layer_labels(tmp_path):
+    data = make_fbank_corpus(tmp_path / "data", num_utts=10)
+    stage1 = tmp_path / "stage1"
+    run_hydra_train(data, stage1, max_update=2)
+    ckpt = stage1 / "checkpoint_last.pt"
+
+    stage2_labels = tmp_path / "labels2"
+    centroids = tmp_path / "km" / "L2-k32.npy"
+    flags = ["--manifest", str(data / "train.tsv"), "--checkpoint", str(ckpt), "--layer", "2", "--no-progress"]
+    learn_kmeans.main([*flags, "--km-path", str(centroids), "--num-clusters", "32", "--sample-frac", "1.0"])
+    dump_km_labels.main([*flags, "--km-path", str(centroids), "--out-dir", str(stage2_labels)])
+    manifest = read_manifest(str(data / "train.tsv"))
+    labels = list(load_km_labels(str(stage2_labels / "train.km")))
+    assert [len(row) for row in labels] == [-(-n // 2) for n in manifest.num_frames]  # one per 20 ms frame
+
+    stage2 = tmp_path / "stage2"
+    result = run_hydra_train(
+        data,
+        stage2,
+        config_name="stage2",
+        num_classes=32,  # same K as stage 1: stage 2 starts from every stage-1 weight, final_proj included
+        max_update=2,
+        overrides=[f"task.label_dir={stage2_labels}", f"checkpoint.finetune_from_model={ckpt}"],
+    )
+    assert "loading pretrained model" in (result.stdout + result.stderr).lower()
+    first = torch.load(ckpt, map_location="cpu")["model"]
+    second = torch.load(stage2 / "checkpoint_last.pt", map_location="cpu")
+    assert second["cfg"]["task"]["label_rate"] == 50
+    assert second["optimizer_history"][-1]["num_updates"] == 2  # fresh update count, not 2 + 2
+    # Started from the stage-1 weights: the encoder moved only by 2 small Adam steps.
+    weight = "encoder.layers.0.fc1.weight"
+    assert (second["model"][weight] - first[weight]).abs().max() < 0.01
+    assert second["model"]["final_proj.weight"].shape == (32, 64)
+
+
+def test_demo_pipeline_runs_from_corpus_to_checkpoint(tmp_path, capsys):
+    out = tmp_path / "demo"
+    status = run_demo.main([
+        "--out-dir", str(out), "--max-update", "3", "--min-accuracy-ratio", "0", "--workers", "1",
+        "model.encoder_layers=1", "dataset.num_workers=0", "checkpoint.save_interval_updates=0",
+    ])
+    assert status == 0
+    assert (out / "checkpoints" / "checkpoint_last.pt").is_file()
+    assert len(read_manifest(str(out / "features" / "train.tsv"))) == 108
+    assert sum(1 for _ in open(out / "labels" / "train.km")) == 108
+    summary = capsys.readouterr().out
+    assert re.search(r"demo finished in \d+ s: 3 updates; masked accuracy train [0-9.]+ \([0-9.]+x chance\)", summary)
+    log = (out / "hydra" / "hydra_train.log").read_text()
+    train_lines = [json.loads(m) for m in re.findall(r"\]\[train\]\[INFO\] - (\{.*\})", log)]
+    assert train_lines and int(train_lines[-1]["train_num_updates"]) == 3
