@@ -13,6 +13,7 @@ import sys
 import time
 from typing import List, Optional
 
+import torch
 from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import atomic_output, check_writable
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="torch device for the model forward and the assignment")
     parser.add_argument("--max-batch-frames", type=int, default=20000, help="stage 2: model frames per forward batch")
     parser.add_argument("--chunk-frames", type=int, default=16384, help="frames per distance matmul (bounds memory)")
+    parser.add_argument("--threads", type=int, help="CPU threads for the model and assignment (default: all)")
     parser.add_argument("--nshard", type=int, default=1, help="split the manifest into this many shards")
     parser.add_argument("--rank", type=int, default=0, help="which shard to label (0-based)")
     parser.add_argument("--no-progress", action="store_true", help="hide the tqdm progress bar")
@@ -48,27 +50,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def ensure_dictionary(path: str, num_clusters: int, overwrite: bool) -> None:
-    """Write ``dict.km.txt`` for K clusters; an existing one for the same K is kept as is."""
+def check_dictionary(path: str, num_clusters: int, overwrite: bool) -> bool:
+    """Whether ``dict.km.txt`` must be (re)written; an existing one for another K is an error."""
     existing = read_dictionary_size(path)
     if existing == num_clusters:
-        return
+        return False
     if existing is not None and not overwrite:
         raise FileExistsError(
             f"{path} lists {existing} clusters but the k-means model has {num_clusters}; "
             "pass --overwrite to replace it"
         )
-    write_dictionary(path, num_clusters, overwrite=True)
+    return True
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run dump_km_labels; return the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     started = time.perf_counter()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     split = args.split or split_name(args.manifest)
     out_path = os.path.join(args.out_dir, shard_file_name(split, args.rank, args.nshard, ".km"))
     check_writable(out_path, args.overwrite)
     model = load_kmeans(args.km_path)
+    dict_path = os.path.join(args.out_dir, "dict.km.txt")
+    write_dict = check_dictionary(dict_path, model.num_clusters, args.overwrite)  # fail before labelling
     source = open_feature_source(
         args.manifest, args.mean_std, args.checkpoint, args.layer, args.device, args.max_batch_frames
     )
@@ -76,7 +85,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if trained_on.get("kind") != source.kind or trained_on.get("layer") != getattr(source, "layer", None):
         print(f"warning: {args.km_path} was learned on {trained_on}, labelling {source.describe()}", file=sys.stderr)
     start, end = shard_range(len(source.manifest), args.nshard, args.rank)
-    assigner = KMeansAssigner(model.centroids, device=args.device, chunk_frames=args.chunk_frames)
+    assigner = KMeansAssigner(
+        model.centroids, device=args.device, chunk_frames=args.chunk_frames, threads=args.threads
+    )
     format_line = LabelLineFormatter(model.num_clusters)
     labels_written = 0
     with atomic_output(out_path, overwrite=args.overwrite) as handle:
@@ -87,7 +98,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         ):
             handle.write(format_line(labels))
             labels_written += len(labels)
-    ensure_dictionary(os.path.join(args.out_dir, "dict.km.txt"), model.num_clusters, args.overwrite)
+    if write_dict:
+        write_dictionary(dict_path, model.num_clusters, overwrite=True)
     seconds = time.perf_counter() - started
     audio_frames = int(source.manifest.num_frames[start:end].sum())
     print(

@@ -22,7 +22,9 @@ import time
 from typing import List, Optional
 
 import numpy as np
+import torch
 
+from melhubert_fairseq.atomic_output import check_writable
 from melhubert_fairseq.kmeans import (
     BACKENDS,
     DEFAULT_BACKEND,
@@ -30,14 +32,12 @@ from melhubert_fairseq.kmeans import (
     FrameSample,
     KMeansAssigner,
     KMeansModel,
-    check_writable,
     fit_kmeans,
     load_sample,
     open_feature_source,
     sample_frames,
     save_kmeans,
     save_sample,
-    shard_file_name,
     sidecar_path,
     split_name,
 )
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling and k-means initialisation")
     parser.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND, help="k-means implementation (faiss measured faster and better, see benchmarks/bench_kmeans.py)")
     parser.add_argument("--iterations", type=int, help=f"faiss: Lloyd iterations, sklearn: max epochs (default {DEFAULT_ITERATIONS})")
+    parser.add_argument("--threads", type=int, help="CPU threads for fitting, the model and assignment (default: all; on a machine busy with other jobs 1 can be faster, see README)")
     parser.add_argument("--nshard", type=int, default=1, help="split the manifest into this many shards")
     parser.add_argument("--rank", type=int, help="only sample this shard into --sample-dir (no fitting)")
     parser.add_argument("--sample-dir", help="where sample shards are written (--rank) or read (--nshard > 1 without --rank)")
@@ -89,7 +90,7 @@ def same_path(given: Optional[str], recorded: Optional[str]) -> bool:
 
 
 def load_sample_shards(args, split: str):
-    """Load and cross-check every sample shard; return (frames, utterances, source frames, source)."""
+    """Load and cross-check every sample shard; return (frames, utterances, source frames, shard 0's sidecar)."""
     paths = [sample_shard_path(args, split, rank) for rank in range(args.nshard)]
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
@@ -104,9 +105,12 @@ def load_sample_shards(args, split: str):
             raise ValueError(f"{path}: sidecar says shard {meta.get('rank')}/{meta.get('nshard')}, expected {rank}/{args.nshard}")
         if source is None:
             source, first_path, first = meta["feature_source"], path, meta
-        elif meta["feature_source"] != source or meta["seed"] != first["seed"] or meta["sample_frac"] != first["sample_frac"]:
-            raise ValueError(f"{path}: sampled from {meta['feature_source']} (seed {meta['seed']}, frac {meta['sample_frac']}) "
-                             f"but {first_path} from {source} (seed {first['seed']}, frac {first['sample_frac']})")
+        elif any(meta[key] != first[key] for key in ("feature_source", "sample_seed", "sample_frac")):
+            raise ValueError(
+                f"{path}: sampled from {meta['feature_source']} (seed {meta['sample_seed']}, frac "
+                f"{meta['sample_frac']}) but {first_path} from {source} (seed {first['sample_seed']}, "
+                f"frac {first['sample_frac']}); sample every shard with the same flags"
+            )
         if samples and sample.frames.shape[1] != samples[0].frames.shape[1]:
             raise ValueError(f"{path}: dim {sample.frames.shape[1]} differs from {paths[0]}'s {samples[0].frames.shape[1]}")
         samples.append(sample)
@@ -118,29 +122,37 @@ def load_sample_shards(args, split: str):
     if args.layer is not None and args.layer != source.get("layer"):
         raise ValueError(f"--layer {args.layer} differs from the sample shards' layer {source.get('layer')}")
     frames = np.concatenate([s.frames for s in samples], axis=0)
-    return frames, sum(s.utterances for s in samples), sum(s.source_frames for s in samples), source
+    return frames, sum(s.utterances for s in samples), sum(s.source_frames for s in samples), first
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run learn_kmeans; return the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     started = time.perf_counter()
     split = args.split or split_name(args.manifest)
     sample_only = args.rank is not None
     from_shards = not sample_only and args.nshard > 1
     if (sample_only or from_shards) and not args.sample_dir:
-        raise SystemExit("error: --rank and --nshard > 1 need --sample-dir (where sample shards live)")
+        parser.error("--rank and --nshard > 1 need --sample-dir (where sample shards live)")
     if not sample_only and not args.km_path:
-        raise SystemExit("error: --km-path is required (except with --rank, which only samples)")
+        parser.error("--km-path is required (except with --rank, which only samples)")
     if args.max_frames < 0:
-        raise SystemExit("error: --max-frames must be >= 0 (0 = no cap)")
+        parser.error("--max-frames must be >= 0 (0 = no cap)")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
     outputs = [sample_shard_path(args, split, args.rank)] if sample_only else [args.km_path]
     for path in outputs:  # fail before hours of sampling, not after
         check_writable(path, args.overwrite)
         check_writable(sidecar_path(path), args.overwrite)
 
+    sampling = {"sample_seed": args.seed, "sample_frac": args.sample_frac, "max_frames": args.max_frames}
     if from_shards:
-        frames, utterances, source_frames, source = load_sample_shards(args, split)
+        frames, utterances, source_frames, shard_meta = load_sample_shards(args, split)
+        source = shard_meta["feature_source"]
+        sampling = {key: shard_meta[key] for key in sampling}  # how the shards were drawn
     else:
         feature_source = open_feature_source(
             args.manifest, args.mean_std, args.checkpoint, args.layer, args.device, args.max_batch_frames
@@ -154,8 +166,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         frames, utterances, source_frames = sample.frames, sample.utterances, sample.source_frames
         if sample_only:
             save_sample(outputs[0], sample, {
-                "feature_source": source, "rank": rank, "nshard": args.nshard, "seed": args.seed,
-                "sample_frac": args.sample_frac, "max_frames": args.max_frames,
+                "feature_source": source, "rank": rank, "nshard": args.nshard, **sampling,
             }, args.overwrite)
             print(
                 f"sampled shard {rank}/{args.nshard}: {utterances} utterances "
@@ -168,16 +179,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"fitting k-means: K={args.num_clusters}, {frames.shape[0]} frames x {frames.shape[1]} dims, "
           f"backend={args.backend}", file=sys.stderr)
     fit_started = time.perf_counter()
-    centroids = fit_kmeans(frames, args.num_clusters, args.backend, args.seed, args.iterations)
+    centroids = fit_kmeans(
+        frames, args.num_clusters, args.backend, args.seed, args.iterations, threads=args.threads
+    )
     fit_seconds = time.perf_counter() - fit_started
-    inertia = KMeansAssigner(centroids).inertia_per_frame(frames)
+    inertia = KMeansAssigner(centroids, threads=args.threads).inertia_per_frame(frames)
     model = KMeansModel(centroids, {
         "feature_source": source,
         "backend": args.backend,
         "iterations": args.iterations if args.iterations is not None else DEFAULT_ITERATIONS[args.backend],
-        "seed": args.seed,
-        "sample_frac": args.sample_frac,
-        "max_frames": args.max_frames,
+        "seed": args.seed,  # k-means initialisation
+        **sampling,
         "nshard": args.nshard,
         "utterances_sampled": utterances,
         "frames_used": int(frames.shape[0]),

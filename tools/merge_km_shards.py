@@ -53,14 +53,15 @@ def check_shard(path: str, expected_counts: np.ndarray, first_row: int, manifest
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run merge_km_shards; return the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     started = time.perf_counter()
     split = args.split or split_name(args.manifest)
     out_path = args.out or os.path.join(args.label_dir, f"{split}.km")
     check_writable(out_path, args.overwrite)
     stack = FBANK_FRAME_RATE_HZ / args.label_rate_hz
     if abs(stack - round(stack)) > 1e-6 or round(stack) < 1:
-        raise SystemExit(f"error: --label-rate-hz must be 100 / an integer, got {args.label_rate_hz}")
+        parser.error(f"--label-rate-hz must be 100 / an integer, got {args.label_rate_hz}")
     manifest = read_manifest(args.manifest)
     expected = np.asarray([num_stacked_frames(int(n), int(round(stack))) for n in manifest.num_frames])
     shards = [os.path.join(args.label_dir, shard_file_name(split, r, args.nshard, ".km")) for r in range(args.nshard)]
