@@ -312,6 +312,19 @@ def test_kaldi_bracketed_text_ark_labels(dump, tmp_path):
     np.testing.assert_array_equal(next(load_km_labels(written["labels"])), dump.labels[dump.utts[0]])
 
 
+def test_stage2_labels_at_20ms_need_label_rate_50(dump, tmp_path):
+    """Libri-960's stage2-cluster labels come from a 20 ms model: one label per two fbank frames."""
+    out = tmp_path / "out"
+    import_features(dump, out)
+    halved = {utt: labels[::2] for utt, labels in dump.labels.items()}
+    dump.write_labels(halved)
+    with pytest.raises(KaldiDumpError, match=r"labels but \d+ feature frames"):
+        import_labels(out / "train-clean-360.tsv", dump)
+    written = import_labels(out / "train-clean-360.tsv", dump, "--label-rate", "50", "--overwrite")
+    for row, utt in zip(load_km_labels(written["labels"]), dump.utts):
+        np.testing.assert_array_equal(row, halved[utt])
+
+
 def _short_label_line(dump):
     utt = dump.utts[4]
     dump.labels[utt] = dump.labels[utt][:-3]

@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import check_writable
+from melhubert_fairseq.data.features import label_stride
 from melhubert_fairseq.data.manifest import write_manifest
 from melhubert_fairseq.tools.kaldi_dump import (
     KaldiDumpError,
@@ -97,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num-classes", type=int, default=512, help="number of clusters K; labels must be in [0, K)")
     parser.add_argument(
+        "--label-rate",
+        type=float,
+        default=100.0,
+        help="labels per second: 100 = one per 10 ms frame (stage 1), 50 = one per 20 ms model frame (stage 2 of a 20 ms model)",
+    )
+    parser.add_argument(
         "--skip-missing",
         action="store_true",
         help="leave out utterances without labels (listed, with a count) instead of failing",
@@ -154,6 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
             args.overwrite,
             write_new_manifest=True,
             dropped=match.dropped_rows(),
+            stride=label_stride(args.label_rate),
         )
     print(summary_line("listed", len(rows.utt_ids), int(rows.num_frames.sum()), time.perf_counter() - start, written))
     return written

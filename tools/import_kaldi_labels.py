@@ -26,6 +26,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from melhubert_fairseq.data.features import label_stride
 from melhubert_fairseq.data.manifest import read_manifest
 from melhubert_fairseq.tools.kaldi_dump import (
     ArkHandles,
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", help="folder for {split}.km and dict.km.txt (default: the manifest's folder)")
     parser.add_argument("--split", help="output name (default: the manifest file name without .tsv)")
     parser.add_argument("--num-classes", type=int, default=512, help="number of clusters K; labels must be in [0, K)")
+    parser.add_argument(
+        "--label-rate",
+        type=float,
+        default=100.0,
+        help="labels per second: 100 = one per 10 ms frame (stage 1), 50 = one per 20 ms model frame (stage 2 of a 20 ms model)",
+    )
     parser.add_argument(
         "--skip-missing",
         action="store_true",
@@ -116,6 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
             args.overwrite,
             write_new_manifest=bool(match.no_labels),
             dropped=dropped,
+            stride=label_stride(args.label_rate),
         )
     print(summary_line("labelled", len(rows.utt_ids), int(rows.num_frames.sum()), time.perf_counter() - start, written))
     return written

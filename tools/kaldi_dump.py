@@ -23,6 +23,8 @@ from melhubert_fairseq.atomic_output import atomic_output, check_writable
 from melhubert_fairseq.data.features import (
     FBANK_FRAME_RATE_HZ,
     MeanStd,
+    expected_label_count,
+    label_count_tolerance,
     load_mean_std,
     mean_std_from_sums,
 )
@@ -339,17 +341,19 @@ def match_ids(
 
 
 def validate_labels(
-    labels: np.ndarray, num_frames: int, num_classes: int, utt_id: str, source: str
+    labels: np.ndarray, num_frames: int, num_classes: int, utt_id: str, source: str, stride: int = 1
 ) -> np.ndarray:
-    """Check one utterance's labels: 1-D integers, one per manifest frame, all in [0, num_classes)."""
+    """Check one utterance's labels: 1-D integers, one per ``stride`` manifest frames, all in [0, num_classes)."""
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise KaldiDumpError(f"{source}: labels of utterance {utt_id} have shape {labels.shape}, expected 1-D")
     if labels.dtype.kind not in "iu":
         raise KaldiDumpError(f"{source}: labels of utterance {utt_id} have dtype {labels.dtype}, expected integers")
-    if len(labels) != num_frames:
+    expected = expected_label_count(num_frames, stride)
+    if abs(len(labels) - expected) > label_count_tolerance(stride):
+        per = "" if stride == 1 else f" (one label per {stride} frames: {expected} expected)"
         raise KaldiDumpError(
-            f"{source}: utterance {utt_id} has {len(labels)} labels but {num_frames} feature frames"
+            f"{source}: utterance {utt_id} has {len(labels)} labels but {num_frames} feature frames{per}"
         )
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
@@ -401,6 +405,7 @@ def write_label_outputs(
     overwrite: bool,
     write_new_manifest: bool,
     dropped: Sequence[Tuple[str, str]] = (),
+    stride: int = 1,
 ) -> Dict[str, str]:
     """Write ``{split}.km`` (row-aligned with ``rows``), ``dict.km.txt``, the dropped list and, last, the manifest.
 
@@ -423,7 +428,7 @@ def write_label_outputs(
     with atomic_output(km_path, overwrite=overwrite) as handle:
         for i in tqdm(range(len(rows.utt_ids)), desc=f"{split}.km", unit="utt", mininterval=1.0):
             labels = validate_labels(
-                read_labels(i), int(rows.num_frames[i]), num_classes, rows.utt_ids[i], label_source
+                read_labels(i), int(rows.num_frames[i]), num_classes, rows.utt_ids[i], label_source, stride
             )
             handle.write(" ".join(map(str, labels.tolist())) + "\n")
     written = {"labels": km_path}

@@ -12,6 +12,9 @@ from fairseq.data import FairseqDataset
 from melhubert_fairseq.data.features import (
     FBANK_FRAME_RATE_HZ,
     MeanStd,
+    expected_label_count,
+    label_count_tolerance,
+    label_stride,
     num_stacked_frames,
     stack_frames,
     subsample_labels,
@@ -35,15 +38,19 @@ class FrameRates:
     def from_config(cls, stack_frames: int, label_rate: float) -> "FrameRates":
         """Validate that labels at ``label_rate`` Hz can be read at the model's rate."""
         model_rate = FBANK_FRAME_RATE_HZ / stack_frames
-        stride = FBANK_FRAME_RATE_HZ / label_rate if label_rate > 0 else 0
-        if label_rate <= 0 or stride != int(stride) or stack_frames % int(stride):
-            raise ValueError(
-                f"label_rate={label_rate} Hz does not divide the model frame rate: the model runs at "
-                f"{model_rate:g} Hz (stack_frames={stack_frames}); labels must be at "
-                f"{FBANK_FRAME_RATE_HZ} Hz (one per fbank frame) or at a rate that is a multiple of "
-                f"{model_rate:g} Hz dividing {FBANK_FRAME_RATE_HZ}"
-            )
-        return cls(stack=stack_frames, label_stride=int(stride))
+        error = ValueError(
+            f"label_rate={label_rate:g} Hz does not divide the model frame rate: the model runs at "
+            f"{model_rate:g} Hz (stack_frames={stack_frames}); labels must be at "
+            f"{FBANK_FRAME_RATE_HZ} Hz (one per fbank frame) or at a rate that is a multiple of "
+            f"{model_rate:g} Hz dividing {FBANK_FRAME_RATE_HZ}"
+        )
+        try:
+            stride = label_stride(label_rate)
+        except ValueError:
+            raise error from None
+        if stack_frames % stride:
+            raise error
+        return cls(stack=stack_frames, label_stride=stride)
 
     @property
     def labels_per_model_frame_step(self) -> int:
@@ -52,13 +59,12 @@ class FrameRates:
 
     def expected_labels(self, fbank_frames: np.ndarray) -> np.ndarray:
         """Number of labels a ``.km`` line should hold for utterances of ``fbank_frames`` frames."""
-        return -(-fbank_frames // self.label_stride)
+        return expected_label_count(fbank_frames, self.label_stride)
 
     @property
     def label_tolerance(self) -> int:
-        """Allowed |labels - expected|: labels per fbank frame must match exactly; coarser
-        labels may be one short or long, the rounding a 20 ms feature dump causes."""
-        return 0 if self.label_stride == 1 else 1
+        """Allowed |labels - expected| (see ``label_count_tolerance``)."""
+        return label_count_tolerance(self.label_stride)
 
 
 class FbankLabelDataset(FairseqDataset):

@@ -37,6 +37,27 @@ def stack_frames(feats: np.ndarray, stack: int) -> np.ndarray:
     return feats.reshape(padded_len // stack, stack * dim)
 
 
+def label_stride(label_rate: float) -> int:
+    """10 ms fbank frames per label for labels at ``label_rate`` Hz (100 -> 1, 50 -> 2, 25 -> 4)."""
+    stride = FBANK_FRAME_RATE_HZ / label_rate if label_rate > 0 else 0
+    if stride < 1 or stride != int(stride):
+        raise ValueError(
+            f"label rate {label_rate:g} Hz is not {FBANK_FRAME_RATE_HZ} Hz divided by an integer (100, 50, 25, ...)"
+        )
+    return int(stride)
+
+
+def expected_label_count(num_frames, stride: int):
+    """Labels a ``.km`` line should hold for ``num_frames`` fbank frames at ``stride`` frames per label."""
+    return -(-num_frames // stride)
+
+
+def label_count_tolerance(stride: int) -> int:
+    """Allowed |labels - expected|: labels per fbank frame must match exactly; coarser labels may be
+    one short or long, the rounding a 20 ms feature dump causes."""
+    return 0 if stride == 1 else 1
+
+
 def subsample_labels(labels: np.ndarray, step: int) -> np.ndarray:
     """Keep every ``step``-th label (the label of each stacked frame's first 10 ms frame)."""
     return labels[::step] if step > 1 else labels
