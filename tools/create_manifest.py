@@ -26,6 +26,8 @@ from melhubert_fairseq.atomic_output import check_writable
 from melhubert_fairseq.data.features import label_stride
 from melhubert_fairseq.data.manifest import write_manifest
 from melhubert_fairseq.tools.kaldi_dump import (
+    add_label_arguments,
+    check_num_classes,
     KaldiDumpError,
     ManifestRows,
     check_unique_ids,
@@ -96,13 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--label-dir", help="folder of per-utterance 1-D integer label .npy files with the same file stems"
     )
-    parser.add_argument("--num-classes", type=int, default=512, help="number of clusters K; labels must be in [0, K)")
-    parser.add_argument(
-        "--label-rate",
-        type=float,
-        default=100.0,
-        help="labels per second: 100 = one per 10 ms frame (stage 1), 50 = one per 20 ms model frame (stage 2 of a 20 ms model)",
-    )
+    add_label_arguments(parser)
     parser.add_argument(
         "--skip-missing",
         action="store_true",
@@ -116,8 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
     """Build the manifest (and labels); return the paths written by kind."""
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    if args.num_classes <= 0:
-        raise ValueError(f"--num-classes must be positive, got {args.num_classes}")
+    check_num_classes(args.num_classes)
     feature_dir = os.path.abspath(args.feature_dir)
     out_dir = os.path.abspath(args.out_dir)
     split = args.split or os.path.basename(feature_dir.rstrip(os.sep))

@@ -29,6 +29,8 @@ import numpy as np
 from melhubert_fairseq.data.features import label_stride
 from melhubert_fairseq.data.manifest import read_manifest
 from melhubert_fairseq.tools.kaldi_dump import (
+    add_label_arguments,
+    check_num_classes,
     ArkHandles,
     ManifestRows,
     check_unique_ids,
@@ -58,13 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out-dir", help="folder for {split}.km and dict.km.txt (default: the manifest's folder)")
     parser.add_argument("--split", help="output name (default: the manifest file name without .tsv)")
-    parser.add_argument("--num-classes", type=int, default=512, help="number of clusters K; labels must be in [0, K)")
-    parser.add_argument(
-        "--label-rate",
-        type=float,
-        default=100.0,
-        help="labels per second: 100 = one per 10 ms frame (stage 1), 50 = one per 20 ms model frame (stage 2 of a 20 ms model)",
-    )
+    add_label_arguments(parser)
     parser.add_argument(
         "--skip-missing",
         action="store_true",
@@ -83,8 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
     """Run the label import; return the paths written by kind."""
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    if args.num_classes <= 0:
-        raise ValueError(f"--num-classes must be positive, got {args.num_classes}")
+    check_num_classes(args.num_classes)
     manifest = read_manifest(args.manifest)
     out_dir = os.path.abspath(args.out_dir or os.path.dirname(os.path.abspath(args.manifest)))
     split = args.split or os.path.basename(args.manifest).removesuffix(".tsv")

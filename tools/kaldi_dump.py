@@ -340,6 +340,23 @@ def match_ids(
     return match
 
 
+def add_label_arguments(parser) -> None:
+    """The --num-classes and --label-rate flags shared by the label-writing tools."""
+    parser.add_argument("--num-classes", type=int, default=512, help="number of clusters K; labels must be in [0, K)")
+    parser.add_argument(
+        "--label-rate",
+        type=float,
+        default=100.0,
+        help="labels per second: 100 = one per 10 ms frame (stage 1), 50 = one per 20 ms model frame (stage 2 of a 20 ms model)",
+    )
+
+
+def check_num_classes(num_classes: int) -> None:
+    """K must be positive."""
+    if num_classes <= 0:
+        raise ValueError(f"--num-classes must be positive, got {num_classes}")
+
+
 def validate_labels(
     labels: np.ndarray, num_frames: int, num_classes: int, utt_id: str, source: str, stride: int = 1
 ) -> np.ndarray:
