@@ -32,6 +32,10 @@ def atomic_output(path: str, overwrite: bool = False, mode: str = "w") -> Iterat
     fd, tmp_path = tempfile.mkstemp(
         prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
     )
+    # mkstemp creates 0600 files; give the output the permissions a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle

@@ -335,3 +335,13 @@ def test_mean_std_file_validation(tmp_path):
     np.save(tmp_path / "zero.npy", np.stack([np.zeros(40), np.zeros(40)]).astype(np.float32))
     with pytest.raises(ValueError, match="std must be positive"):
         load_mean_std(str(tmp_path / "zero.npy"))
+
+
+def test_atomic_outputs_get_normal_file_permissions(tmp_path):
+    import os
+
+    path = tmp_path / "train.tsv"
+    write_manifest(str(path), "/root", [("u1.npy", 3)])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

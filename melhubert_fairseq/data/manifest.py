@@ -162,7 +162,7 @@ def parse_label_line(line: bytes, where: str) -> np.ndarray:
         raise ValueError(f"{where}: label {bad!r} is not an integer") from None
 
 
-def index_label_file(path: str, chunk_bytes: int = 1 << 26) -> LabelIndex:
+def index_label_file(path: str, chunk_bytes: int = 1 << 22) -> LabelIndex:
     """Scan a ``.km`` file once for line offsets and per-line label counts.
 
     Works in chunks with numpy so that LibriSpeech-960 (1.4 GB of text) is
@@ -182,7 +182,7 @@ def index_label_file(path: str, chunk_bytes: int = 1 << 26) -> LabelIndex:
             if not chunk:
                 break
             data = np.frombuffer(chunk, dtype=np.uint8)
-            is_space = (data == 0x20) | (data == 0x09) | (data == 0x0D) | (data == 0x0A)
+            is_space = data <= 0x20  # space, tab, CR, LF (labels are ASCII digits)
             prev_space = np.empty_like(is_space)
             prev_space[0] = not carry_in_token
             prev_space[1:] = is_space[:-1]

@@ -6,6 +6,7 @@ Mel-HuBERT release): ``self_attn.{q,k,v,out}_proj``, ``self_attn_layer_norm``,
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -16,17 +17,32 @@ from fairseq.utils import get_activation_fn
 from torch import nn
 
 
-def make_pos_conv(embed_dim: int, kernel_size: int, groups: int, depth: int) -> nn.Module:
-    """Convolutional positional embedding: ``depth`` 1 is HuBERT's weight-normalised conv + GELU."""
+def make_causal_conv_pos(embed_dim: int, kernel_size: int, groups: int) -> nn.Module:
+    """HuBERT's positional conv (same parameters and init) padded on the left only: frame t sees frames <= t."""
+    conv = nn.Conv1d(embed_dim, embed_dim, kernel_size=kernel_size, padding=kernel_size - 1, groups=groups)
+    nn.init.normal_(conv.weight, mean=0, std=math.sqrt(4.0 / (kernel_size * embed_dim)))
+    nn.init.constant_(conv.bias, 0)
+    conv = nn.utils.weight_norm(conv, name="weight", dim=2)
+    return nn.Sequential(conv, SamePad(kernel_size, causal=True), nn.GELU())
+
+
+def make_pos_conv(embed_dim: int, kernel_size: int, groups: int, depth: int, causal: bool = False) -> nn.Module:
+    """Convolutional positional embedding: ``depth`` 1 is HuBERT's weight-normalised conv + GELU.
+
+    HuBERT's conv is centred (it sees kernel_size // 2 future frames); ``causal``
+    pads on the left only, so causal attention is not undone by the positional conv.
+    """
     if depth == 1:
+        if causal:
+            return make_causal_conv_pos(embed_dim, kernel_size, groups)
         return make_conv_pos(embed_dim, kernel_size, groups)
     # Deeper variant (data2vec 2.0 style): smaller kernels, parameter-free LayerNorm.
     k = max(3, kernel_size // depth)
     return nn.Sequential(
         *[
             nn.Sequential(
-                nn.Conv1d(embed_dim, embed_dim, kernel_size=k, padding=k // 2, groups=groups),
-                SamePad(k),
+                nn.Conv1d(embed_dim, embed_dim, kernel_size=k, padding=k - 1 if causal else k // 2, groups=groups),
+                SamePad(k, causal=causal),
                 TransposeLast(),
                 nn.LayerNorm(embed_dim, elementwise_affine=False),
                 TransposeLast(),
@@ -50,8 +66,66 @@ def attention_mask(
     return mask
 
 
+def keep_mask(shape: Tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
+    """Boolean mask, each entry True with probability 1 - p (to 2**-31), from 31-bit random integers."""
+    bits = torch.empty(shape, dtype=torch.int32, device=device).random_()  # uniform on [0, 2**31)
+    return bits >= int(round(p * 2**31))
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """``F.dropout`` with the same distribution; on CPU the keep mask comes from :func:`keep_mask`.
+
+    torch's CPU dropout samples with a serial Bernoulli generator that costs about
+    20x a softmax over the same tensor, the largest non-matmul cost of a CPU
+    training step (benchmarks/results/profile_train_20ms.txt); drawing integers
+    and comparing is 2-3x cheaper. GPUs keep F.dropout's fused kernel.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    return torch.where(keep_mask(x.shape, p, x.device), x, 0.0) * (1.0 / (1.0 - p))
+
+
+class Dropout(nn.Module):
+    """``nn.Dropout`` through :func:`dropout` (same ``p``, same distribution, no parameters)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def attention_with_dropout(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Optional[torch.Tensor], p: float
+) -> torch.Tensor:
+    """dropout(softmax(q k^T / sqrt(d), masked), p) v on (B, H, T, d), with :func:`keep_mask` dropout.
+
+    The computation ``F.scaled_dot_product_attention`` itself falls back to on CPU
+    when dropout is on (its fused CPU kernel has none), minus its Bernoulli sampler.
+    """
+    scores = torch.matmul(q * (q.size(-1) ** -0.5), k.transpose(-1, -2))
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = scores.softmax(-1)
+    kept = torch.where(keep_mask(probs.shape, p, probs.device), probs, 0.0)
+    # 1 / (1 - p) applied to the (T, d) result rather than the (T, T) probabilities: one pass less.
+    return torch.matmul(kept, v) * (1.0 / (1.0 - p))
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention on (B, T, C) through ``F.scaled_dot_product_attention``."""
+    """Multi-head self-attention on (B, T, C) through ``F.scaled_dot_product_attention``.
+
+    Training on CPU with attention dropout uses :func:`attention_with_dropout`
+    instead (same function, cheaper dropout sampling); everything else is SDPA.
+    """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float) -> None:
         super().__init__()
@@ -71,13 +145,13 @@ class SelfAttention(nn.Module):
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, frames, heads, channels // heads).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(
-            split(self.q_proj(x)),
-            split(self.k_proj(x)),
-            split(self.v_proj(x)),
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        if self.training and self.dropout > 0.0 and x.device.type == "cpu":
+            out = attention_with_dropout(q, k, v, attn_mask, self.dropout)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+            )
         return self.out_proj(out.transpose(1, 2).reshape(batch, frames, channels))
 
 
@@ -102,8 +176,8 @@ class TransformerLayer(nn.Module):
         self.fc2 = nn.Linear(ffn_dim, embed_dim)
         self.final_layer_norm = nn.LayerNorm(embed_dim)
         self.activation_fn = get_activation_fn(activation_fn)
-        self.dropout = nn.Dropout(dropout)
-        self.activation_dropout = nn.Dropout(activation_dropout)
+        self.dropout = Dropout(dropout)
+        self.activation_dropout = Dropout(activation_dropout)
         self.layer_norm_first = layer_norm_first
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -135,10 +209,10 @@ class TransformerEncoder(nn.Module):
         causal: bool,
     ) -> None:
         super().__init__()
-        self.pos_conv = make_pos_conv(embed_dim, conv_pos, conv_pos_groups, pos_conv_depth)
+        self.pos_conv = make_pos_conv(embed_dim, conv_pos, conv_pos_groups, pos_conv_depth, causal=causal)
         self.layers = nn.ModuleList(layers)
         self.layer_norm = nn.LayerNorm(embed_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.layer_norm_first = layer_norm_first
         self.layerdrop = layerdrop
         self.causal = causal

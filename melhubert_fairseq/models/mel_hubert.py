@@ -17,6 +17,7 @@ from melhubert_fairseq.models.masking import SpanMaskConfig, check_span_mask_con
 logger = logging.getLogger(__name__)
 
 MASK_SELECTION_CHOICES = ChoiceEnum(["static", "normal", "poisson"])
+MASK_IMPL_CHOICES = ChoiceEnum(["vectorized", "fairseq"])
 ATTENTION_TYPE_CHOICES = ChoiceEnum(["original", "causal"])
 
 
@@ -70,6 +71,13 @@ class MelHubertConfig(FairseqDataclass):
     mask_before_proj: bool = field(
         default=True, metadata={"help": "mask input fbank frames before the projection (original); else after"}
     )
+    mask_impl: MASK_IMPL_CHOICES = field(  # type: ignore[valid-type]
+        default="vectorized",
+        metadata={
+            "help": "vectorized = whole-batch span masking on the model's device (static spans only); "
+            "fairseq = fairseq's compute_mask_indices loop on the CPU (needed for normal/poisson); same masking rule"
+        },
+    )
     mask_seed: int = field(
         default=II("common.seed"), metadata={"help": "seed for reproducible masks (with update number and sample id)"}
     )
@@ -92,6 +100,7 @@ class MelHubertModel(BaseFairseqModel):
             mask_min_space=cfg.mask_min_space,
             require_same_masks=cfg.require_same_masks,
             min_masks=cfg.mask_min_masks,
+            mask_impl=str(cfg.mask_impl),
         )
         check_span_mask_config(self.mask_config)
         self.pre_extract_proj = nn.Linear(self.input_dim, cfg.encoder_embed_dim)
@@ -158,8 +167,14 @@ class MelHubertModel(BaseFairseqModel):
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Replace masked spans of ``x`` (B, T, C) by the mask embedding; return (x, mask)."""
         mask = span_mask(
-            self.mask_config, tuple(x.shape[:2]), padding_mask, self.cfg.mask_seed, self.num_updates, sample_ids
-        ).to(x.device)
+            self.mask_config,
+            tuple(x.shape[:2]),
+            padding_mask,
+            self.cfg.mask_seed,
+            self.num_updates,
+            sample_ids,
+            device=x.device,
+        )
         x = torch.where(mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
         return x, mask
 
