@@ -103,28 +103,13 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
-def attention_with_dropout(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: Optional[torch.Tensor], p: float
-) -> torch.Tensor:
-    """dropout(softmax(q k^T / sqrt(d), masked), p) v on (B, H, T, d), with :func:`keep_mask` dropout.
-
-    The computation ``F.scaled_dot_product_attention`` itself falls back to on CPU
-    when dropout is on (its fused CPU kernel has none), minus its Bernoulli sampler.
-    """
-    scores = torch.matmul(q * (q.size(-1) ** -0.5), k.transpose(-1, -2))
-    if allowed is not None:
-        scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = scores.softmax(-1)
-    kept = torch.where(keep_mask(probs.shape, p, probs.device), probs, 0.0)
-    # 1 / (1 - p) applied to the (T, d) result rather than the (T, T) probabilities: one pass less.
-    return torch.matmul(kept, v) * (1.0 / (1.0 - p))
-
-
 class SelfAttention(nn.Module):
     """Multi-head self-attention on (B, T, C) through ``F.scaled_dot_product_attention``.
 
-    Training on CPU with attention dropout uses :func:`attention_with_dropout`
-    instead (same function, cheaper dropout sampling); everything else is SDPA.
+    SDPA everywhere (flash / memory-efficient kernels on GPU). On CPU with
+    attention dropout it runs plain math with torch's Bernoulli sampler; a
+    hand-written softmax with cheaper sampling was measured 7 % faster per CPU
+    training step and not kept, so there is a single attention implementation.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float) -> None:
@@ -145,13 +130,13 @@ class SelfAttention(nn.Module):
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, frames, heads, channels // heads).transpose(1, 2)
 
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        if self.training and self.dropout > 0.0 and x.device.type == "cpu":
-            out = attention_with_dropout(q, k, v, attn_mask, self.dropout)
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-            )
+        out = F.scaled_dot_product_attention(
+            split(self.q_proj(x)),
+            split(self.k_proj(x)),
+            split(self.v_proj(x)),
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
         return self.out_proj(out.transpose(1, 2).reshape(batch, frames, channels))
 
 
