@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 
@@ -74,3 +75,15 @@ def test_bad_input_stops_before_training(tmp_path):
     result = run_hydra_train(data, tmp_path / "ckpt", num_classes=16, check=False)
     assert result.returncode != 0
     assert "task.num_classes=16 but" in result.stdout + result.stderr
+
+
+def test_bf16_training_on_cpu_through_fairseq(tmp_path):
+    """common.bf16 on CPU: bf16 weights and activations, fp32 master weights, fp32 loss; loads in fp32."""
+    data = make_fbank_corpus(tmp_path / "data")
+    result = run_hydra_train(data, tmp_path / "ckpt", max_update=2, overrides=["common.bf16=true", "common.cpu=true"])
+    updates = logged_updates(result.stdout)
+    assert [int(u["num_updates"]) for u in updates] == [1, 2]
+    assert all(math.isfinite(float(u["loss"])) for u in updates)
+    models, _cfg, _task = checkpoint_utils.load_model_ensemble_and_task([str(tmp_path / "ckpt" / "checkpoint_last.pt")])
+    out = models[0].float().eval().extract_features(torch.randn(1, 20, 80))
+    assert torch.isfinite(out["x"]).all()
