@@ -29,6 +29,7 @@ from tqdm import tqdm
 # fairseq's checkpoint types for the weights-only loader used below.
 from melhubert_fairseq.atomic_output import check_writable
 from melhubert_fairseq.original_checkpoint import safe_torch_load, save_fairseq_checkpoint
+from melhubert_fairseq.cli import console_main
 
 UPDATE_CHECKPOINT_PATTERN = r"checkpoint_\d+_(\d+)\.pt"
 EPOCH_CHECKPOINT_PATTERN = r"checkpoint(\d+)\.pt"
@@ -119,6 +120,7 @@ def average_checkpoints(paths: Sequence[str]) -> Dict[str, Any]:
     return result
 
 
+@console_main
 def main(argv: Optional[List[str]] = None) -> int:
     """Run average_checkpoints; return the exit status."""
     args = build_parser().parse_args(argv)

@@ -32,6 +32,7 @@ from melhubert_fairseq.original_checkpoint import (
     save_fairseq_checkpoint,
     training_overrides,
 )
+from melhubert_fairseq.cli import console_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@console_main
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the conversion; return the exit status."""
     args = build_parser().parse_args(argv)

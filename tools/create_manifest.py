@@ -14,6 +14,7 @@ Example::
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import os
 import time
@@ -35,6 +36,7 @@ from melhubert_fairseq.tools.kaldi_dump import (
     summary_line,
     write_label_outputs,
 )
+from melhubert_fairseq.cli import console_main
 
 
 def find_npy_files(folder: str) -> List[Tuple[str, str]]:
@@ -108,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@console_main
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
     """Build the manifest (and labels); return the paths written by kind."""
     args = build_parser().parse_args(argv)
@@ -163,4 +166,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

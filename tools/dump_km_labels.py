@@ -27,6 +27,7 @@ from melhubert_fairseq.kmeans import (
     shard_range,
     split_name,
 )
+from melhubert_fairseq.cli import console_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,6 +64,7 @@ def check_dictionary(path: str, num_clusters: int, overwrite: bool) -> bool:
     return True
 
 
+@console_main
 def main(argv: Optional[List[str]] = None) -> int:
     """Run dump_km_labels; return the exit status."""
     parser = build_parser()

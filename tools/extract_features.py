@@ -38,6 +38,7 @@ from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ
 from melhubert_fairseq.data.manifest import read_manifest
 from melhubert_fairseq.feature_reader import MelHubertFeatureReader, parse_layers
 from melhubert_fairseq.tools.wav_to_fbank import list_audio_dir, read_audio_manifest
+from melhubert_fairseq.cli import console_main
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ def check_outputs(utterances: List[Utterance], out_dir: str, layers: List[int], 
             check_writable(os.path.join(out_dir, f"layer{layer}", utt.output_path), overwrite)
 
 
+@console_main
 def main(argv: Optional[List[str]] = None) -> int:
     """Run extract_features; return the exit status."""
     args = build_parser().parse_args(argv)

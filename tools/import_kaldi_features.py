@@ -18,6 +18,7 @@ Example::
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import concurrent.futures
 import os
@@ -44,6 +45,7 @@ from melhubert_fairseq.tools.kaldi_dump import (
     resolve_ark_paths,
     summary_line,
 )
+from melhubert_fairseq.cli import console_main
 
 #: Utterances per work unit: one ark handle, offsets read in increasing order.
 CHUNK_UTTERANCES = 256
@@ -251,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@console_main
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
     """Run the feature import; return the paths written by kind."""
     args = build_parser().parse_args(argv)
@@ -293,4 +296,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

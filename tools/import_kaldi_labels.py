@@ -18,6 +18,7 @@ Example::
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import contextlib
 import os
@@ -41,6 +42,7 @@ from melhubert_fairseq.tools.kaldi_dump import (
     summary_line,
     write_label_outputs,
 )
+from melhubert_fairseq.cli import console_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@console_main
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
     """Run the label import; return the paths written by kind."""
     args = build_parser().parse_args(argv)
@@ -125,4 +128,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -41,6 +41,7 @@ from melhubert_fairseq.kmeans import (
     sidecar_path,
     split_name,
 )
+from melhubert_fairseq.cli import console_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +126,7 @@ def load_sample_shards(args, split: str):
     return frames, sum(s.utterances for s in samples), sum(s.source_frames for s in samples), first
 
 
+@console_main
 def main(argv: Optional[List[str]] = None) -> int:
     """Run learn_kmeans; return the exit status."""
     parser = build_parser()

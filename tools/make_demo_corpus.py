@@ -22,6 +22,7 @@ Needs the ``espeak-ng`` program (Debian/Ubuntu: ``apt-get install espeak-ng``).
 """
 from __future__ import annotations
 
+import sys
 import argparse
 import io
 import os
@@ -38,6 +39,7 @@ import soundfile
 from tqdm import tqdm
 
 from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, num_fbank_frames, resample_audio
+from melhubert_fairseq.cli import console_main
 
 SENTENCES = [
     "The morning train to the coast was delayed by almost an hour.",
@@ -285,6 +287,7 @@ def build_corpus(out_dir: str, num_speakers: int, seed: int, espeak: str) -> tup
     return utterances, total_samples, total_frames
 
 
+@console_main
 def main(argv: Optional[List[str]] = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -325,4 +328,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

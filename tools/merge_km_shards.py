@@ -21,6 +21,7 @@ from melhubert_fairseq.atomic_output import atomic_output, check_writable
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, num_stacked_frames
 from melhubert_fairseq.data.manifest import index_label_file, read_manifest
 from melhubert_fairseq.kmeans import shard_file_name, shard_range, split_name
+from melhubert_fairseq.cli import console_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +52,7 @@ def check_shard(path: str, expected_counts: np.ndarray, first_row: int, manifest
         )
 
 
+@console_main
 def main(argv: Optional[List[str]] = None) -> int:
     """Run merge_km_shards; return the exit status."""
     parser = build_parser()

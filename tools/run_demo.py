@@ -6,7 +6,6 @@ model predicts the masked frames' clusters compared with chance.
 """
 import argparse
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from melhubert_fairseq.tools import dump_km_labels, learn_kmeans, wav_to_fbank
+from melhubert_fairseq.cli import console_main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPUS_DIR = REPO_ROOT / "demo" / "corpus"
@@ -89,6 +89,7 @@ def train(out: Path, feature_dir: Path, label_dir: Path, num_clusters: int, max_
     return hydra_dir / "hydra_train.log"
 
 
+@console_main
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the demo end to end; return 0 when the model learned (accuracy above the threshold)."""
     args = build_parser().parse_args(argv)

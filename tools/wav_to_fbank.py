@@ -54,6 +54,7 @@ from melhubert_fairseq.data.features import (
     save_mean_std,
 )
 from melhubert_fairseq.data.manifest import iter_tsv_manifest, write_manifest
+from melhubert_fairseq.cli import console_main
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 MEAN_STD_NAME = "mean-std.npy"
@@ -222,6 +223,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     return args
 
 
+@console_main
 def main(argv: Optional[List[str]] = None) -> None:
     """Command-line entry point."""
     args = parse_args(argv)
@@ -297,4 +299,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
