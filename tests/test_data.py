@@ -8,7 +8,7 @@ import pytest
 
 from melhubert_fairseq.data.fbank_label_dataset import FbankLabelDataset, FrameRates
 from melhubert_fairseq.data.features import load_mean_std, stack_frames, subsample_labels
-from melhubert_fairseq.data.manifest import index_label_file, read_manifest, write_manifest
+from melhubert_fairseq.data.manifest import index_label_file, parse_label_line, read_manifest, write_manifest
 from melhubert_fairseq.tasks.mel_hubert_pretraining import (
     MelHubertPretrainingConfig,
     MelHubertPretrainingTask,
@@ -94,6 +94,20 @@ def test_label_index_offsets_counts_any_chunking(tmp_path, chunk):
     index = index_label_file(str(path), chunk_bytes=chunk)
     assert index.counts.tolist() == [3, 2, 1, 4]
     assert [index.read(i).tolist() for i in range(4)] == [[1, 2, 3], [40, 5], [6], [7, 8, 9, 10]]
+
+
+@pytest.mark.parametrize(
+    "line, labels",
+    [(b"1 2 3\n", [1, 2, 3]), (b"\n", []), (b"", []), (b" 4\t5\r\n", [4, 5]), (b"-1 7", [-1, 7])],
+)
+def test_parse_label_line(line, labels):
+    assert parse_label_line(line, "x").tolist() == labels
+
+
+@pytest.mark.parametrize("line, bad", [(b"1 x 3", "'x'"), (b"1.5 2", "'1.5'")])
+def test_parse_label_line_names_the_bad_token(line, bad):
+    with pytest.raises(ValueError, match=f"train.km:4: label {bad} is not an integer"):
+        parse_label_line(line, "train.km:4")
 
 
 # --- stacking and label subsampling ----------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import IO, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -215,16 +214,6 @@ def parse_int_labels(line: bytes, where: str) -> np.ndarray:
         if not text.endswith(b"]"):
             raise KaldiDumpError(f"{where}: label line opens '[' but does not end with ']'")
         text = text[1:-1].strip()
-    if not text:
-        return np.zeros(0, dtype=np.int64)
-    # numpy's C parser is ~10x faster than int() per token; it only warns on a
-    # partial parse, so warnings become errors and the slow parser then names the bad token.
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        try:
-            return np.fromstring(text, dtype=np.int64, sep=" ")
-        except (ValueError, DeprecationWarning):
-            pass
     try:
         return parse_label_line(text, where)
     except ValueError as err:

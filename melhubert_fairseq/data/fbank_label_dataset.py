@@ -19,7 +19,7 @@ from melhubert_fairseq.data.features import (
     stack_frames,
     subsample_labels,
 )
-from melhubert_fairseq.data.manifest import FeatureManifest, LabelIndex
+from melhubert_fairseq.data.manifest import FeatureManifest, LabelIndex, parse_label_line
 
 logger = logging.getLogger(__name__)
 
@@ -211,10 +211,7 @@ class FbankLabelDataset(FairseqDataset):
             handle.seek(int(self.label_offsets[index]))
             line = handle.readline()
         where = f"{self.manifest.describe(index)}, {self.label_path}"
-        try:
-            labels = np.array(line.split(), dtype=np.int64)
-        except ValueError:
-            raise ValueError(f"{where}: label line is not space-separated integers") from None
+        labels = parse_label_line(line, where)
         bad = (labels < 0) | (labels >= self.num_classes)
         if bad.any():
             raise ValueError(

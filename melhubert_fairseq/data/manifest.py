@@ -12,6 +12,7 @@ in memory, only the byte offset of each line.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Tuple
 
@@ -153,7 +154,18 @@ class LabelIndex:
 
 
 def parse_label_line(line: bytes, where: str) -> np.ndarray:
-    """Parse one line of space-separated integer labels; ``where`` names it in errors."""
+    """Parse one line of space-separated integer labels into int64; ``where`` names it in errors."""
+    # numpy's C parser is ~4x faster than int() per token (25 vs 95 us for a 1500-label
+    # line); it only warns on a partial parse, so warnings become errors and the slow
+    # path then names the bad token.
+    if not line.strip():
+        return np.zeros(0, dtype=np.int64)  # fromstring would read "\n" as [0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            return np.fromstring(line, dtype=np.int64, sep=" ")
+        except (ValueError, DeprecationWarning):
+            pass
     text = line.decode("ascii", errors="replace").split()
     try:
         return np.asarray([int(tok) for tok in text], dtype=np.int64)
