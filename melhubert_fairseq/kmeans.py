@@ -248,6 +248,15 @@ class ModelLayerSource:
         return self._checked(pairs, list(range(start, end)))
 
 
+def add_feature_source_arguments(parser) -> None:
+    """The flags that pick the features for :func:`open_feature_source` (fbank, or a checkpoint layer)."""
+    parser.add_argument("--mean-std", help="mean-std.npy to normalise fbank with (default: features are already normalised)")
+    parser.add_argument("--checkpoint", help="stage 2: mel_hubert checkpoint whose hidden states are the features")
+    parser.add_argument("--layer", type=int, help="stage 2: 1-based transformer layer of --checkpoint")
+    parser.add_argument("--device", default="cpu", help="torch device for the stage-2 model forward (dump_km_labels also computes distances there)")
+    parser.add_argument("--max-batch-frames", type=int, default=20000, help="stage 2: model frames per forward batch")
+
+
 def open_feature_source(
     manifest_path: str,
     mean_std_path: Optional[str] = None,

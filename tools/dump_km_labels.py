@@ -19,6 +19,7 @@ from tqdm import tqdm
 from melhubert_fairseq.atomic_output import atomic_output, check_writable
 from melhubert_fairseq.data.manifest import read_dictionary_size, write_dictionary
 from melhubert_fairseq.kmeans import (
+    add_feature_source_arguments,
     KMeansAssigner,
     LabelLineFormatter,
     load_kmeans,
@@ -37,11 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--km-path", required=True, help="centroids .npy written by learn_kmeans (with its .json sidecar)")
     parser.add_argument("--out-dir", required=True, help="directory for {split}.km (or its shard) and dict.km.txt")
     parser.add_argument("--split", help="split name of the output file (default: manifest file name)")
-    parser.add_argument("--mean-std", help="mean-std.npy to normalise fbank with (default: features are already normalised)")
-    parser.add_argument("--checkpoint", help="stage 2: mel_hubert checkpoint whose hidden states to label")
-    parser.add_argument("--layer", type=int, help="stage 2: 1-based transformer layer of --checkpoint")
-    parser.add_argument("--device", default="cpu", help="torch device for the model forward and the assignment")
-    parser.add_argument("--max-batch-frames", type=int, default=20000, help="stage 2: model frames per forward batch")
+    add_feature_source_arguments(parser)
     parser.add_argument("--chunk-frames", type=int, default=16384, help="frames per distance matmul (bounds memory)")
     parser.add_argument("--threads", type=int, help="CPU threads for the model and assignment (default: all)")
     parser.add_argument("--nshard", type=int, default=1, help="split the manifest into this many shards")

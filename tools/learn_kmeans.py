@@ -26,6 +26,7 @@ import torch
 
 from melhubert_fairseq.atomic_output import check_writable
 from melhubert_fairseq.kmeans import (
+    add_feature_source_arguments,
     BACKENDS,
     DEFAULT_BACKEND,
     DEFAULT_ITERATIONS,
@@ -50,11 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--manifest", required=True, help="{split}.tsv manifest of fbank .npy files")
     parser.add_argument("--km-path", help="output centroids .npy (a .json sidecar is written beside it)")
     parser.add_argument("--split", help="split name for sample shard files (default: manifest file name)")
-    parser.add_argument("--mean-std", help="mean-std.npy to normalise fbank with (default: features are already normalised)")
-    parser.add_argument("--checkpoint", help="stage 2: mel_hubert checkpoint whose hidden states to cluster")
-    parser.add_argument("--layer", type=int, help="stage 2: 1-based transformer layer of --checkpoint")
-    parser.add_argument("--device", default="cpu", help="torch device for the checkpoint forward (stage 2)")
-    parser.add_argument("--max-batch-frames", type=int, default=20000, help="stage 2: model frames per forward batch")
+    add_feature_source_arguments(parser)
     parser.add_argument("--num-clusters", type=int, default=512, help="K, the number of clusters")
     parser.add_argument("--sample-frac", type=float, default=0.1, help="fraction of the frames to sample, as random whole utterances (1 = all)")
     parser.add_argument("--max-frames", type=int, default=2_000_000, help="at most this many frames are fitted (split evenly over shards); 0 = no cap")
