@@ -30,6 +30,8 @@ def fairseq_checkpoint_safe_globals() -> list:
         omegaconf.nodes.AnyNode,
         typing.Any,
         collections.defaultdict,
+        # Needed as pickled globals by DDP runs: without them the 2-process resume in
+        # tests/test_distributed.py fails.
         dict,
         list,
         int,

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+import melhubert_fairseq  # noqa: F401  (allow-lists fairseq checkpoint types for the safe loader)
+
 from conftest import REPO_ROOT, TINY_MODEL_OVERRIDES, make_fbank_corpus
 
 LAUNCHER = r'''
@@ -141,7 +143,7 @@ def test_two_process_gloo_training_keeps_ranks_in_sync_and_resumes(tmp_path):
     assert hashes[0] == hashes[1], "ranks hold the same parameters at every save"
     final = hashes[1][-1]
     assert final["num_updates"] == 3
-    checkpoint = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu")  # safe loader + plugin allow-list
     assert model_sha256(checkpoint["model"]) == final["sha256"], "rank 0's checkpoint = what rank 1 computed"
 
     output = torchrun_train(tmp_path, data, save_dir, records, max_update=5)
@@ -150,6 +152,6 @@ def test_two_process_gloo_training_keeps_ranks_in_sync_and_resumes(tmp_path):
     assert [s["update"] for s in resumed[0]] == [4, 5] == [s["update"] for s in resumed[1]]
     hashes = [read_records(records, "hash", rank) for rank in (0, 1)]
     assert hashes[0] == hashes[1] and hashes[0][-1]["num_updates"] == 5
-    checkpoint = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    checkpoint = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu")  # safe loader + plugin allow-list
     assert checkpoint["optimizer_history"][-1]["num_updates"] == 5
     assert model_sha256(checkpoint["model"]) == hashes[1][-1]["sha256"]
