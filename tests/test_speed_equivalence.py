@@ -1,6 +1,8 @@
 """The fast paths compute what the plain ones do.
 
 * SDPA attention == explicit softmax(QK^T / sqrt(d)) V (padding and causal masks);
+* the CPU training attention == torch's SDPA math path given the same dropout
+  mask (outputs and gradients), and CPU dropout keeps F.dropout's distribution;
 * the benchmarks' "straightforward implementation" (fairseq's Python
   multi-head attention) is the same function as our model, so the speed
   comparison is like for like;
@@ -22,7 +24,14 @@ import torch
 from fairseq.data.data_utils import compute_mask_indices
 
 from melhubert_fairseq.criterions.hard_label_masked_ce import HardLabelMaskedCe
-from melhubert_fairseq.models.components import Dropout, SelfAttention, attention_mask, dropout
+from melhubert_fairseq.models.components import (
+    Dropout,
+    SelfAttention,
+    attention_mask,
+    dropout,
+    keep_mask,
+    softmax_attention,
+)
 from melhubert_fairseq.models.masking import SpanMaskConfig, check_span_mask_config, mix32, span_mask
 from melhubert_fairseq.models.mel_hubert import MelHubertConfig, MelHubertModel
 from conftest import REPO_ROOT
@@ -72,6 +81,58 @@ def test_sdpa_attention_matches_explicit_math(causal):
         reference = explicit_attention(module, x, allowed)
     real = ~padding
     torch.testing.assert_close(ours[real], reference[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_training_attention_is_sdpa_math_with_the_same_dropout_mask(causal):
+    torch.manual_seed(0)
+    batch, heads, frames, dim = 3, 4, 29, 16
+    q, k, v = (torch.randn(batch, heads, frames, dim, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    allowed = attention_mask(padding_for([29, 20, 7]), frames, causal, q.device)
+    keep = keep_mask((batch, heads, frames, frames), 0.1)
+    grad = torch.randn(batch, heads, frames, dim, dtype=torch.float64)
+
+    ours = softmax_attention(q, k, v, allowed, keep, 0.1)
+    ours_grads = torch.autograd.grad(ours, (q, k, v), grad)
+    # torch's own math path; called directly it wants an additive mask (SDPA converts booleans).
+    additive = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, float("-inf"))
+    reference, _ = torch.ops.aten._scaled_dot_product_attention_math(q, k, v, additive, 0.1, False, keep)
+    reference_grads = torch.autograd.grad(reference, (q, k, v), grad)
+
+    torch.testing.assert_close(ours, reference)
+    for mine, theirs in zip(ours_grads, reference_grads):
+        torch.testing.assert_close(mine, theirs)
+
+
+def test_self_attention_uses_sdpa_without_dropout_and_draws_masks_from_the_torch_seed():
+    torch.manual_seed(0)
+    module = SelfAttention(32, 4, dropout=0.1)
+    x = torch.randn(2, 21, 32)
+    allowed = attention_mask(padding_for([21, 15]), 21, False, x.device)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        first = module(x, allowed)
+        torch.manual_seed(5)
+        again = module(x, allowed)
+        other = module(x, allowed)
+        module.dropout = 0.0
+        no_dropout = module(x, allowed)
+        evaluated = module.eval()(x, allowed)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    assert not torch.allclose(first, other), "a new mask on every call"
+    assert not torch.allclose(first, no_dropout)
+    torch.testing.assert_close(no_dropout, evaluated, rtol=0, atol=0)
+
+
+def test_keep_mask_rate_and_seed():
+    torch.manual_seed(3)
+    keep = keep_mask((2_000_000,), 0.1)
+    assert keep.dtype == torch.bool and keep.shape == (2_000_000,)
+    # 16-bit threshold: p = 6554 / 65536; binomial standard deviation ~2.1e-4.
+    assert abs(1 - keep.float().mean().item() - 6554 / 65536) < 1e-3
+    torch.manual_seed(3)
+    assert torch.equal(keep_mask((2_000_000,), 0.1), keep)
+    assert keep_mask((1000,), 0.0).all()
 
 
 def test_cpu_dropout_has_torch_dropout_distribution():
@@ -237,3 +298,14 @@ def test_bf16_autocast_keeps_the_loss_fp32_and_close():
     assert abs(loss16.item() - loss32.item()) < 0.02 * loss32.item()
     loss16.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_cpu_training_attention_under_bf16_autocast_is_close_to_fp32():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 33, 16) for _ in range(3))
+    keep = keep_mask((2, 4, 33, 33), 0.1)
+    exact = softmax_attention(q, k, v, None, keep, 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = softmax_attention(q, k, v, None, keep, 0.1)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), exact, atol=0.05, rtol=0.05)

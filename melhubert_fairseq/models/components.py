@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from fairseq.models.wav2vec.wav2vec2 import make_conv_pos
@@ -66,29 +67,59 @@ def attention_mask(
     return mask
 
 
-def keep_mask(shape: Tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
-    """Boolean mask, each entry True with probability 1 - p (to 2**-31), from 31-bit random integers."""
-    bits = torch.empty(shape, dtype=torch.int32, device=device).random_()  # uniform on [0, 2**31)
-    return bits >= int(round(p * 2**31))
+def keep_mask(shape: Tuple[int, ...], p: float) -> torch.Tensor:
+    """Boolean CPU dropout mask: each entry False (dropped) with probability ``p`` rounded to a multiple of 2**-16.
+
+    torch's CPU dropout samples with a serial Bernoulli generator that costs about
+    20x a softmax over the same tensor (benchmarks/results/profile_train_20ms.txt);
+    16-bit draws from numpy's SFC64 cost about a fifth of that. The generator is
+    seeded from torch's, so ``torch.manual_seed`` (fairseq seeds every update) makes
+    the mask reproducible. 16 bits give p to 1.5e-5 (0.1 -> 0.100006); FlashAttention
+    quantises its dropout probability to 8 bits.
+    """
+    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    bits = np.random.Generator(np.random.SFC64(seed)).integers(0, 2**16, size=shape, dtype=np.uint16)
+    # torch compares int16, not uint16; read as int16 the draws are uniform on [-2**15, 2**15).
+    threshold = int(round(p * 2**16)) - 2**15
+    return torch.from_numpy(bits.view(np.int16)) >= threshold
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """``F.dropout`` with the same distribution; on CPU the keep mask comes from :func:`keep_mask`.
-
-    torch's CPU dropout samples with a serial Bernoulli generator that costs about
-    20x a softmax over the same tensor, the largest non-matmul cost of a CPU
-    training step (benchmarks/results/profile_train_20ms.txt); drawing integers
-    and comparing is 2-3x cheaper. GPUs keep F.dropout's fused kernel.
-    """
+    """``F.dropout``; on CPU the kept entries come from :func:`keep_mask`, GPUs keep the fused kernel."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    return torch.where(keep_mask(x.shape, p, x.device), x, 0.0) * (1.0 / (1.0 - p))
+    # Multiplying by the boolean mask is one pass forward and backward (masked_fill copies first).
+    return (x * keep_mask(x.shape, p)).mul_(1.0 / (1.0 - p))
+
+
+def softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    keep: torch.Tensor,
+    p: float,
+) -> torch.Tensor:
+    """SDPA's math path with a given dropout mask: softmax(q k^T / sqrt(d) | attn_mask) * ``keep`` @ v / (1 - p).
+
+    The same function as ``torch.ops.aten._scaled_dot_product_attention_math(q, k, v,
+    attn_mask, p, dropout_mask=keep)`` (tested), for CPU training only: SDPA has no
+    fused CPU kernel with dropout and would sample its mask with the slow Bernoulli
+    generator (see :func:`keep_mask`).
+    """
+    scores = torch.matmul(q * q.size(-1) ** -0.5, k.transpose(-2, -1))
+    if attn_mask is not None:
+        scores = scores.masked_fill_(~attn_mask, float("-inf"))
+    # Softmax at least in fp32 (bf16/fp16 under autocast), as SDPA's math path and fairseq's attention do.
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    probs = (probs * keep).to(v.dtype)
+    return torch.matmul(probs, v * (1.0 / (1.0 - p)))
 
 
 class Dropout(nn.Module):
-    """``nn.Dropout`` through :func:`dropout` (same ``p``, same distribution, no parameters)."""
+    """``nn.Dropout`` through :func:`dropout` (no parameters; on CPU ``p`` is used to 2**-16)."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
@@ -106,10 +137,10 @@ class Dropout(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention on (B, T, C) through ``F.scaled_dot_product_attention``.
 
-    SDPA everywhere (flash / memory-efficient kernels on GPU). On CPU with
-    attention dropout it runs plain math with torch's Bernoulli sampler; a
-    hand-written softmax with cheaper sampling was measured 7 % faster per CPU
-    training step and not kept, so there is a single attention implementation.
+    SDPA runs flash / memory-efficient kernels on GPU and flash attention on CPU
+    without dropout. CPU training with attention dropout has no fused kernel: there
+    SDPA's math path is run as :func:`softmax_attention` with a mask from
+    :func:`keep_mask`, the largest single saving of a CPU training step (README).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float) -> None:
@@ -130,13 +161,12 @@ class SelfAttention(nn.Module):
         def split(t: torch.Tensor) -> torch.Tensor:
             return t.view(batch, frames, heads, channels // heads).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(
-            split(self.q_proj(x)),
-            split(self.k_proj(x)),
-            split(self.v_proj(x)),
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-        )
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        p = self.dropout if self.training else 0.0
+        if p > 0.0 and x.device.type == "cpu":
+            out = softmax_attention(q, k, v, attn_mask, keep_mask((batch, heads, frames, frames), p), p)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         return self.out_proj(out.transpose(1, 2).reshape(batch, frames, channels))
 
 
