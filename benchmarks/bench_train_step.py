@@ -11,7 +11,9 @@ table gives audio-seconds per wall-second and the ratios the targets refer to:
 * ``ours_20ms`` / ``ours_10ms`` / ``ours_40ms``: Mel-HuBERT Base at 20/10/40 ms.
 
 Each model runs at every ``--precisions`` entry (fp32 = no autocast; bf16/fp16 =
-``torch.autocast``; the loss stays fp32). A torch.profiler table of one ours_20ms
+``torch.autocast``; bf16w = the whole model in bf16 with fp32 master weights in
+Adam, as fairseq's ``common.bf16`` runs it, the only bf16 mode fairseq's HuBERT
+supports; the loss stays fp32). A torch.profiler table of one ours_20ms
 step is written to ``benchmarks/results/profile_train_20ms[_bf16].txt``.
 
     python benchmarks/bench_train_step.py                     # CPU, 2 threads, ~3 min on an idle machine

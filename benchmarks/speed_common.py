@@ -47,7 +47,10 @@ STAGE1_CONFIG = os.path.join(REPO_ROOT, "config", "stage1.yaml")
 DEMO_CORPUS = os.path.join(REPO_ROOT, "demo", "corpus")
 RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 NUM_CLASSES = 512
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp32: no autocast; bf16 / fp16: torch.autocast; bf16w: the whole model in bf16 with fp32 master
+# weights in the optimizer, what fairseq's common.bf16 does (and the only way HuBERT runs in bf16).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "bf16w": None}
+WEIGHT_DTYPES = {"bf16w": torch.bfloat16}
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -212,18 +215,37 @@ def autocast_for(device: torch.device, precision: str):
 
 def make_optimizer(model: nn.Module, recipe: str):
     """fairseq's own Adam (what fairseq-hydra-train uses off-GPU) with each recipe's settings."""
+    return make_optimizer_for(list(model.parameters()), recipe)
+
+
+def make_optimizer_for(params: List[torch.Tensor], recipe: str):
+    """fairseq's Adam over ``params`` with the ``hubert`` (hubert_base_librispeech.yaml) or ``mel_hubert`` (stage1.yaml) settings."""
     from fairseq.optim.adam import Adam
 
-    if recipe == "hubert":  # hubert_base_librispeech.yaml
-        return Adam(model.parameters(), lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
-    return Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)  # stage1.yaml
+    if recipe == "hubert":
+        return Adam(params, lr=5e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+    return Adam(params, lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
 
 
 class UpdateRunner:
-    """What fairseq's trainer does after the loss: backward, grads / sample_size, clip, Adam step."""
+    """What fairseq's trainer does after the loss: backward, grads / sample_size, clip, Adam step.
 
-    def __init__(self, model: nn.Module, optimizer, device: torch.device, precision: str, clip_norm: float = 10.0):
-        self.params = [p for p in model.parameters() if p.requires_grad]
+    With ``master_params`` (bf16w) it does what fairseq's FP16Optimizer does for
+    common.bf16: copy the bf16 grads to fp32 master weights, step those, copy back.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer,
+        device: torch.device,
+        precision: str,
+        clip_norm: float = 10.0,
+        master_params: Optional[List[torch.Tensor]] = None,
+    ):
+        self.model_params = [p for p in model.parameters() if p.requires_grad]
+        self.master_params = master_params
+        self.params = master_params if master_params is not None else self.model_params
         self.optimizer = optimizer
         self.clip_norm = clip_norm
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
@@ -235,6 +257,10 @@ class UpdateRunner:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
+        if self.master_params is not None:
+            for master, param in zip(self.master_params, self.model_params):
+                master.grad = None if param.grad is None else param.grad.float()
+                param.grad = None
         for param in self.params:
             if param.grad is not None:
                 param.grad.mul_(1.0 / max(sample_size, 1))
@@ -244,6 +270,10 @@ class UpdateRunner:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.master_params is not None:
+            with torch.no_grad():
+                for master, param in zip(self.master_params, self.model_params):
+                    param.copy_(master)
         for param in self.params:
             param.grad = None
 
@@ -254,7 +284,7 @@ def phase(name: str):
 
 
 def mel_hubert_train_step(
-    model: MelHubertModel, optimizer, source: torch.Tensor, device: torch.device, precision: str
+    model: MelHubertModel, optimizer, source: torch.Tensor, device: torch.device, precision: str, master_params=None
 ) -> Callable[[], None]:
     """Closure running one training step of ``model`` through our criterion on ``source``."""
     model.train()
@@ -271,7 +301,7 @@ def mel_hubert_train_step(
         "ntokens": batch * frames,
         "nsentences": batch,
     }
-    update = UpdateRunner(model, optimizer, device, precision)
+    update = UpdateRunner(model, optimizer, device, precision, master_params=master_params)
 
     def step() -> None:
         model.set_num_updates(model.num_updates + 1)  # new masks every step, as in training
@@ -283,7 +313,9 @@ def mel_hubert_train_step(
     return step
 
 
-def hubert_train_step(model, optimizer, waves: torch.Tensor, device: torch.device, precision: str) -> Callable[[], None]:
+def hubert_train_step(
+    model, optimizer, waves: torch.Tensor, device: torch.device, precision: str, master_params=None
+) -> Callable[[], None]:
     """Closure running one HuBERT Base training step (fairseq's hubert criterion) on ``waves``."""
     from fairseq.criterions.hubert_criterion import HubertCriterion
 
@@ -299,7 +331,7 @@ def hubert_train_step(model, optimizer, waves: torch.Tensor, device: torch.devic
         "net_input": {"source": waves.to(device), "padding_mask": torch.zeros(waves.shape, dtype=torch.bool, device=device)},
         "target_list": [torch.randint(4, num_symbols, (batch, label_frames), generator=generator).to(device)],
     }
-    update = UpdateRunner(model, optimizer, device, precision)
+    update = UpdateRunner(model, optimizer, device, precision, master_params=master_params)
 
     def step() -> None:
         with phase("forward_and_loss"), autocast_for(device, precision):
@@ -365,7 +397,7 @@ def format_table(cases: Sequence[Case], times: Dict[str, List[float]], targets: 
     plain_fp32 = reference("straightforward", "fp32")
     header = (
         "| case | precision | median s/step | min s/step | audio-s per s | x HuBERT fp32 "
-        "| x straightforward fp32 | target |\n|---|---|---|---|---|---|---|---|"
+        "| x HuBERT same precision | x straightforward fp32 | target |\n|---|---|---|---|---|---|---|---|---|"
     )
     rows = [header]
     for case in cases:
@@ -377,7 +409,7 @@ def format_table(cases: Sequence[Case], times: Dict[str, List[float]], targets: 
         rows.append(
             f"| {case.name} | {case.precision} | {statistics.median(times[case.name]):.3f} "
             f"| {min(times[case.name]):.3f} | {speed(case):.2f} "
-            f"| {ratio(hubert_fp32)} | {ratio(plain_fp32)} | {target} |"
+            f"| {ratio(hubert_fp32)} | {ratio(reference('hubert', case.precision))} | {ratio(plain_fp32)} | {target} |"
         )
     return "\n".join(rows)
 
@@ -402,7 +434,8 @@ def add_common_arguments(parser) -> None:
     parser.add_argument(
         "--precisions",
         default=None,
-        help="comma list of fp32, bf16, fp16 (autocast); default cpu: fp32,bf16; cuda: fp32,bf16,fp16",
+        help="comma list of fp32, bf16, fp16 (autocast), bf16w (bf16 model, fp32 master weights: fairseq's common.bf16); "
+        "default cpu: fp32,bf16,bf16w; cuda: fp32,bf16,bf16w,fp16",
     )
     parser.add_argument(
         "--cases",
@@ -415,12 +448,19 @@ def add_common_arguments(parser) -> None:
 ALL_MODELS = ("hubert", "straightforward_20ms", "ours_20ms", "ours_10ms", "ours_40ms")
 
 
+def same_weights_copy(name: str, model: nn.Module) -> nn.Module:
+    """A new instance of case ``name``'s model holding ``model``'s weights (deepcopy fails on weight-normed convs)."""
+    twin = build_hubert_base() if name == "hubert" else MelHubertModel(model.cfg)
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
 def build_cases(args, mode: str, log=print) -> List[Case]:
     """Build every requested model once and a Case per (model, precision); ``mode`` is train or infer."""
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    precisions = (args.precisions or ("fp32,bf16" if device.type == "cpu" else "fp32,bf16,fp16")).split(",")
+    precisions = (args.precisions or ("fp32,bf16,bf16w" if device.type == "cpu" else "fp32,bf16,bf16w,fp16")).split(",")
     for precision in precisions:
         if precision not in PRECISIONS:
             raise SystemExit(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
@@ -452,10 +492,10 @@ def build_cases(args, mode: str, log=print) -> List[Case]:
         if mode == "train":
             optimizer = make_optimizer(model, "hubert" if name == "hubert" else "mel_hubert")
         for precision in precisions:
-            if name == "hubert" and precision != "fp32":
+            if name == "hubert" and precision in ("bf16", "fp16"):
                 # fairseq's HubertModel.apply_mask does x[mask] = mask_emb (fp32) into the
                 # autocast (bf16/fp16) features: index_put dtype error. fairseq itself runs
-                # HuBERT in half precision by converting the whole model (--fp16), not autocast.
+                # HuBERT in half precision by converting the whole model (--fp16): the bf16w rows.
                 log(f"skipping hubert@{precision}: fairseq's HubertModel fails under torch.autocast")
                 continue
             if name.startswith("straightforward") and precision != "fp32":
@@ -465,10 +505,17 @@ def build_cases(args, mode: str, log=print) -> List[Case]:
             else:
                 family = "straightforward" if name.startswith("straightforward") else "ours"
                 inputs, train_step = fbank_inputs(waves_np, model.cfg.stack_frames), mel_hubert_train_step
+            run_model, run_optimizer, master = model, optimizer, None
+            if precision in WEIGHT_DTYPES:
+                dtype = WEIGHT_DTYPES[precision]
+                run_model, inputs = same_weights_copy(name, model).to(device, dtype), inputs.to(dtype)
+                if mode == "train":
+                    master = [p.detach().float().clone() for p in run_model.parameters() if p.requires_grad]
+                    run_optimizer = make_optimizer_for(master, "hubert" if name == "hubert" else "mel_hubert")
             if mode == "train":
-                step = train_step(model, optimizer, inputs, device, precision)
+                step = train_step(run_model, run_optimizer, inputs, device, precision, master_params=master)
             else:
-                step = inference_step(model, inputs, device, precision)
+                step = inference_step(run_model, inputs, device, precision)
             cases.append(Case(f"{name}@{precision}", precision, audio_seconds, step, family))
     return cases
 
@@ -512,6 +559,9 @@ def target_lines(cases: Sequence[Case], times: Dict[str, List[float]], targets: 
             parts = []
             if "hubert@fp32" in times:
                 parts.append(f"{speed(case.name) / speed('hubert@fp32'):.2f}x HuBERT fp32")
+            if case.precision != "fp32" and f"hubert@{case.precision}" in times:
+                same = speed(case.name) / speed(f"hubert@{case.precision}")
+                parts.append(f"{same:.2f}x HuBERT {case.precision}")
             if "straightforward" in target and "straightforward_20ms@fp32" in times:
                 parts.append(f"{speed(case.name) / speed('straightforward_20ms@fp32'):.2f}x straightforward fp32")
             lines.append(f"{case.name}: " + ", ".join(parts) + f"  (target {target})")

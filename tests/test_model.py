@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from melhubert_fairseq.criterions.hard_label_masked_ce import HardLabelMaskedCe
 from melhubert_fairseq.models.masking import SpanMaskConfig, span_mask
