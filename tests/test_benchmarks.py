@@ -1,0 +1,38 @@
+"""The speed benchmarks run as the README shows and print their side-by-side tables.
+
+Tiny inputs (0.5 s of audio, one round): this guards the commands, not the figures.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+SMALL = ["--seconds", "0.5", "--repeats", "1", "--warmup", "0", "--precisions", "fp32,bf16w"]
+
+
+@pytest.mark.parametrize(
+    "script, extra",
+    [
+        ("bench_train_step.py", ["--cases", "hubert,straightforward_20ms,ours_40ms", "--no-profile"]),
+        ("bench_inference.py", ["--cases", "hubert,ours_20ms"]),
+    ],
+)
+def test_speed_benchmark_prints_ratios_against_hubert(tmp_path, script, extra):
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / script), *SMALL, *extra, "--results-dir", str(tmp_path)],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("| ")}
+    # Every model at both precisions, except the straightforward reference (fp32 only).
+    expected = {f"{model}@{precision}" for model in extra[1].split(",") for precision in ("fp32", "bf16w")}
+    expected -= {"straightforward_20ms@bf16w"}
+    assert expected <= set(rows), result.stdout
+    hubert_row = rows["hubert@fp32"].split("|")
+    assert hubert_row[6].strip() == "1.00", "HuBERT fp32 is the reference of the 'x HuBERT fp32' column"
+    saved = list(tmp_path.glob("*_cpu.md"))
+    assert len(saved) == 1 and "x HuBERT same precision" in saved[0].read_text()
