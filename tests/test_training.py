@@ -87,3 +87,20 @@ def test_bf16_training_on_cpu_through_fairseq(tmp_path):
     models, _cfg, _task = checkpoint_utils.load_model_ensemble_and_task([str(tmp_path / "ckpt" / "checkpoint_last.pt")])
     out = models[0].float().eval().extract_features(torch.randn(1, 20, 80))
     assert torch.isfinite(out["x"]).all()
+
+
+def test_every_stage1_variant_config_trains(tmp_path):
+    """stage1_10ms / stage1_40ms / stage1_multigpu compose under fairseq-hydra-train and train (tiny model, CPU)."""
+    data = make_fbank_corpus(tmp_path / "data", num_utts=6)
+    variants = {
+        "stage1_10ms": [],
+        "stage1_40ms": [],
+        # One CPU process stands in for the 8 GPUs: checks the recipe's keys, not NCCL.
+        "stage1_multigpu": ["common.cpu=true", "distributed_training.distributed_world_size=1"],
+    }
+    for name, overrides in variants.items():
+        result = run_hydra_train(data, tmp_path / name, config_name=name, max_update=1, overrides=overrides)
+        assert [int(u["num_updates"]) for u in logged_updates(result.stdout)] == [1], name
+        models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task([str(tmp_path / name / "checkpoint_last.pt")])
+        expected_stack = {"stage1_10ms": 1, "stage1_40ms": 4, "stage1_multigpu": 2}[name]
+        assert cfg.task.stack_frames == expected_stack and cfg.model.stack_frames == expected_stack, name
