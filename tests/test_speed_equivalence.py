@@ -130,6 +130,11 @@ def test_keep_mask_rate_and_seed():
     assert keep.dtype == torch.bool and keep.shape == (2_000_000,)
     # 16-bit threshold: p = 6554 / 65536; binomial standard deviation ~2.1e-4.
     assert abs(1 - keep.float().mean().item() - 6554 / 65536) < 1e-3
+    # Neighbouring entries (lanes of one 64-bit draw, and across draws) drop independently: P(both) = p**2.
+    dropped = ~keep
+    for lag in (1, 2, 3, 4):
+        both = (dropped[lag:] & dropped[:-lag]).float().mean().item()
+        assert abs(both - 0.01) < 5e-4, f"lag {lag}: {both}"
     torch.manual_seed(3)
     assert torch.equal(keep_mask((2_000_000,), 0.1), keep)
     assert keep_mask((1000,), 0.0).all()
