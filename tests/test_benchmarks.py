@@ -36,3 +36,15 @@ def test_speed_benchmark_prints_ratios_against_hubert(tmp_path, script, extra):
     assert hubert_row[6].strip() == "1.00", "HuBERT fp32 is the reference of the 'x HuBERT fp32' column"
     saved = list(tmp_path.glob("*_cpu.md"))
     assert len(saved) == 1 and "x HuBERT same precision" in saved[0].read_text()
+
+
+def test_pos_conv_benchmark_prints_both_passes(tmp_path):
+    small = ["--frames", "50", "--dim", "64", "--kernel", "16", "--groups", "4", "--repeats", "1"]
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_pos_conv.py"), *small, "--results-dir", str(tmp_path)],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| forward")]
+    assert len(rows) == 2 and all(row.rstrip(" |").endswith("x") for row in rows), result.stdout
+    assert (tmp_path / "pos_conv_cpu.md").exists()

@@ -1,6 +1,7 @@
 """The fast paths compute what the plain ones do.
 
 * SDPA attention == explicit softmax(QK^T / sqrt(d)) V (padding and causal masks);
+* the channels-last positional conv == fairseq's make_conv_pos (nn.Conv1d);
 * the CPU training attention == torch's SDPA math path given the same dropout
   mask (outputs and gradients), and CPU dropout keeps F.dropout's distribution;
 * the benchmarks' "straightforward implementation" (fairseq's Python
@@ -27,9 +28,11 @@ from melhubert_fairseq.criterions.hard_label_masked_ce import HardLabelMaskedCe
 from melhubert_fairseq.models.components import (
     Dropout,
     SelfAttention,
+    TimeMajorConv1d,
     attention_mask,
     dropout,
     keep_mask,
+    make_pos_conv,
     softmax_attention,
 )
 from melhubert_fairseq.models.masking import SpanMaskConfig, check_span_mask_config, mix32, span_mask
@@ -153,6 +156,50 @@ def test_cpu_dropout_has_torch_dropout_distribution():
         Dropout(1.0)
 
 
+# --- positional convolution --------------------------------------------------------------------
+
+
+def test_pos_conv_is_fairseqs_make_conv_pos():
+    """Same parameter names, same init draws, same outputs and gradients, from the encoder's (B, T, C) layout."""
+    from fairseq.models.wav2vec.wav2vec2 import make_conv_pos as fairseq_make_conv_pos
+
+    torch.manual_seed(0)
+    theirs = fairseq_make_conv_pos(64, 16, 4)
+    torch.manual_seed(0)
+    ours = make_pos_conv(64, 16, 4, depth=1)
+    assert isinstance(ours[0], TimeMajorConv1d)
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for name, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value), name
+    time_major = torch.randn(3, 50, 64, dtype=torch.float64, requires_grad=True)
+    ours.double(), theirs.double()
+    grad = torch.randn(3, 64, 50, dtype=torch.float64)
+    results = []
+    for module, source in ((ours, time_major.transpose(1, 2)), (ours, time_major.transpose(1, 2).contiguous()), (theirs, time_major.transpose(1, 2))):
+        out = module(source)
+        results.append((out, *torch.autograd.grad(out, (time_major, *module.parameters()), grad)))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("causal,depth", [(True, 1), (False, 2), (True, 3)])
+def test_time_major_conv_equals_conv1d(causal, depth):
+    """Every TimeMajorConv1d in a positional-conv stack computes what nn.Conv1d does with its parameters."""
+    torch.manual_seed(0)
+    stack = make_pos_conv(32, 12, 4, depth=depth, causal=causal).double()
+    x = torch.randn(2, 32, 40, dtype=torch.float64)
+    for conv in [m for m in stack.modules() if isinstance(m, TimeMajorConv1d)]:
+        y = conv(x)
+        weight = conv.weight  # weight norm recomputed it in the call above
+        reference = torch.nn.functional.conv1d(x, weight, conv.bias, padding=conv.padding, groups=conv.groups)
+        torch.testing.assert_close(y, reference)
+    if causal:
+        future = x.clone()
+        future[..., 30:] += 1.0
+        torch.testing.assert_close(stack(x)[..., :30], stack(future)[..., :30])
+
+
 def load_speed_common():
     """benchmarks/speed_common.py as a module (benchmarks/ is not a package)."""
     spec = importlib.util.spec_from_file_location("speed_common", REPO_ROOT / "benchmarks" / "speed_common.py")
@@ -170,6 +217,7 @@ def test_benchmark_straightforward_model_is_the_same_function():
     assert plain.mask_config.mask_impl == "fairseq"
     assert type(plain.encoder.layers[0].self_attn).__name__ == "PythonMultiheadAttention"
     assert type(plain.encoder.layers[0].dropout) is torch.nn.Dropout
+    assert type(plain.encoder.pos_conv[0]) is torch.nn.Conv1d
     source = torch.randn(2, 40, 80)
     padding = padding_for([40, 27])
     with torch.no_grad():
