@@ -117,8 +117,8 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    # Multiplying by the boolean mask is one pass forward and backward (masked_fill copies first).
-    return (x * keep_mask(x.shape, p)).mul_(1.0 / (1.0 - p))
+    # where() reads the boolean mask as is; multiplying by it would convert it to floats forward and backward.
+    return torch.where(keep_mask(x.shape, p), x, 0.0).mul_(1.0 / (1.0 - p))
 
 
 def softmax_attention(
@@ -141,7 +141,7 @@ def softmax_attention(
         scores = scores.masked_fill_(~attn_mask, float("-inf"))
     # Softmax at least in fp32 (bf16/fp16 under autocast), as SDPA's math path and fairseq's attention do.
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-    probs = (probs * keep).to(v.dtype)
+    probs = torch.where(keep, probs, 0.0).to(v.dtype)
     return torch.matmul(probs, v * (1.0 / (1.0 - p)))
 
 
