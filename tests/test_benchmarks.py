@@ -48,3 +48,15 @@ def test_pos_conv_benchmark_prints_both_passes(tmp_path):
     rows = [line for line in result.stdout.splitlines() if line.startswith("| forward")]
     assert len(rows) == 2 and all(row.rstrip(" |").endswith("x") for row in rows), result.stdout
     assert (tmp_path / "pos_conv_cpu.md").exists()
+
+
+def test_dropout_benchmark_prints_every_pair(tmp_path):
+    small = ["--frames", "40", "--heads", "2", "--head-dim", "8", "--ffn-dim", "32", "--repeats", "1"]
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_dropout.py"), *small, "--results-dir", str(tmp_path)],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line.rstrip(" |").endswith("x")]
+    assert len(rows) == 4, result.stdout
+    assert (tmp_path / "dropout_cpu.md").exists()
