@@ -14,6 +14,16 @@ from conftest import REPO_ROOT
 SMALL = ["--seconds", "0.5", "--repeats", "1", "--warmup", "0", "--precisions", "fp32,bf16w"]
 
 
+def run_benchmark(script: str, arguments, results_dir) -> subprocess.CompletedProcess:
+    """Run ``benchmarks/<script>`` as the README does, writing results to ``results_dir``; assert it exits 0."""
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / script), *arguments, "--results-dir", str(results_dir)],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
 @pytest.mark.parametrize(
     "script, extra",
     [
@@ -22,11 +32,7 @@ SMALL = ["--seconds", "0.5", "--repeats", "1", "--warmup", "0", "--precisions", 
     ],
 )
 def test_speed_benchmark_prints_ratios_against_hubert(tmp_path, script, extra):
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / script), *SMALL, *extra, "--results-dir", str(tmp_path)],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_benchmark(script, [*SMALL, *extra], tmp_path)
     rows = {line.split("|")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("| ")}
     # Every model at both precisions, except the straightforward reference (fp32 only).
     expected = {f"{model}@{precision}" for model in extra[1].split(",") for precision in ("fp32", "bf16w")}
@@ -40,11 +46,7 @@ def test_speed_benchmark_prints_ratios_against_hubert(tmp_path, script, extra):
 
 def test_pos_conv_benchmark_prints_both_passes(tmp_path):
     small = ["--frames", "50", "--dim", "64", "--kernel", "16", "--groups", "4", "--repeats", "1"]
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_pos_conv.py"), *small, "--results-dir", str(tmp_path)],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_benchmark("bench_pos_conv.py", small, tmp_path)
     rows = [line for line in result.stdout.splitlines() if line.startswith("| forward")]
     assert len(rows) == 2 and all(row.rstrip(" |").endswith("x") for row in rows), result.stdout
     assert (tmp_path / "pos_conv_cpu.md").exists()
@@ -52,11 +54,7 @@ def test_pos_conv_benchmark_prints_both_passes(tmp_path):
 
 def test_dropout_benchmark_prints_every_pair(tmp_path):
     small = ["--frames", "40", "--heads", "2", "--head-dim", "8", "--ffn-dim", "32", "--repeats", "1"]
-    result = subprocess.run(
-        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_dropout.py"), *small, "--results-dir", str(tmp_path)],
-        capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_benchmark("bench_dropout.py", small, tmp_path)
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line.rstrip(" |").endswith("x")]
     assert len(rows) == 4, result.stdout
     assert (tmp_path / "dropout_cpu.md").exists()
