@@ -494,11 +494,11 @@ def build_cases(args, mode: str, log=print) -> List[Case]:
             model = built.get(name) or build_mel_hubert(stack).to(device)
         built[name] = model
         log(f"built {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
-        # The precisions of one model share its weights and Adam state (memory: one
-        # copy per model); only the autocast dtype differs between their steps.
-        optimizer = None
-        if mode == "train":
-            optimizer = make_optimizer(model, "hubert" if name == "hubert" else "mel_hubert")
+        # The fp32 and autocast precisions of one model share its weights and Adam state;
+        # only the autocast dtype differs between their steps. bf16w gets its own bf16
+        # copy and fp32 master weights below.
+        recipe = "hubert" if name == "hubert" else "mel_hubert"
+        optimizer = make_optimizer(model, recipe) if mode == "train" else None
         for precision in precisions:
             if name == "hubert" and precision in ("bf16", "fp16"):
                 # fairseq's HubertModel.apply_mask does x[mask] = mask_emb (fp32) into the
@@ -519,7 +519,7 @@ def build_cases(args, mode: str, log=print) -> List[Case]:
                 run_model, inputs = same_weights_copy(name, model).to(device, dtype), inputs.to(dtype)
                 if mode == "train":
                     master = [p.detach().float().clone() for p in run_model.parameters() if p.requires_grad]
-                    run_optimizer = make_optimizer_for(master, "hubert" if name == "hubert" else "mel_hubert")
+                    run_optimizer = make_optimizer_for(master, recipe)
             if mode == "train":
                 step = train_step(run_model, run_optimizer, inputs, device, precision, master_params=master)
             else:
