@@ -94,7 +94,7 @@ def whole_file_collate(dataset: FbankLabelDataset, ids) -> dict:
         with open(dataset.label_path, "rb") as handle:
             handle.seek(int(dataset.label_offsets[index]))
             line = np.array(handle.readline().split(), dtype=np.int64)
-        start = dataset.crop_start(index, size, target)
+        start = dataset.crop_start(index, size, target, dataset.epoch)
         source[row] = torch.from_numpy(stack_frames(feats, STACK)[start : start + target])
         labels[row] = torch.from_numpy(line[::STACK][start : start + target])
     return {"source": source, "target": labels}

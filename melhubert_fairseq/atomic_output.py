@@ -23,6 +23,17 @@ def check_writable(path: str, overwrite: bool) -> None:
         )
 
 
+def fsync_directory(directory: str) -> None:
+    """Make a rename inside ``directory`` durable (a crash after it cannot bring the old name back)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems (and all of Windows) cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str, overwrite: bool = False, mode: str = "w") -> Iterator[IO]:
     """Open a temporary file next to ``path``; rename it onto ``path`` only on success."""
@@ -44,6 +55,7 @@ def atomic_output(path: str, overwrite: bool = False, mode: str = "w") -> Iterat
         # Re-check: another process may have created the file meanwhile.
         check_writable(path, overwrite)
         os.replace(tmp_path, path)
+        fsync_directory(directory)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_path)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import pickle
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -32,6 +31,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 from melhubert_fairseq.atomic_output import atomic_output
+from melhubert_fairseq.checkpoint_io import UnsafeCheckpointError, safe_torch_load  # noqa: F401  (re-exported)
 from melhubert_fairseq.data.features import MeanStd
 
 logger = logging.getLogger(__name__)
@@ -120,10 +120,6 @@ CRITERION_CLASS = "HardLabelMaskedCe"
 OPTIMIZER_CLASS = "FairseqAdam"
 
 
-class UnsafeCheckpointError(pickle.UnpicklingError):
-    """The file holds pickled objects outside the allow-list; nothing in it was executed."""
-
-
 class CheckpointFormatError(ValueError):
     """The file is not an original Mel-HuBERT checkpoint this converter understands."""
 
@@ -131,28 +127,6 @@ class CheckpointFormatError(ValueError):
 def original_checkpoint_safe_globals() -> List[type]:
     """Classes beyond torch's plain types that an original ``.ckpt`` holds: only ``Args``' Namespace."""
     return [argparse.Namespace]
-
-
-def safe_torch_load(path: str, extra_safe_globals: Sequence[Any] = ()) -> Any:
-    """``torch.load(weights_only=True)`` on CPU; refusals name the offending pickled globals."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with torch.serialization.safe_globals(list(extra_safe_globals)):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        allowed = set(torch.serialization.get_safe_globals()) | set(extra_safe_globals)
-        allowed_names = {f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', g)}" for g in allowed}
-        try:
-            found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # legacy (non-zip) files cannot be scanned; the refusal still stands
-            found = []
-        offending = [name for name in found if name not in allowed_names]
-        detail = ", ".join(offending) if offending else str(err).splitlines()[0]
-        raise UnsafeCheckpointError(
-            f"{path}: refusing to load: it contains pickled objects outside the allow-list ({detail}). "
-            "Loading it would let the file run code; nothing was executed."
-        ) from None
 
 
 @dataclass

@@ -51,7 +51,7 @@ def make_fbank_corpus(
     return directory
 
 
-def run_hydra_train(
+def hydra_train_command(
     data_dir: Path,
     save_dir: Path,
     overrides: Sequence[str] = (),
@@ -59,11 +59,12 @@ def run_hydra_train(
     num_classes: int = 32,
     max_update: int = 2,
     tiny: bool = True,
-    check: bool = True,
-    env: Optional[dict] = None,
-) -> subprocess.CompletedProcess:
-    """Run ``fairseq-hydra-train`` from the repo root exactly as the README does (relative user_dir)."""
-    command = [
+    num_workers: int = 0,
+    update_freq: int = 1,
+    max_tokens: int = 1200,
+) -> List[str]:
+    """``fairseq-hydra-train`` exactly as the README runs it (relative user_dir, from the repo root)."""
+    return [
         sys.executable,
         "-m",
         "fairseq_cli.hydra_train",
@@ -76,9 +77,9 @@ def run_hydra_train(
         f"task.label_dir={data_dir}",
         f"task.num_classes={num_classes}",
         f"optimization.max_update={max_update}",
-        "optimization.update_freq=[1]",
-        "dataset.num_workers=0",
-        "dataset.max_tokens=1200",
+        f"optimization.update_freq=[{update_freq}]",
+        f"dataset.num_workers={num_workers}",
+        f"dataset.max_tokens={max_tokens}",
         "common.log_interval=1",
         "common.tensorboard_logdir=null",
         f"checkpoint.save_dir={save_dir}",
@@ -86,6 +87,26 @@ def run_hydra_train(
         *(TINY_MODEL_OVERRIDES if tiny else []),
         *overrides,
     ]
+
+
+def run_hydra_train(
+    data_dir: Path,
+    save_dir: Path,
+    overrides: Sequence[str] = (),
+    config_name: str = "stage1",
+    num_classes: int = 32,
+    max_update: int = 2,
+    tiny: bool = True,
+    check: bool = True,
+    env: Optional[dict] = None,
+    num_workers: int = 0,
+    update_freq: int = 1,
+    max_tokens: int = 1200,
+) -> subprocess.CompletedProcess:
+    """Run :func:`hydra_train_command` from the repo root; raise with its output if it fails and ``check``."""
+    command = hydra_train_command(
+        data_dir, save_dir, overrides, config_name, num_classes, max_update, tiny, num_workers, update_freq, max_tokens
+    )
     result = subprocess.run(
         command,
         cwd=REPO_ROOT,
@@ -97,6 +118,22 @@ def run_hydra_train(
     if check and result.returncode != 0:
         raise AssertionError(f"fairseq-hydra-train failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
+
+
+def write_indexed_corpus(directory: Path, lengths, dim: int = 40, label_stride: int = 1) -> Path:
+    """Features whose value is the frame index (plus dim/100), labels = frame index (mod 1000)."""
+    feat_dir = directory / "feats"
+    feat_dir.mkdir(parents=True)
+    rows, lines = [], []
+    for u, frames in enumerate(lengths):
+        feats = np.arange(frames, dtype=np.float32)[:, None] + np.arange(dim, dtype=np.float32)[None] / 100
+        np.save(feat_dir / f"u{u}.npy", feats)
+        rows.append(f"u{u}.npy\t{frames}")
+        labels = np.arange(0, frames, label_stride)
+        lines.append(" ".join(map(str, labels)))
+    (directory / "train.tsv").write_text(f"{feat_dir}\n" + "\n".join(rows) + "\n")
+    (directory / "train.km").write_text("\n".join(lines) + "\n")
+    return directory
 
 
 @pytest.fixture

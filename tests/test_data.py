@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import write_indexed_corpus
 from melhubert_fairseq.data.fbank_label_dataset import FbankLabelDataset, FrameRates
 from melhubert_fairseq.data.features import load_mean_std, stack_frames, subsample_labels
 from melhubert_fairseq.data.manifest import index_label_file, parse_label_line, read_manifest, write_manifest
@@ -13,22 +14,6 @@ from melhubert_fairseq.tasks.mel_hubert_pretraining import (
     MelHubertPretrainingConfig,
     MelHubertPretrainingTask,
 )
-
-
-def write_indexed_corpus(directory: Path, lengths, dim: int = 40, label_stride: int = 1) -> Path:
-    """Features whose value is the frame index (plus dim/100), labels = frame index (mod 1000)."""
-    feat_dir = directory / "feats"
-    feat_dir.mkdir(parents=True)
-    rows, lines = [], []
-    for u, frames in enumerate(lengths):
-        feats = np.arange(frames, dtype=np.float32)[:, None] + np.arange(dim, dtype=np.float32)[None] / 100
-        np.save(feat_dir / f"u{u}.npy", feats)
-        rows.append(f"u{u}.npy\t{frames}")
-        labels = np.arange(0, frames, label_stride)
-        lines.append(" ".join(map(str, labels)))
-    (directory / "train.tsv").write_text(f"{feat_dir}\n" + "\n".join(rows) + "\n")
-    (directory / "train.km").write_text("\n".join(lines) + "\n")
-    return directory
 
 
 def make_task(data: Path, **overrides) -> MelHubertPretrainingTask:

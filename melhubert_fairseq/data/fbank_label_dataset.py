@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,6 +25,27 @@ logger = logging.getLogger(__name__)
 
 #: Label value used for padded positions in ``target`` (never read: padding_mask rules).
 LABEL_PAD = -100
+
+#: What fairseq's batch sampler hands to ``FbankLabelDataset.__getitem__``: an index, or
+#: ``(index, epoch)`` when the batches come from :class:`EpochTaggedBatches`.
+ItemKey = Union[int, Tuple[int, int]]
+
+
+class EpochTaggedBatches:
+    """Wraps fairseq's per-epoch batch builder so every index travels with its epoch.
+
+    fairseq keeps its DataLoader workers (and the dataset copies inside them) alive
+    across epochs, so ``set_epoch`` in the main process never reaches the code that
+    draws crops. The epoch is therefore carried with each index, and a batch's crops
+    are a function of (seed, epoch, utterance) alone, whatever ``num_workers`` is.
+    """
+
+    def __init__(self, make_batches: Callable[[object, int], Sequence[Sequence[int]]]) -> None:
+        self.make_batches = make_batches
+
+    def __call__(self, dataset, epoch: int) -> List[List[Tuple[int, int]]]:
+        """The batches fairseq built for ``epoch``, as lists of ``(index, epoch)``."""
+        return [[(int(index), int(epoch)) for index in batch] for batch in self.make_batches(dataset, epoch)]
 
 
 @dataclass(frozen=True)
@@ -155,11 +176,15 @@ class FbankLabelDataset(FairseqDataset):
     def __len__(self) -> int:
         return len(self.sizes)
 
-    def __getitem__(self, index: int) -> Dict[str, int]:
-        return {"id": index}
+    def __getitem__(self, key: ItemKey) -> Dict[str, int]:
+        """A cheap handle ``{"id", "epoch"}``; the epoch comes with the key (see EpochTaggedBatches)."""
+        if isinstance(key, tuple):
+            index, epoch = key
+            return {"id": int(index), "epoch": int(epoch)}
+        return {"id": int(key), "epoch": self.epoch}
 
     def set_epoch(self, epoch: int) -> None:
-        """Crops are drawn from (seed, epoch, index) so a resumed run repeats them."""
+        """Epoch for keys that come without one (direct indexing in the main process)."""
         self.epoch = epoch
 
     def size(self, index: int) -> int:
@@ -172,7 +197,8 @@ class FbankLabelDataset(FairseqDataset):
         return np.minimum(self.sizes[indices], self.max_sample_size)
 
     def ordered_indices(self) -> np.ndarray:
-        """Longest first, ties broken randomly (fairseq seeds numpy around this call)."""
+        """Longest first, ties broken randomly (fairseq seeds numpy with seed + epoch around this call,
+        and the task rebuilds batches every epoch, so batch composition is a function of (seed, epoch))."""
         order = [np.random.permutation(len(self)) if self.shuffle else np.arange(len(self)), self.sizes]
         return np.lexsort(order)[::-1]
 
@@ -220,11 +246,11 @@ class FbankLabelDataset(FairseqDataset):
         labels = subsample_labels(labels, self.rates.labels_per_model_frame_step)
         return labels[start : start + length]
 
-    def crop_start(self, index: int, size: int, target: int) -> int:
+    def crop_start(self, index: int, size: int, target: int, epoch: int) -> int:
         """Random (or leading) crop start, drawn from (seed, epoch, index)."""
         if size <= target or not self.random_crop:
             return 0
-        rng = np.random.default_rng((self.seed, self.epoch, int(index)))
+        rng = np.random.default_rng((self.seed, int(epoch), int(index)))
         return int(rng.integers(0, size - target + 1))
 
     def collater(self, samples: List[Dict[str, int]]) -> Dict:
@@ -232,6 +258,7 @@ class FbankLabelDataset(FairseqDataset):
         if not samples:
             return {}
         ids = [s["id"] for s in samples]
+        epochs = [s["epoch"] for s in samples]
         sizes = [int(self.sizes[i]) for i in ids]
         longest = max(sizes) if self.pad_audio else min(sizes)
         target = min(longest, self.max_sample_size)
@@ -239,9 +266,9 @@ class FbankLabelDataset(FairseqDataset):
         source = torch.zeros(batch, target, self.feat_dim * self.rates.stack)
         padding_mask = torch.zeros(batch, target, dtype=torch.bool)
         target_labels = torch.full((batch, target), LABEL_PAD, dtype=torch.long)
-        for row, (index, size) in enumerate(zip(ids, sizes)):
+        for row, (index, size, epoch) in enumerate(zip(ids, sizes, epochs)):
             length = min(size, target)
-            start = self.crop_start(index, size, target)
+            start = self.crop_start(index, size, target, epoch)
             source[row, :length] = torch.from_numpy(self.read_frames(index, start, length))
             target_labels[row, :length] = torch.from_numpy(self.read_labels(index, start, length))
             padding_mask[row, length:] = True

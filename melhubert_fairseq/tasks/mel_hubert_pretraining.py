@@ -13,7 +13,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from melhubert_fairseq.data.features import MeanStd, load_mean_std
-from melhubert_fairseq.data.fbank_label_dataset import FbankLabelDataset, FrameRates
+from melhubert_fairseq.data.fbank_label_dataset import EpochTaggedBatches, FbankLabelDataset, FrameRates
 from melhubert_fairseq.data.manifest import index_label_file, read_dictionary_size, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,13 @@ class MelHubertPretrainingConfig(FairseqDataclass):
         default=False, metadata={"help": "pad to the longest utterance in the batch instead of cropping to the shortest"}
     )
     random_crop: bool = field(default=True, metadata={"help": "random crop window; false = crop from the start"})
+    rebuild_batches: bool = field(
+        default=True,
+        metadata={
+            "help": "rebuild the length-bucketed batches every epoch from (seed, epoch) (fairseq's rebuild_batches); "
+            "must stay true: batch order then does not depend on the epoch a run was resumed in"
+        },
+    )
     seed: int = II("common.seed")
 
 
@@ -70,6 +77,11 @@ class MelHubertPretrainingTask(FairseqTask):
         super().__init__(cfg)
         if cfg.stack_frames not in (1, 2, 4):
             raise ValueError(f"task.stack_frames must be 1, 2 or 4, got {cfg.stack_frames}")
+        if not cfg.rebuild_batches:
+            raise ValueError(
+                "task.rebuild_batches=false is not supported: fairseq would then build the batches once, "
+                "seeded by the epoch the iterator was created in, so a resumed run would train on other batches"
+            )
         self.rates = FrameRates.from_config(cfg.stack_frames, cfg.label_rate)
         # A loaded checkpoint already fixes K; its training data (and dict.km.txt)
         # need not exist on this machine, and a dict in the cwd must not be read.
@@ -163,6 +175,19 @@ class MelHubertPretrainingTask(FairseqTask):
         if final_proj is not None and final_proj.out_features != self.num_classes:
             raise ValueError(f"model predicts {final_proj.out_features} classes, task has {self.num_classes}")
         return model
+
+    def get_batch_iterator(self, dataset, **kwargs):
+        """fairseq's epoch iterator, with each index carried together with its epoch.
+
+        fairseq builds the batches of every epoch with ``make_batches(dataset, epoch)``
+        (``rebuild_batches``, seeded by seed + epoch); wrapping that builder tags every
+        index with the epoch, so crops drawn in persistent DataLoader workers follow the
+        epoch too (see :class:`EpochTaggedBatches`).
+        """
+        epoch_iter = super().get_batch_iterator(dataset, **kwargs)
+        if isinstance(dataset, FbankLabelDataset) and not isinstance(epoch_iter.batch_sampler, EpochTaggedBatches):
+            epoch_iter.batch_sampler = EpochTaggedBatches(epoch_iter.batch_sampler)
+        return epoch_iter
 
     def max_positions(self) -> Tuple[int, int]:
         return (sys.maxsize, sys.maxsize)

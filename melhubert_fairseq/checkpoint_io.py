@@ -1,0 +1,319 @@
+"""Checkpoint files: safe loading, crash-proof saving, and resuming without manual repair.
+
+Importing the plugin installs these into fairseq (:func:`install_fairseq_checkpoint_io`),
+because fairseq's own checkpoint code is what ``fairseq-hydra-train`` runs:
+
+* **Saving.** fairseq writes ``checkpoint_N_M.pt`` and then copies it onto
+  ``checkpoint_last.pt`` / ``checkpoint_best.pt`` with a plain copy onto the live
+  file, so a kill or a full disk during the copy leaves a truncated
+  ``checkpoint_last.pt`` that every rerun fails to load. Here every checkpoint file,
+  the copies included, is written to a temporary file in the same folder, fsynced,
+  and renamed over the old one (then the folder is fsynced): a crash at any instant
+  leaves the old file or the new one.
+* **Loading.** fairseq calls ``torch.load`` without ``weights_only``, which
+  ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` silently turns into a full unpickler. Every
+  checkpoint fairseq reads here (training resume, ``load_model_ensemble_and_task``,
+  fine-tuning's ``w2v_path``) goes through ``torch.load(weights_only=True)`` passed
+  explicitly, with the allow-list of :func:`fairseq_checkpoint_safe_globals`.
+* **Resuming.** Before fairseq resumes from ``checkpoint_last.pt``, temporary files of
+  a crashed save are removed; if ``checkpoint_last.pt`` cannot be loaded (written by
+  an older fairseq, or damaged), training resumes from the newest checkpoint in the
+  folder that loads, and says so. A run that already reached ``max_update`` or
+  ``max_epoch`` says it is finished and exits without training or writing.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import logging
+import os
+import pickle
+import re
+import shutil
+import typing
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+
+from melhubert_fairseq.atomic_output import atomic_output
+
+logger = logging.getLogger(__name__)
+
+#: Temporary files a crashed save can leave in a checkpoint folder: ours
+#: (``.checkpoint_last.pt.<random>.tmp``, from :func:`atomic_output`) and fairseq's own
+#: (``checkpoint_last.pt.tmp``).
+STALE_TEMP_FILE = re.compile(r"^(\..+\.pt\.[^.]+\.tmp|.+\.pt\.tmp)$")
+
+#: Checkpoint file names fairseq writes in a save dir (epoch, epoch+update, best, last, keep-best).
+CHECKPOINT_FILE = re.compile(r"^checkpoint.*\.pt$")
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """The file holds pickled objects outside the allow-list; nothing in it was executed."""
+
+
+class UnreadableCheckpointError(ValueError):
+    """``checkpoint_last.pt`` cannot be loaded and no other checkpoint in its folder can."""
+
+
+# --- what a checkpoint may contain ----------------------------------------------------------------
+
+
+def fairseq_checkpoint_safe_globals() -> list:
+    """The classes a fairseq checkpoint (plain, re-saved or DDP) may contain."""
+    import omegaconf
+    from fairseq.data import Dictionary
+    from fairseq.distributed.utils import _TensorPlaceholder
+
+    return [
+        Dictionary,
+        omegaconf.DictConfig,
+        omegaconf.ListConfig,
+        omegaconf.base.ContainerMetadata,
+        omegaconf.base.Metadata,
+        omegaconf.nodes.AnyNode,
+        typing.Any,
+        collections.defaultdict,
+        # Needed as pickled globals by DDP runs: without them the 2-process resume in
+        # tests/test_distributed.py fails.
+        dict,
+        list,
+        int,
+        _TensorPlaceholder,
+    ]
+
+
+def register_fairseq_safe_globals() -> None:
+    """Add the fairseq checkpoint types to torch's weights-only allow-list."""
+    torch.serialization.add_safe_globals(fairseq_checkpoint_safe_globals())
+
+
+def safe_torch_load(path: str, extra_safe_globals: Sequence[Any] = (), mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` on CPU; refusals name the offending pickled globals.
+
+    ``mmap=True`` reads the structure and leaves tensor data on disk (cheap integrity check).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals(list(extra_safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        allowed = set(torch.serialization.get_safe_globals()) | set(extra_safe_globals)
+        allowed_names = {f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', g)}" for g in allowed}
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # legacy (non-zip) files cannot be scanned; the refusal still stands
+            found = []
+        offending = [name for name in found if name not in allowed_names]
+        detail = ", ".join(offending) if offending else str(err).splitlines()[0]
+        raise UnsafeCheckpointError(
+            f"{path}: refusing to load: it contains pickled objects outside the allow-list ({detail}). "
+            "Loading it would let the file run code; nothing was executed."
+        ) from None
+
+
+# --- saving ---------------------------------------------------------------------------------------
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsynced, then renamed onto it."""
+    with atomic_output(path, overwrite=True, mode="wb") as handle:
+        torch.save(obj, handle)
+
+
+def atomic_copy(src_path: str, dst_path: str) -> None:
+    """Copy ``src_path`` onto ``dst_path`` through a temporary file: ``dst_path`` is never partial."""
+    with open(src_path, "rb") as source, atomic_output(dst_path, overwrite=True, mode="wb") as target:
+        shutil.copyfileobj(source, target, length=16 << 20)
+
+
+def _fairseq_path_manager_with_atomic_copy():
+    """fairseq's PathManager whose ``copy`` of local files is :func:`atomic_copy`."""
+    from fairseq.file_io import PathManager
+
+    class AtomicCopyPathManager(PathManager):
+        """PathManager for fairseq's checkpoint module: copies onto checkpoint files are atomic."""
+
+        @staticmethod
+        def copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+            if PathManager.path_requires_pathmanager(src_path) or PathManager.path_requires_pathmanager(dst_path):
+                return PathManager.copy(src_path, dst_path, overwrite=overwrite)
+            if not overwrite and os.path.exists(dst_path):
+                return False
+            atomic_copy(src_path, dst_path)
+            return True
+
+    return AtomicCopyPathManager
+
+
+def torch_persistent_save(obj: Any, filename: str, async_write: bool = False) -> None:
+    """fairseq's ``checkpoint_utils.torch_persistent_save``, atomic and fsynced for local files."""
+    from fairseq.file_io import PathManager
+
+    if async_write or PathManager.path_requires_pathmanager(filename):
+        return _original["torch_persistent_save"](obj, filename, async_write=async_write)
+    atomic_torch_save(obj, filename)
+    return None
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+
+def load_checkpoint_to_cpu(path: str, arg_overrides: Optional[dict] = None, load_on_all_ranks: bool = False) -> dict:
+    """fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` with ``weights_only=True`` passed explicitly.
+
+    Same contract: the state dict with ``cfg`` as an OmegaConf config (``arg_overrides``
+    applied) and fairseq's upgrades of old layouts.
+    """
+    from fairseq.checkpoint_utils import _upgrade_state_dict
+    from fairseq.dataclass.utils import overwrite_args_by_name
+    from fairseq.file_io import PathManager
+    from omegaconf import OmegaConf
+
+    local_path = PathManager.get_local_path(path)
+    if local_path != path and PathManager.path_requires_pathmanager(path):
+        # A cached copy of a remote file may be stale (fairseq's reasoning): fetch it again.
+        try:
+            os.remove(local_path)
+        except FileNotFoundError:
+            pass
+        if load_on_all_ranks:
+            torch.distributed.barrier()
+        local_path = PathManager.get_local_path(path)
+    state = safe_torch_load(local_path)
+    if "args" in state and state["args"] is not None and arg_overrides is not None:
+        for arg_name, arg_val in arg_overrides.items():
+            setattr(state["args"], arg_name, arg_val)
+    if "cfg" in state and state["cfg"] is not None:
+        state["cfg"] = OmegaConf.create(state["cfg"], flags={"allow_objects": True})
+        if arg_overrides is not None:
+            overwrite_args_by_name(state["cfg"], arg_overrides)
+    return _upgrade_state_dict(state)
+
+
+def checkpoint_load_problem(path: str) -> Optional[str]:
+    """None if ``path`` loads as a checkpoint (structure read, tensor data left on disk), else why not."""
+    try:
+        state = safe_torch_load(path, mmap=True)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as err:  # truncated, empty, not a zip, not a checkpoint: all mean "cannot resume from it"
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
+    if not isinstance(state, dict) or "model" not in state:
+        return "not a fairseq checkpoint (no 'model')"
+    return None
+
+
+def checkpoint_num_updates(path: str) -> int:
+    """The update count a loadable fairseq checkpoint was saved at."""
+    state = safe_torch_load(path, mmap=True)
+    history = state.get("optimizer_history") or [{}]
+    return int(history[-1].get("num_updates", 0))
+
+
+def newest_loadable_checkpoint(save_dir: str, exclude: Sequence[str] = (), suffix: str = "") -> Optional[Tuple[str, int]]:
+    """(path, num_updates) of the checkpoint in ``save_dir`` saved at the most updates that loads, or None."""
+    excluded = {os.path.abspath(p) for p in exclude}
+    found: List[Tuple[int, float, str]] = []
+    for name in os.listdir(save_dir):
+        path = os.path.join(save_dir, name)
+        if not CHECKPOINT_FILE.match(name) or not name.endswith(f"{suffix}.pt") or os.path.abspath(path) in excluded:
+            continue
+        if not os.path.isfile(path) or checkpoint_load_problem(path) is not None:
+            continue
+        found.append((checkpoint_num_updates(path), os.path.getmtime(path), path))
+    if not found:
+        return None
+    num_updates, _mtime, path = max(found)
+    return path, num_updates
+
+
+def remove_stale_temp_files(save_dir: str) -> List[str]:
+    """Delete temporary files that a killed save left in ``save_dir``; return their names."""
+    removed = []
+    if not os.path.isdir(save_dir):
+        return removed
+    for name in os.listdir(save_dir):
+        path = os.path.join(save_dir, name)
+        if STALE_TEMP_FILE.match(name) and os.path.isfile(path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            removed.append(name)
+    return removed
+
+
+# --- resuming -------------------------------------------------------------------------------------
+
+
+def resume_from_checkpoint(cfg, trainer, **passthrough_args):
+    """fairseq's ``checkpoint_utils.load_checkpoint`` (resume), made to survive crashes and reruns.
+
+    Cleans a crashed save's temporary files, falls back to the newest loadable checkpoint
+    when ``checkpoint_last.pt`` is unreadable, and exits with a message (status 0, nothing
+    written) when the loaded run has already reached ``max_update`` / ``max_epoch``.
+    """
+    from omegaconf import open_dict
+
+    if cfg.restore_file == "checkpoint_last.pt" and os.path.isdir(cfg.save_dir):
+        if trainer.data_parallel_rank == 0:
+            removed = remove_stale_temp_files(cfg.save_dir)
+            if removed:
+                logger.warning(f"removed {len(removed)} temporary file(s) of an interrupted save: {', '.join(removed)}")
+        last = os.path.join(cfg.save_dir, f"checkpoint_last{trainer.checkpoint_suffix}.pt")
+        problem = checkpoint_load_problem(last) if os.path.exists(last) else None
+        if problem is not None:
+            fallback = newest_loadable_checkpoint(cfg.save_dir, exclude=[last], suffix=trainer.checkpoint_suffix)
+            if fallback is None:
+                raise UnreadableCheckpointError(
+                    f"{last} cannot be loaded ({problem}) and no other checkpoint in {cfg.save_dir} loads; "
+                    "move it away to start training afresh"
+                )
+            path, num_updates = fallback
+            logger.warning(
+                f"{last} cannot be loaded ({problem}); resuming from {path} (update {num_updates}), "
+                "the newest checkpoint in the folder that loads"
+            )
+            cfg = copy.deepcopy(cfg)
+            with open_dict(cfg):
+                # Resuming, not initialising: finetune_from_model only applies to a first launch.
+                cfg.restore_file = path[: -len(f"{trainer.checkpoint_suffix}.pt")] + ".pt"
+                cfg.finetune_from_model = None
+    extra_state, epoch_itr = _original["load_checkpoint"](cfg, trainer, **passthrough_args)
+    optimization = trainer.cfg.optimization
+    num_updates = trainer.get_num_updates()
+    reached_update = bool(optimization.max_update) and num_updates >= optimization.max_update
+    reached_epoch = bool(optimization.max_epoch) and epoch_itr.next_epoch_idx > optimization.max_epoch
+    if extra_state is not None and (reached_update or reached_epoch):
+        limit = f"max_update={optimization.max_update}" if reached_update else f"max_epoch={optimization.max_epoch}"
+        logger.info(
+            f"training already finished: the checkpoint is at update {num_updates}, epoch "
+            f"{epoch_itr.next_epoch_idx - 1} ({limit}); nothing to do. Raise optimization.max_update "
+            "or optimization.max_epoch to train further."
+        )
+        raise SystemExit(0)
+    return extra_state, epoch_itr
+
+
+# --- installation ---------------------------------------------------------------------------------
+
+#: fairseq's own functions, kept for the cases delegated back to them.
+_original: dict = {}
+
+
+def install_fairseq_checkpoint_io() -> None:
+    """Route fairseq's checkpoint saving, loading and resuming through this module (idempotent)."""
+    from fairseq import checkpoint_utils
+
+    register_fairseq_safe_globals()
+    if _original:
+        return
+    _original["torch_persistent_save"] = checkpoint_utils.torch_persistent_save
+    _original["load_checkpoint"] = checkpoint_utils.load_checkpoint
+    _original["load_checkpoint_to_cpu"] = checkpoint_utils.load_checkpoint_to_cpu
+    checkpoint_utils.torch_persistent_save = torch_persistent_save
+    checkpoint_utils.load_checkpoint = resume_from_checkpoint
+    checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+    checkpoint_utils.PathManager = _fairseq_path_manager_with_atomic_copy()
