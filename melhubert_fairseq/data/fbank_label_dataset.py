@@ -258,7 +258,7 @@ class FbankLabelDataset(FairseqDataset):
         if not samples:
             return {}
         ids = [s["id"] for s in samples]
-        epochs = [s["epoch"] for s in samples]
+        epochs = [s.get("epoch", self.epoch) for s in samples]
         sizes = [int(self.sizes[i]) for i in ids]
         longest = max(sizes) if self.pad_audio else min(sizes)
         target = min(longest, self.max_sample_size)
