@@ -4,9 +4,9 @@ from __future__ import annotations
 import json
 import re
 
-import torch
 
 from conftest import make_fbank_corpus, run_hydra_train
+from melhubert_fairseq.checkpoint_io import safe_torch_load
 from melhubert_fairseq.data.manifest import load_km_labels, read_manifest
 from melhubert_fairseq.tools import dump_km_labels, learn_kmeans, run_demo
 
@@ -36,8 +36,8 @@ def test_stage2_trains_from_stage1_checkpoint_on_layer_labels(tmp_path):
         overrides=[f"task.label_dir={stage2_labels}", f"checkpoint.finetune_from_model={ckpt}"],
     )
     assert "loading pretrained model" in (result.stdout + result.stderr).lower()
-    first = torch.load(ckpt, map_location="cpu")["model"]
-    second = torch.load(stage2 / "checkpoint_last.pt", map_location="cpu")
+    first = safe_torch_load(str(ckpt))["model"]
+    second = safe_torch_load(str(stage2 / "checkpoint_last.pt"))
     assert second["cfg"]["task"]["label_rate"] == 50
     assert second["optimizer_history"][-1]["num_updates"] == 2  # fresh update count, not 2 + 2
     # Started from the stage-1 weights: the encoder moved only by 2 small Adam steps.

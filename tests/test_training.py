@@ -6,11 +6,13 @@ import math
 import re
 import shutil
 
+import numpy as np
 import torch
 from fairseq import checkpoint_utils
 
 import melhubert_fairseq  # noqa: F401  (registers the plugin and the checkpoint allow-list)
 from conftest import make_fbank_corpus, run_hydra_train
+from melhubert_fairseq.checkpoint_io import safe_torch_load
 
 
 def logged_updates(stdout: str):
@@ -19,7 +21,7 @@ def logged_updates(stdout: str):
 
 
 def model_state(path):
-    return torch.load(path, map_location="cpu")["model"]
+    return safe_torch_load(str(path))["model"]
 
 
 def test_train_resume_and_load(tmp_path):
@@ -65,7 +67,7 @@ def test_resume_from_copied_run_directory(tmp_path):
 
 
 def test_checkpoint_records_fbank_stats(tmp_path, tiny_checkpoint):
-    state = torch.load(tiny_checkpoint, map_location="cpu")
+    state = safe_torch_load(str(tiny_checkpoint))
     torch.testing.assert_close(state["model"]["fbank_mean_std"][0], torch.full((40,), 0.5))
     torch.testing.assert_close(state["model"]["fbank_mean_std"][1], torch.full((40,), 2.0))
 
@@ -104,3 +106,17 @@ def test_every_stage1_variant_config_trains(tmp_path):
         models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task([str(tmp_path / name / "checkpoint_last.pt")])
         expected_stack = {"stage1_10ms": 1, "stage1_40ms": 4, "stage1_multigpu": 2}[name]
         assert cfg.task.stack_frames == expected_stack and cfg.model.stack_frames == expected_stack, name
+
+
+def test_utterance_too_short_to_mask_is_named_by_its_manifest_line(tmp_path):
+    data = make_fbank_corpus(tmp_path / "data", num_utts=6)
+    np.save(data / "feats" / "utt002.npy", np.zeros((3, 40), dtype=np.float32))
+    rows = (data / "train.tsv").read_text().splitlines()
+    rows[3] = "utt002.npy\t3"
+    (data / "train.tsv").write_text("\n".join(rows) + "\n")
+    labels = (data / "train.km").read_text().splitlines()
+    labels[2] = "1 2 3"
+    (data / "train.km").write_text("\n".join(labels) + "\n")
+    result = run_hydra_train(data, tmp_path / "ckpt", overrides=["task.min_sample_size=null"], check=False)
+    assert result.returncode != 0
+    assert f"{data / 'train.tsv'}:4 (utt002): too short to mask" in result.stdout + result.stderr

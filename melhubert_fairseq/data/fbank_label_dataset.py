@@ -279,4 +279,8 @@ class FbankLabelDataset(FairseqDataset):
             "target": target_labels,
             "ntokens": int((~padding_mask).sum()),
             "nsentences": batch,
+            # For errors raised later (model, criterion): which manifest rows this batch holds,
+            # and which one set the crop length (None: padded to the longest).
+            "utterances": [self.manifest.describe(i) for i in ids],
+            "crop_row": None if self.pad_audio else int(np.argmin(sizes)),
         }

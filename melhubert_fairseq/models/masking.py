@@ -39,6 +39,14 @@ class SpanMaskConfig:
     mask_impl: str = "vectorized"
 
 
+class SpanMaskError(ValueError):
+    """An utterance too short to mask: every frame would be hidden. ``row`` is its batch row (None: unknown)."""
+
+    def __init__(self, message: str, row: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.row = row
+
+
 #: Values of ``SpanMaskConfig.mask_impl`` (and the model's ``mask_impl``).
 MASK_IMPLS = ("vectorized", "fairseq")
 
@@ -103,7 +111,18 @@ def fairseq_span_mask(
 ) -> torch.Tensor:
     """The mask from fairseq's ``compute_mask_indices`` (a numpy loop over utterances), on the CPU."""
     use_seed = seed is not None and sample_ids is not None
-    mask = compute_mask_indices(
+    try:
+        mask = _fairseq_mask_indices(cfg, shape, padding_mask, seed, epoch, sample_ids, use_seed)
+    except ValueError as err:
+        if "entire sequence is masked" in str(err):
+            raise SpanMaskError(str(err)) from None
+        raise
+    return torch.from_numpy(np.asarray(mask))
+
+
+def _fairseq_mask_indices(cfg, shape, padding_mask, seed, epoch, sample_ids, use_seed) -> np.ndarray:
+    """fairseq's ``compute_mask_indices`` called with this config."""
+    return compute_mask_indices(
         shape,
         padding_mask.cpu() if padding_mask is not None else None,
         cfg.mask_prob,
@@ -118,7 +137,6 @@ def fairseq_span_mask(
         epoch=epoch if use_seed else None,
         indices=sample_ids.cpu() if use_seed else None,
     )
-    return torch.from_numpy(np.asarray(mask))
 
 
 # --- vectorised implementation ----------------------------------------------------------------
@@ -222,9 +240,10 @@ def vectorized_span_mask(
     counts = mask.sum(1)
     if bool((counts >= real).any()):
         row = int(torch.nonzero(counts >= real)[0, 0])
-        raise ValueError(
+        raise SpanMaskError(
             f"the entire sequence is masked: sz={int(real[row])}, index={int(sample_ids[row])} "
-            f"(mask_prob={cfg.mask_prob}, mask_length={length}, min_masks={cfg.min_masks})"
+            f"(mask_prob={cfg.mask_prob}, mask_length={length}, min_masks={cfg.min_masks})",
+            row=row,
         )
     if cfg.require_same_masks:
         target = counts.min().expand(batch)

@@ -1,5 +1,6 @@
 """The ``mel_hubert_pretraining`` task: fbank manifests + k-means labels -> FbankLabelDataset."""
 
+import contextlib
 import logging
 import os
 import sys
@@ -15,6 +16,7 @@ from omegaconf import II, MISSING
 from melhubert_fairseq.data.features import MeanStd, load_mean_std
 from melhubert_fairseq.data.fbank_label_dataset import EpochTaggedBatches, FbankLabelDataset, FrameRates
 from melhubert_fairseq.data.manifest import index_label_file, read_dictionary_size, read_manifest
+from melhubert_fairseq.models.masking import SpanMaskError
 
 logger = logging.getLogger(__name__)
 
@@ -189,9 +191,41 @@ class MelHubertPretrainingTask(FairseqTask):
             epoch_iter.batch_sampler = EpochTaggedBatches(epoch_iter.batch_sampler)
         return epoch_iter
 
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        """fairseq's train_step; an utterance too short to mask is named by its manifest line."""
+        with naming_unmaskable_utterances(sample):
+            return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
+    def valid_step(self, sample, model, criterion):
+        """fairseq's valid_step; an utterance too short to mask is named by its manifest line."""
+        with naming_unmaskable_utterances(sample):
+            return super().valid_step(sample, model, criterion)
+
     def max_positions(self) -> Tuple[int, int]:
         return (sys.maxsize, sys.maxsize)
 
     def filter_indices_by_size(self, indices: np.ndarray, *args, **kwargs) -> np.ndarray:
         """Sizes are already bounded by cropping; nothing to filter."""
         return indices
+
+
+@contextlib.contextmanager
+def naming_unmaskable_utterances(sample: dict):
+    """Turn a :class:`SpanMaskError` into an error naming the manifest row that is too short.
+
+    Batches are cropped to their shortest utterance, so that one is the cause whichever
+    row the masking rejected.
+    """
+    try:
+        yield
+    except SpanMaskError as err:
+        utterances = sample.get("utterances") if isinstance(sample, dict) else None
+        row = sample.get("crop_row") if utterances else None
+        row = err.row if row is None else row
+        if not utterances or row is None:
+            raise
+        cropped = " (the batch is cropped to this, its shortest utterance)" if sample.get("crop_row") is not None else ""
+        raise ValueError(
+            f"{utterances[row]}: too short to mask{cropped}: {err}; skip utterances this short with "
+            "task.min_sample_size (model frames)"
+        ) from None

@@ -1,0 +1,96 @@
+"""Checkpoint files through fairseq: never half-written, never unpickled unsafely."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from fairseq import checkpoint_utils
+
+import melhubert_fairseq  # noqa: F401  (installs the checkpoint I/O into fairseq)
+from melhubert_fairseq.checkpoint_io import UnsafeCheckpointError, safe_torch_load
+from melhubert_fairseq.feature_reader import MelHubertFeatureReader
+
+
+class RunsCode:
+    """Unpickling this runs code: it creates the file named by ``marker``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def planted_checkpoint(tmp_path, tiny_checkpoint) -> Path:
+    """A real fairseq checkpoint of ours with a code-running object hidden in ``extra_state``."""
+    state = safe_torch_load(str(tiny_checkpoint))
+    state["extra_state"]["payload"] = RunsCode(str(tmp_path / "payload-ran"))
+    path = tmp_path / "planted.pt"
+    torch.save(state, path)
+    return path
+
+
+def test_environment_variable_cannot_turn_off_the_safe_loader(planted_checkpoint, tmp_path, monkeypatch):
+    # torch's own refusal message suggests this variable; it must not open the door here.
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    loaders = {
+        "MelHubertFeatureReader": lambda: MelHubertFeatureReader(str(planted_checkpoint)),
+        "load_model_ensemble_and_task": lambda: checkpoint_utils.load_model_ensemble_and_task([str(planted_checkpoint)]),
+        "load_checkpoint_to_cpu": lambda: checkpoint_utils.load_checkpoint_to_cpu(str(planted_checkpoint)),
+    }
+    for name, load in loaders.items():
+        with pytest.raises(UnsafeCheckpointError, match="system"):
+            load()
+        assert not (tmp_path / "payload-ran").exists(), f"{name} ran the pickled code"
+
+
+def test_safe_loader_still_loads_what_fairseq_saves(tiny_checkpoint, monkeypatch):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([str(tiny_checkpoint)])
+    assert type(models[0]).__name__ == "MelHubertModel" and cfg.task.stack_frames == 2
+
+
+def disk_full(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_during_a_save_or_a_copy_leaves_the_old_checkpoint(tmp_path, tiny_checkpoint, monkeypatch):
+    save_dir = tmp_path / "run"
+    save_dir.mkdir()
+    last = save_dir / "checkpoint_last.pt"
+    shutil.copy(tiny_checkpoint, last)
+    old = last.read_bytes()
+    state = safe_torch_load(str(tiny_checkpoint))
+    real_save, real_copyfileobj = torch.save, shutil.copyfileobj
+
+    def save_then_fail(obj, handle, *args, **kwargs):
+        real_save(obj, handle, *args, **kwargs)
+        disk_full()
+
+    def copy_part_then_fail(source, target, length=0):
+        target.write(source.read(1000))
+        disk_full()
+
+    # fairseq's first write of a checkpoint (trainer.save_checkpoint -> torch_persistent_save) ...
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint_utils.torch_persistent_save(state, str(last))
+    monkeypatch.setattr(torch, "save", real_save)
+    assert last.read_bytes() == old
+
+    # ... and its copy of checkpoint_N_M.pt onto checkpoint_last.pt (in checkpoint_utils.save_checkpoint).
+    newer = save_dir / "checkpoint_1_3.pt"
+    checkpoint_utils.torch_persistent_save({**state, "marker": 3}, str(newer))
+    monkeypatch.setattr(shutil, "copyfileobj", copy_part_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint_utils.PathManager.copy(str(newer), str(last), overwrite=True)
+    monkeypatch.setattr(shutil, "copyfileobj", real_copyfileobj)
+    assert last.read_bytes() == old
+    assert sorted(p.name for p in save_dir.iterdir()) == ["checkpoint_1_3.pt", "checkpoint_last.pt"]
+    assert checkpoint_utils.PathManager.copy(str(newer), str(last), overwrite=True)
+    assert safe_torch_load(str(last))["marker"] == 3
