@@ -536,9 +536,8 @@ def read_mel_hubert_checkpoint(path: str) -> Tuple[Dict[str, Any], Dict[str, Any
     else:  # fairseq before hydra kept an argparse Namespace in 'args'
         name = getattr(state.get("args"), "arch", None)
     if name != MODEL_NAME:
-        raise CheckpointFormatError(
-            f"{path}: a fairseq {name!r} checkpoint, not {MODEL_NAME!r}: only Mel-HuBERT models have an original format"
-        )
+        what = f"a fairseq {name!r} checkpoint" if name else "a checkpoint naming no fairseq model (cfg.model._name)"
+        raise CheckpointFormatError(f"{path}: {what}, not {MODEL_NAME!r}: only Mel-HuBERT models have an original format")
     return state, OmegaConf.to_container(OmegaConf.create(cfg), resolve=True, enum_to_str=True)
 
 
