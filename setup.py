@@ -50,6 +50,7 @@ setup(
             "melhubert-dump-km-labels = melhubert_fairseq.tools.dump_km_labels:main",
             "melhubert-merge-km-shards = melhubert_fairseq.tools.merge_km_shards:main",
             "melhubert-convert-original = melhubert_fairseq.tools.convert_original_checkpoint:main",
+            "melhubert-export-original = melhubert_fairseq.tools.export_original_checkpoint:main",
             "melhubert-extract-features = melhubert_fairseq.tools.extract_features:main",
             "melhubert-average-checkpoints = melhubert_fairseq.tools.average_checkpoints:main",
         ]

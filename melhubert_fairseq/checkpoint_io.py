@@ -31,6 +31,7 @@ import pickle
 import re
 import shutil
 import typing
+import zipfile
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -50,6 +51,10 @@ CHECKPOINT_FILE = re.compile(r"^checkpoint.*\.pt$")
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """The file holds pickled objects outside the allow-list; nothing in it was executed."""
+
+
+class CheckpointFormatError(ValueError):
+    """A file is not the kind of checkpoint it was given as."""
 
 
 class UnreadableCheckpointError(ValueError):
@@ -88,6 +93,19 @@ def register_fairseq_safe_globals() -> None:
     torch.serialization.add_safe_globals(fairseq_checkpoint_safe_globals())
 
 
+def check_torch_file(path: str) -> None:
+    """Refuse a file that ``torch.save`` cannot have written (a ``.npy``, a text file, an empty file)."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    # torch >= 1.6 writes a zip archive; older torch a pickle (protocol 2: first byte 0x80).
+    if zipfile.is_zipfile(path) or head.startswith(b"\x80"):
+        return
+    if head.startswith(b"PK\x03\x04"):
+        raise CheckpointFormatError(f"{path}: truncated or damaged (a zip archive without its central directory)")
+    kind = "a NumPy .npy array" if head.startswith(b"\x93NUMPY") else "empty" if not head else f"starts with {head!r}"
+    raise CheckpointFormatError(f"{path}: not a torch checkpoint ({kind})")
+
+
 def safe_torch_load(path: str, extra_safe_globals: Sequence[Any] = (), mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)`` on CPU; refusals name the offending pickled globals.
 
@@ -95,6 +113,7 @@ def safe_torch_load(path: str, extra_safe_globals: Sequence[Any] = (), mmap: boo
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    check_torch_file(path)
     try:
         with torch.serialization.safe_globals(list(extra_safe_globals)):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

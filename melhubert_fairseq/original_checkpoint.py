@@ -1,4 +1,4 @@
-"""Read checkpoints of the original Mel-HuBERT release and turn them into fairseq ``mel_hubert`` checkpoints.
+"""Checkpoints of the original Mel-HuBERT release <-> fairseq ``mel_hubert`` checkpoints, both directions.
 
 An original ``.ckpt`` (``nervjack2/MelHuBERT``, ``pretrain_expert.save_model``)
 is a ``torch.save`` dict::
@@ -17,7 +17,9 @@ command) is refused before anything in it is executed.
 
 The original parameter names already equal ours (both follow fairseq's
 wav2vec2 encoder), so conversion is a checked copy: every key must be known,
-every shape must match, and nothing may be missing.
+every shape must match, and nothing may be missing. :func:`export_original_checkpoint`
+is the inverse: our checkpoint -> the original layout, refusing models the
+original code cannot run (:func:`original_incompatibilities`).
 """
 from __future__ import annotations
 
@@ -25,14 +27,18 @@ import argparse
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import OmegaConf, open_dict
 
 from melhubert_fairseq.atomic_output import atomic_output
-from melhubert_fairseq.checkpoint_io import UnsafeCheckpointError, safe_torch_load  # noqa: F401  (re-exported)
-from melhubert_fairseq.data.features import MeanStd
+from melhubert_fairseq.checkpoint_io import (  # noqa: F401  (re-exported)
+    CheckpointFormatError,
+    UnsafeCheckpointError,
+    safe_torch_load,
+)
+from melhubert_fairseq.data.features import MeanStd, validate_mean_std
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +46,8 @@ logger = logging.getLogger(__name__)
 CONFIG_SECTIONS = ("melhubert", "hubert")
 #: 10 ms fbank bins; ``feat_emb_dim`` is this times the number of stacked frames.
 FBANK_DIM = 40
+#: Stacked 10 ms frames per model frame that map between the formats: 10, 20 and 40 ms.
+STACK_CHOICES = (1, 2, 4)
 
 #: The original ``MelHuBERTConfig`` defaults (model.py), used for keys a file leaves out.
 ORIGINAL_DEFAULTS: Dict[str, Any] = {
@@ -120,10 +128,6 @@ CRITERION_CLASS = "HardLabelMaskedCe"
 OPTIMIZER_CLASS = "FairseqAdam"
 
 
-class CheckpointFormatError(ValueError):
-    """The file is not an original Mel-HuBERT checkpoint this converter understands."""
-
-
 def original_checkpoint_safe_globals() -> List[type]:
     """Classes beyond torch's plain types that an original ``.ckpt`` holds: only ``Args``' Namespace."""
     return [argparse.Namespace]
@@ -193,7 +197,7 @@ def convert_config(
     notes: List[str] = []
     feat_emb_dim = int(cfg["feat_emb_dim"])
     stack, remainder = divmod(feat_emb_dim, FBANK_DIM)
-    if remainder or stack not in (1, 2, 4):
+    if remainder or stack not in STACK_CHOICES:
         raise CheckpointFormatError(
             f"feat_emb_dim={feat_emb_dim} is not 40 (10 ms), 80 (20 ms) or 160 (40 ms) stacked 40-dim fbank"
         )
@@ -344,21 +348,31 @@ def convert_optimizer_state(
         name = original_names[position]
         if name not in index_of_name:
             raise CheckpointFormatError(f"{where}: optimizer entry for unknown parameter {name}")
-        state[index_of_name[name]] = {
-            "step": int(torch.as_tensor(moments["step"]).item()),
-            "exp_avg": moments["exp_avg"].detach().float().clone(),
-            "exp_avg_sq": moments["exp_avg_sq"].detach().float().clone(),
-        }
-    hyper = {
+        state[index_of_name[name]] = adam_moments(moments)
+    hyper = adam_hyperparameters(group, where)
+    return {"state": state, "param_groups": [{**hyper, "params": list(range(len(target_names)))}]}
+
+
+def adam_moments(moments: Dict[str, Any]) -> Dict[str, Any]:
+    """One parameter's Adam state as both formats store it: an int step (torch >= 1.12 accepts it too) and fp32 moments."""
+    return {
+        "step": int(torch.as_tensor(moments["step"]).item()),
+        "exp_avg": moments["exp_avg"].detach().float().clone(),
+        "exp_avg_sq": moments["exp_avg_sq"].detach().float().clone(),
+    }
+
+
+def adam_hyperparameters(group: Dict[str, Any], where: str) -> Dict[str, Any]:
+    """lr, betas, eps, weight_decay of an Adam parameter group (torch's or fairseq's); amsgrad is refused."""
+    if group.get("amsgrad", False):
+        raise CheckpointFormatError(f"{where}: amsgrad Adam states are not converted")
+    return {
         "lr": float(group["lr"]),
         "betas": tuple(float(b) for b in group["betas"]),
         "eps": float(group["eps"]),
         "weight_decay": float(group["weight_decay"]),
-        "amsgrad": bool(group.get("amsgrad", False)),
+        "amsgrad": False,
     }
-    if hyper["amsgrad"]:
-        raise CheckpointFormatError(f"{where}: amsgrad Adam states are not converted")
-    return {"state": state, "param_groups": [{**hyper, "params": list(range(len(target_names)))}]}
 
 
 def fairseq_checkpoint_state(
@@ -399,7 +413,7 @@ def fairseq_checkpoint_state(
 
 
 def save_fairseq_checkpoint(state: Dict[str, Any], path: str, overwrite: bool = False) -> None:
-    """``torch.save`` through :func:`atomic_output`: a crash never leaves a truncated checkpoint."""
+    """``torch.save`` (a fairseq or an original-format dict) through :func:`atomic_output`: a crash never leaves a truncated checkpoint."""
     with atomic_output(path, overwrite=overwrite, mode="wb") as handle:
         torch.save(state, handle)
 
@@ -454,3 +468,222 @@ def convert_original_checkpoint(
     extra = {"converted_from": os.path.basename(path), "original_step": source.step}
     state = fairseq_checkpoint_state(model_state, fairseq_cfg, source.step, optimizer, extra)
     return ConversionResult(state=state, config=converted, source=source)
+
+
+# Export: a fairseq ``mel_hubert`` checkpoint -> the original release's ``.ckpt`` layout.
+
+#: Activations the original's ``get_activation_fn`` (fairseq_code/utils.py) knows; fairseq's adds swish, relu_squared, gelu_fast.
+ORIGINAL_ACTIVATIONS = ("relu", "gelu", "gelu_accurate", "tanh", "linear")
+#: Model-config keys an export writes: those of the release's config_model_*.yaml
+#: (``final_dim`` is read by the original but never used, and the release leaves it out).
+EXPORTED_CONFIG_KEYS = tuple(key for key in ORIGINAL_DEFAULTS if key != "final_dim")
+#: Registration order of the original's attention projections (fairseq's MultiheadAttention); ours is q, k, v, out.
+ORIGINAL_ATTENTION_ORDER = ("k_proj", "v_proj", "q_proj", "out_proj")
+
+
+def read_mel_hubert_checkpoint(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Safely load a fairseq checkpoint holding a ``mel_hubert`` model -> (checkpoint dict, resolved cfg)."""
+    # Namespace is allowed so that pre-hydra fairseq files (``args``) are named, not refused as unsafe.
+    state = safe_torch_load(path, original_checkpoint_safe_globals())
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointFormatError(f"{path}: not a fairseq checkpoint (no 'model' entry)")
+    if "Upstream_Config" in state:
+        raise CheckpointFormatError(f"{path}: already in the original Mel-HuBERT format (it has Upstream_Config)")
+    cfg = state.get("cfg")
+    if OmegaConf.is_config(cfg):
+        cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):
+        name = cfg["model"].get("_name")
+    else:  # fairseq before hydra kept an argparse Namespace in 'args'
+        name = getattr(state.get("args"), "arch", None)
+    if name != MODEL_NAME:
+        what = f"a fairseq {name!r} checkpoint" if name else "a checkpoint naming no fairseq model (cfg.model._name)"
+        raise CheckpointFormatError(f"{path}: {what}, not {MODEL_NAME!r}: only Mel-HuBERT models have an original format")
+    return state, OmegaConf.to_container(OmegaConf.create(cfg), resolve=True, enum_to_str=True)
+
+
+def original_incompatibilities(model_cfg: Dict[str, Any]) -> List[str]:
+    """What in our model config the original code (model.py, module.py) cannot build, train or compute the same way."""
+    problems: List[str] = []
+    if str(model_cfg["attention_type"]) == "causal":
+        problems.append(
+            "attention_type=causal: the original never passes an attention mask (module.py) and its positional conv "
+            "is centred, so it would attend to future frames"
+        )
+    if int(model_cfg["pos_conv_depth"]) != 1:
+        problems.append(
+            f"pos_conv_depth={model_cfg['pos_conv_depth']}: the original's multi-layer positional conv calls an "
+            "undefined LayerNorm (module.py) and cannot be built"
+        )
+    if str(model_cfg["activation_fn"]) not in ORIGINAL_ACTIVATIONS:
+        problems.append(
+            f"activation_fn={model_cfg['activation_fn']}: the original knows only {', '.join(ORIGINAL_ACTIVATIONS)}"
+        )
+    if not bool(model_cfg["mask_before_proj"]):
+        problems.append(
+            "mask_before_proj=false: the original's masked forward after the projection uses an undefined "
+            "teacher_mask_indices (model.py), so it cannot train the model"
+        )
+    if int(model_cfg["feat_dim"]) != FBANK_DIM:
+        problems.append(f"feat_dim={model_cfg['feat_dim']}: the original reads {FBANK_DIM}-bin fbank frames")
+    if int(model_cfg["stack_frames"]) not in STACK_CHOICES:
+        problems.append(
+            f"stack_frames={model_cfg['stack_frames']}: only 10, 20 and 40 ms frames ({STACK_CHOICES} stacked) "
+            "map onto the original's feat_emb_dim"
+        )
+    if int(model_cfg["encoder_layers"]) < 1:
+        problems.append("encoder_layers=0: the original makes an empty encoder a bare GELU, which its forward cannot call")
+    return problems
+
+
+def export_config(cfg: Dict[str, Any], where: str) -> Tuple[Dict[str, Any], List[str]]:
+    """Our resolved fairseq cfg -> (the original's ``Upstream_Config['melhubert']``, notes); the inverse of :func:`convert_config`."""
+    model, criterion = cfg["model"], cfg.get("criterion") or {}
+    problems = original_incompatibilities(model)
+    if problems:
+        raise CheckpointFormatError(f"{where}: the original Mel-HuBERT code cannot run this model: {'; '.join(problems)}")
+    masked = float(criterion.get("pred_masked_weight", ORIGINAL_DEFAULTS["pred_masked_weight"]))
+    nomask = float(criterion.get("pred_nomask_weight", ORIGINAL_DEFAULTS["pred_nomask_weight"]))
+    exported = {key: cast(model[key]) for key, cast in MODEL_KEYS.items()}
+    exported.update(
+        feat_emb_dim=FBANK_DIM * int(model["stack_frames"]),
+        num_cluster=int(model["num_classes"]),
+        pos_emb_type="conv",
+        attention_type="original",
+        no_mask_overlap=bool(model["no_mask_overlap"]),
+        pred_masked_weight=masked,
+        pred_nomask_weight=nomask,
+        skip_masked=masked == 0.0,
+        skip_nomask=nomask == 0.0,
+    )
+    notes: List[str] = []
+    if int(model["stack_frames"]) == 4:
+        notes.append(
+            "40 ms frames (feat_emb_dim=160): the original's MelHuBERTModel runs them, but its train.py -f and "
+            "extract_feature.py make only 10/20 ms input; feed it 4 consecutive 10 ms frames concatenated per frame"
+        )
+    if bool(model["learnable_mask_emb"]):
+        notes.append("learnable_mask_emb: the original creates the mask embedding with .to('cuda'), so it builds this model only with a GPU")
+    if int(model["mask_min_masks"]) != 2:
+        notes.append(f"mask_min_masks={model['mask_min_masks']}: the original always masks at least 2 spans when it trains")
+    return {key: exported[key] for key in EXPORTED_CONFIG_KEYS}, notes
+
+
+def original_key_order(names: Sequence[str]) -> List[str]:
+    """Our parameter names in the original's registration order: only each layer's attention projections move."""
+    first_of_block: Dict[str, int] = {}
+    keys = []
+    for index, name in enumerate(names):
+        parts = name.split(".")
+        if "self_attn" in parts and parts[parts.index("self_attn") + 1] in ORIGINAL_ATTENTION_ORDER:
+            at = parts.index("self_attn")
+            first = first_of_block.setdefault(".".join(parts[: at + 1]), index)
+            keys.append(((first, ORIGINAL_ATTENTION_ORDER.index(parts[at + 1]), index), name))
+        else:
+            keys.append(((index, 0, index), name))
+    return [name for _, name in sorted(keys)]
+
+
+def export_state_dict(model_state: Dict[str, torch.Tensor], where: str) -> Dict[str, torch.Tensor]:
+    """Our state_dict as the original's ``model``: its key order, float32, without our ``fbank_mean_std``.
+
+    The original has no ``pre_extract_proj`` when ``feat_emb_dim`` equals the model
+    width (frames go straight into the encoder), so ours must then be the identity
+    the converter put there.
+    """
+    exported = {name: model_state[name].detach().float() for name in original_key_order(list(model_state))}
+    exported.pop("fbank_mean_std", None)
+    weight, bias = exported["pre_extract_proj.weight"], exported["pre_extract_proj.bias"]
+    if weight.shape[0] == weight.shape[1]:
+        if not (torch.equal(weight, torch.eye(weight.shape[0])) and not bias.any()):
+            raise CheckpointFormatError(
+                f"{where}: the original Mel-HuBERT code cannot run this model: feat_emb_dim = encoder_embed_dim = "
+                f"{weight.shape[0]}, where the original has no pre_extract_proj, and this model's is not the identity"
+            )
+        del exported["pre_extract_proj.weight"], exported["pre_extract_proj.bias"]
+    return exported
+
+
+def export_optimizer_state(
+    state: Dict[str, Any], parameters: Dict[str, torch.Tensor], original_names: Sequence[str], where: str
+) -> Dict[str, Any]:
+    """fairseq's Adam state (indexed in our parameter order) as the original's torch Adam over its own order.
+
+    ``parameters`` are our trainable parameters in fairseq's optimizer order (the
+    model's ``named_parameters``), ``original_names`` the original model's
+    parameters in its order; the inverse of :func:`convert_optimizer_state`.
+    """
+    optimizer = state.get("last_optimizer_state")
+    if not optimizer:
+        raise CheckpointFormatError(f"{where}: has no optimizer state to export (drop --with-optimizer)")
+    optimizer_name = (state.get("optimizer_history") or [{}])[-1].get("optimizer_name")
+    if optimizer_name != OPTIMIZER_CLASS:
+        raise CheckpointFormatError(f"{where}: optimizer {optimizer_name}: only {OPTIMIZER_CLASS} maps onto the original's torch Adam")
+    groups = optimizer.get("param_groups") or []
+    ours = list(parameters)
+    shapes_match = len(groups) == 1 and len(groups[0]["params"]) == len(ours) and all(
+        optimizer["state"][param_id]["exp_avg"].shape == parameters[name].shape
+        for param_id, name in zip(groups[0]["params"], ours)
+        if param_id in optimizer["state"]
+    )
+    if not shapes_match:
+        raise CheckpointFormatError(
+            f"{where}: the optimizer state does not hold one Adam state per parameter (fp16/bf16 training keeps "
+            "flattened fp32 copies); export without --with-optimizer"
+        )
+    param_id_of = dict(zip(ours, groups[0]["params"]))
+    exported: Dict[int, Dict[str, Any]] = {}
+    for position, name in enumerate(original_names):
+        moments = optimizer["state"].get(param_id_of[name])
+        if moments:
+            exported[position] = adam_moments(moments)
+    hyper = adam_hyperparameters(groups[0], where)
+    return {"state": exported, "param_groups": [{**hyper, "params": list(range(len(original_names)))}]}
+
+
+@dataclass
+class ExportResult:
+    """An original-format checkpoint dict plus what the exporter found."""
+
+    state: Dict[str, Any]
+    config: Dict[str, Any]
+    #: Corpus fbank mean/std stored in our checkpoint (None: unknown); the original keeps them in a separate .npy.
+    mean_std: Optional[MeanStd]
+    #: The model masks the original's old batch-dependent way, which the original format records only in the file name.
+    old_mask: bool
+    notes: List[str]
+
+
+def export_original_checkpoint(path: str, with_optimizer: bool = False) -> ExportResult:
+    """fairseq ``mel_hubert`` checkpoint -> original ``.ckpt`` dict (``model``, ``Upstream_Config``, ``Step``[, ``Optimizer``]).
+
+    ``Args`` and ``Runner`` are left out: they describe an original training run
+    (train.py -e resumes one), the original's loaders never read them, and the
+    ``argparse.Namespace`` in ``Args`` would be the file's only pickled class.
+    """
+    state, cfg = read_mel_hubert_checkpoint(path)
+    config, notes = export_config(cfg, path)
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointFormatError(f"{path}: its weights do not fit its own config: {str(err).splitlines()[0]}") from None
+    history = state.get("optimizer_history") or [{}]
+    model_state = export_state_dict(model.state_dict(), path)
+    exported: Dict[str, Any] = {}  # in the order pretrain_expert.save_model writes
+    if with_optimizer:
+        trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        original_names = [name for name in model_state if name in trainable]
+        exported["Optimizer"] = export_optimizer_state(state, trainable, original_names, path)
+        if exported["Optimizer"]["param_groups"][0]["weight_decay"]:
+            notes.append(
+                "weight_decay != 0: fairseq's Adam decays weights directly, the original's torch Adam adds it to the gradient"
+            )
+    exported["Step"] = int(history[-1].get("num_updates", 0))
+    exported["model"] = model_state
+    exported["Upstream_Config"] = {CONFIG_SECTIONS[0]: config}
+    stats = model.fbank_stats()
+    mean_std = validate_mean_std(stats[0].numpy(), stats[1].numpy(), f"{path} fbank_mean_std") if stats else None
+    return ExportResult(
+        state=exported, config=config, mean_std=mean_std, old_mask=bool(cfg["model"]["require_same_masks"]), notes=notes
+    )

@@ -20,7 +20,7 @@ from melhubert_fairseq.models.mel_hubert import MelHubertConfig, MelHubertModel
 from melhubert_fairseq.tools.average_checkpoints import main as average_main
 from melhubert_fairseq.tools.average_checkpoints import newest_checkpoints
 from melhubert_fairseq.tools.convert_original_checkpoint import main as convert_main
-from test_original_checkpoint import TINY_ORIGINAL_CONFIG, make_reference, save_original
+from helpers import TINY_ORIGINAL_CONFIG, make_reference, save_original
 
 FROZEN = ["optimization.lr=[0.0]"]  # one update that cannot move the weights
 

@@ -1,0 +1,209 @@
+"""Test helpers for the original Mel-HuBERT format: an independent reference of the original model and its checkpoints.
+
+The reference model below is written from the published architecture
+(nervjack2/MelHuBERT model.py/module.py: fairseq wav2vec2's
+TransformerSentenceEncoderLayer, fairseq MultiheadAttention, HuBERT's
+convolutional positional embedding) without using this package's model code,
+and saved exactly as the original ``pretrain_expert.save_model`` does.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from fairseq import checkpoint_utils
+from torch import nn
+
+import melhubert_fairseq  # noqa: F401  (registers the plugin)
+
+TINY_ORIGINAL_CONFIG = {
+    "feat_emb_dim": 80,
+    "pos_emb_type": "conv",
+    "pos_conv_depth": 1,
+    "conv_pos": 8,
+    "conv_pos_groups": 4,
+    "encoder_layers": 2,
+    "encoder_embed_dim": 32,
+    "encoder_ffn_embed_dim": 64,
+    "encoder_attention_heads": 4,
+    "activation_fn": "gelu",
+    "layer_norm_first": False,
+    "attention_type": "original",
+    "num_cluster": 16,
+    "pred_masked_weight": 1.0,
+    "pred_nomask_weight": 0.0,
+    "skip_masked": False,
+    "skip_nomask": True,
+    "mask_prob": 0.7,
+    "mask_length": 5,
+    "mask_selection": "static",
+    "mask_other": 0.0,
+    "no_mask_overlap": False,
+    "mask_min_space": 1,
+    "learnable_mask_emb": False,
+    "mask_before_proj": True,
+    "dropout": 0.1,
+    "attention_dropout": 0.1,
+    "activation_dropout": 0.1,
+    "encoder_layerdrop": 0.0,
+}
+
+
+class ReferenceAttention(nn.Module):
+    """fairseq MultiheadAttention as the original registers it (k, v, q, out), in explicit math."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.q_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x, padding):
+        batch, frames, dim = x.shape
+        head_dim = dim // self.heads
+
+        def heads(t):
+            return t.view(batch, frames, self.heads, head_dim).transpose(1, 2)
+
+        q = heads(self.q_proj(x) * head_dim**-0.5)
+        scores = q @ heads(self.k_proj(x)).transpose(-1, -2)
+        scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))
+        context = scores.softmax(-1) @ heads(self.v_proj(x))
+        return self.out_proj(context.transpose(1, 2).reshape(batch, frames, dim))
+
+
+class ReferenceLayer(nn.Module):
+    """TransformerSentenceEncoderLayer: post-LN, or pre-LN with ``layer_norm_first``."""
+
+    def __init__(self, dim: int, ffn: int, heads: int, layer_norm_first: bool) -> None:
+        super().__init__()
+        self.self_attn = ReferenceAttention(dim, heads)
+        self.self_attn_layer_norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, ffn)
+        self.fc2 = nn.Linear(ffn, dim)
+        self.final_layer_norm = nn.LayerNorm(dim)
+        self.layer_norm_first = layer_norm_first
+
+    def forward(self, x, padding):
+        if self.layer_norm_first:
+            x = x + self.self_attn(self.self_attn_layer_norm(x), padding)
+            return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
+        x = self.self_attn_layer_norm(x + self.self_attn(x, padding))
+        return self.final_layer_norm(x + self.fc2(F.gelu(self.fc1(x))))
+
+
+class ReferenceSamePad(nn.Module):
+    """Drop the extra frame an even kernel with padding k//2 produces."""
+
+    def __init__(self, kernel: int) -> None:
+        super().__init__()
+        self.remove = 1 if kernel % 2 == 0 else 0
+
+    def forward(self, x):
+        return x[:, :, : -self.remove] if self.remove else x
+
+
+class ReferenceEncoder(nn.Module):
+    """Conv positional embedding, layers, and the LayerNorm placed as HuBERT does."""
+
+    def __init__(self, cfg: dict) -> None:
+        super().__init__()
+        dim, kernel = cfg["encoder_embed_dim"], cfg["conv_pos"]
+        conv = nn.Conv1d(dim, dim, kernel_size=kernel, padding=kernel // 2, groups=cfg["conv_pos_groups"])
+        conv = nn.utils.weight_norm(conv, name="weight", dim=2)
+        self.pos_conv = nn.Sequential(conv, ReferenceSamePad(kernel), nn.GELU())
+        self.layers = nn.ModuleList(
+            ReferenceLayer(dim, cfg["encoder_ffn_embed_dim"], cfg["encoder_attention_heads"], cfg["layer_norm_first"])
+            for _ in range(cfg["encoder_layers"])
+        )
+        self.layer_norm = nn.LayerNorm(dim)
+        self.layer_norm_first = cfg["layer_norm_first"]
+
+    def forward(self, x, padding):
+        x = x.masked_fill(padding[..., None], 0.0)
+        x = x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)
+        if not self.layer_norm_first:
+            x = self.layer_norm(x)
+        hidden = []
+        for layer in self.layers:
+            x = layer(x, padding)
+            hidden.append(x)
+        if self.layer_norm_first:
+            x = self.layer_norm(x)
+        return x, hidden
+
+
+class ReferenceMelHuBERT(nn.Module):
+    """MelHuBERTModel's parameter layout and eval-mode forward (no masking)."""
+
+    def __init__(self, cfg: dict) -> None:
+        super().__init__()
+        dim = cfg["encoder_embed_dim"]
+        self.pre_extract_proj = nn.Linear(cfg["feat_emb_dim"], dim) if cfg["feat_emb_dim"] != dim else None
+        self.encoder = ReferenceEncoder(cfg)
+        if cfg["learnable_mask_emb"]:
+            self.mask_emb = nn.Parameter(torch.rand(cfg["feat_emb_dim"] if cfg["mask_before_proj"] else dim))
+        self.final_proj = nn.Linear(dim, cfg["num_cluster"])
+
+    def forward(self, feat, valid):
+        """``valid`` is the original's pad_mask: True on real frames."""
+        x = self.pre_extract_proj(feat) if self.pre_extract_proj is not None else feat
+        return self.encoder(x, ~valid)
+
+
+def make_reference(cfg: dict, seed: int = 0) -> ReferenceMelHuBERT:
+    """A reference model with every parameter (LayerNorms included) random, so no mapping error hides."""
+    torch.manual_seed(seed)
+    model = ReferenceMelHuBERT(cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("layer_norm.weight"):
+                param.copy_(1.0 + 0.3 * torch.randn_like(param))
+            else:
+                param.copy_(torch.randn_like(param) / math.sqrt(max(param.shape[-1], 1)))
+    return model.eval()
+
+
+def save_original(path: Path, model: nn.Module, cfg: dict, section: str = "melhubert", args=None, step: int = 1234):
+    """Save as pretrain_expert.save_model does (with an Adam state after one step)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=[0.9, 0.999], eps=1e-8, weight_decay=0)
+    feat = torch.randn(2, 12, cfg["feat_emb_dim"])
+    model.train()
+    out, _ = model(feat, torch.ones(2, 12, dtype=torch.bool))
+    model.final_proj(out).square().mean().backward()
+    optimizer.step()
+    model.eval()
+    torch.save(
+        {
+            "Optimizer": optimizer.state_dict(),
+            "Step": step,
+            "Args": args if args is not None else argparse.Namespace(
+                runner_config="config_runner.yaml", upstream_config="config_model.yaml", expdir="exp",
+                frame_period=20, initial_weight=None, init_optimizer_from_initial_weight=False, seed=1337, device="cuda",
+            ),
+            "Runner": {"runner": {"n_epochs": 200, "total_steps": 1000}, "optimizer": {"lr": 1e-4, "betas": [0.9, 0.999]}},
+            "model": model.state_dict(),
+            "Upstream_Config": {section: cfg},
+        },
+        path,
+    )
+    return optimizer
+
+
+def padded_input(dim: int, lengths=(23, 15), seed: int = 1):
+    """A random padded batch and the original's valid-frame mask."""
+    generator = torch.Generator().manual_seed(seed)
+    feat = torch.randn(len(lengths), max(lengths), dim, generator=generator)
+    valid = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    return feat.masked_fill(~valid[..., None], 0.0), valid
+
+
+def load_converted(path: Path):
+    """Load through fairseq exactly as users do."""
+    models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([str(path)])
+    return models[0].eval(), cfg
