@@ -90,23 +90,11 @@ def hydra_train_command(
 
 
 def run_hydra_train(
-    data_dir: Path,
-    save_dir: Path,
-    overrides: Sequence[str] = (),
-    config_name: str = "stage1",
-    num_classes: int = 32,
-    max_update: int = 2,
-    tiny: bool = True,
-    check: bool = True,
-    env: Optional[dict] = None,
-    num_workers: int = 0,
-    update_freq: int = 1,
-    max_tokens: int = 1200,
+    data_dir: Path, save_dir: Path, check: bool = True, env: Optional[dict] = None, **command_args
 ) -> subprocess.CompletedProcess:
-    """Run :func:`hydra_train_command` from the repo root; raise with its output if it fails and ``check``."""
-    command = hydra_train_command(
-        data_dir, save_dir, overrides, config_name, num_classes, max_update, tiny, num_workers, update_freq, max_tokens
-    )
+    """Run :func:`hydra_train_command` (``command_args`` are its keywords) from the repo root, one thread;
+    raise with its output if it fails and ``check``."""
+    command = hydra_train_command(data_dir, save_dir, **command_args)
     result = subprocess.run(
         command,
         cwd=REPO_ROOT,
