@@ -120,3 +120,14 @@ def test_utterance_too_short_to_mask_is_named_by_its_manifest_line(tmp_path):
     result = run_hydra_train(data, tmp_path / "ckpt", overrides=["task.min_sample_size=null"], check=False)
     assert result.returncode != 0
     assert f"{data / 'train.tsv'}:4 (utt002): too short to mask" in result.stdout + result.stderr
+
+
+def test_num_classes_minus_one_reads_k_from_the_dictionary_and_stores_it(tmp_path):
+    data = make_fbank_corpus(tmp_path / "data", num_classes=32)
+    run_hydra_train(data, tmp_path / "ckpt", num_classes=-1, max_update=1)
+    state = safe_torch_load(str(tmp_path / "ckpt" / "checkpoint_last.pt"))
+    assert state["cfg"]["model"]["num_classes"] == 32 and state["model"]["final_proj.weight"].shape[0] == 32
+    # The checkpoint alone rebuilds the model: its dict.km.txt need not exist where it is loaded.
+    (data / "dict.km.txt").unlink()
+    models, _cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(tmp_path / "ckpt" / "checkpoint_last.pt")])
+    assert models[0].final_proj.out_features == 32 and task.num_classes == 32

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
-from omegaconf import II, MISSING
+from omegaconf import II, MISSING, open_dict
 
 from melhubert_fairseq.data.features import MeanStd, load_mean_std
 from melhubert_fairseq.data.fbank_label_dataset import EpochTaggedBatches, FbankLabelDataset, FrameRates
@@ -85,10 +85,12 @@ class MelHubertPretrainingTask(FairseqTask):
                 "seeded by the epoch the iterator was created in, so a resumed run would train on other batches"
             )
         self.rates = FrameRates.from_config(cfg.stack_frames, cfg.label_rate)
-        # A loaded checkpoint already fixes K; its training data (and dict.km.txt)
-        # need not exist on this machine, and a dict in the cwd must not be read.
-        if from_checkpoint and cfg.num_classes > 0:
-            self.num_classes = cfg.num_classes
+        # A loaded checkpoint already fixes K (task.num_classes, or with -1 the model's
+        # num_classes, see build_model); its training data (and dict.km.txt) need not exist
+        # on this machine, and a dict in the cwd must not be read.
+        self.num_classes: Optional[int]
+        if from_checkpoint:
+            self.num_classes = cfg.num_classes if cfg.num_classes > 0 else None
         else:
             self.num_classes = self._resolve_num_classes()
         self._mean_std: Optional[MeanStd] = None
@@ -163,6 +165,13 @@ class MelHubertPretrainingTask(FairseqTask):
 
     def build_model(self, cfg, from_checkpoint: bool = False):
         """Build the model and check it reads this task's frames and labels."""
+        if self.num_classes is None:  # a checkpoint trained with task.num_classes=-1: K is the model's
+            self.num_classes = int(cfg.num_classes)
+        if getattr(cfg, "num_classes", None) == -1:
+            # The model's num_classes interpolated task.num_classes=-1: store K itself, so the
+            # checkpoint's model config needs no dict.km.txt to be rebuilt.
+            with open_dict(cfg):
+                cfg.num_classes = self.num_classes
         model = super().build_model(cfg, from_checkpoint)
         expected_input = self.cfg.feat_dim * self.cfg.stack_frames
         if getattr(model, "input_dim", expected_input) != expected_input:
