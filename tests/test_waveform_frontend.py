@@ -174,6 +174,10 @@ def test_bad_waveform_input_is_a_one_line_error():
         model.extract_features(torch.zeros(1, 1000), left_padded)
     with pytest.raises(ValueError, match="waveform 1: expected a float"):
         collate_waveforms([torch.zeros(800), torch.zeros(2, 800)])
+    wide = tiny_model(2, feat_dim=80)
+    wide.set_fbank_stats(torch.zeros(80), torch.ones(80))
+    with pytest.raises(ValueError, match="takes 80-dim features, the waveform front end computes .* 40-bin"):
+        wide.extract_features(torch.zeros(1, 16000))
     # fbank options the torch front end does not implement are refused, not silently ignored
     dithered = fbank_options()
     dithered.frame_opts.dither = 1.0

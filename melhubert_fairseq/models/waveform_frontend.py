@@ -181,6 +181,11 @@ class WaveformFrontEnd(nn.Module):
         (right padding, as fairseq and s3prl collate audio); ``mean``/``std`` are (feat_dim,).
         """
         check_waveform(waveform, "waveform input", dims=(2,))
+        if mean.shape[-1] != self.fbank.num_mel_bins:
+            raise ValueError(
+                f"the model takes {mean.shape[-1]}-dim features, the waveform front end computes "
+                f"melhubert-wav-to-fbank's {self.fbank.num_mel_bins}-bin fbank"
+            )
         batch, num_samples = waveform.shape
         if padding_mask is not None:
             if padding_mask.shape != waveform.shape:
