@@ -12,6 +12,7 @@ setup(
         "melhubert_fairseq.models",
         "melhubert_fairseq.tasks",
         "melhubert_fairseq.criterions",
+        "melhubert_fairseq.s3prl_upstream",
         "melhubert_fairseq.tools",
     ],
     # The data tools live in tools/ (where users look for them) but install as
@@ -31,13 +32,19 @@ setup(
         "soundfile",
         "tqdm",
         "kaldiio",
-        "kaldi-native-fbank",
+        # >= 1.18: MelBanks.compute and FeatureWindowFunction, which the torch front end reads its constants from.
+        "kaldi-native-fbank>=1.18",
         "scikit-learn",
         "scipy",
         "faiss-cpu",
         "tensorboardX",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "test": ["pytest"],
+        # s3prl's Featurizer for tests/test_s3prl_upstream.py (tested: 0.4.18 next to torch 2.13). Its runner
+        # also needs a torchaudio that loads; `pip install --no-deps s3prl==0.4.18` is enough for the test.
+        "s3prl": ["s3prl>=0.4.18"],
+    },
     entry_points={
         "console_scripts": [
             "melhubert-demo = melhubert_fairseq.tools.run_demo:main",

@@ -6,10 +6,14 @@ Python API::
     inputs = [reader.prepare_waveform(wav) for wav in waveforms]   # 16 kHz float audio
     # or reader.prepare(fbank) for features as they sit in a training manifest,
     # or reader.prepare_raw_fbank(fbank) for un-normalised 40-dim Kaldi fbank
-    layers, padding_mask = reader.hidden_states(inputs)            # [(B, T, C)] * L, (B, T) True = padding
+    states, padding_mask = reader.hidden_states(inputs)            # [(B, T, C)] * (L + 1), (B, T) True = padding
 
-Everything the input needs (corpus mean/std for raw fbank and audio, frame
-stacking) comes from the checkpoint itself.
+``states[k]`` is layer k's output; ``states[0]`` is the input of the first
+transformer layer (projected frames + positional conv, after the encoder's
+LayerNorm). Waveforms go through the model's own torch front end
+(:class:`~melhubert_fairseq.models.waveform_frontend.WaveformFrontEnd`), batched
+on the reader's device. Everything the input needs (corpus mean/std for raw
+fbank and audio, frame stacking) comes from the checkpoint itself.
 """
 from __future__ import annotations
 
@@ -19,9 +23,10 @@ import numpy as np
 import torch
 from fairseq import checkpoint_utils
 
-from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, compute_fbank
+from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, INT16_SCALE
 from melhubert_fairseq.data.features import MeanStd, stack_frames
 from melhubert_fairseq.data.manifest import read_manifest
+from melhubert_fairseq.models.waveform_frontend import check_sample_rate, check_waveform, collate_waveforms
 
 Key = TypeVar("Key")
 
@@ -34,21 +39,32 @@ def load_mel_hubert(checkpoint_path: str, device: str = "cpu"):
 
 
 def parse_layers(spec: str, num_layers: int) -> List[int]:
-    """``"all"`` or comma-separated 1-based layers (``"1,8,12"``) -> sorted unique layer numbers."""
-    if spec.strip().lower() == "all":
-        return list(range(1, num_layers + 1))
-    try:
-        layers = sorted({int(part) for part in spec.split(",") if part.strip()})
-    except ValueError:
-        raise ValueError(f"layers must be 'all' or comma-separated integers, got {spec!r}") from None
-    bad = [layer for layer in layers if not 1 <= layer <= num_layers]
+    """Comma-separated layer numbers and/or ``all`` -> sorted unique layers in 0..num_layers.
+
+    Layer k >= 1 is transformer layer k's output, layer 0 the input of the first
+    layer; ``all`` stands for 1..num_layers (as before layer 0 existed), so
+    ``"0,all"`` is every hidden state.
+    """
+    layers = set()
+    for part in (part.strip().lower() for part in spec.split(",")):
+        if part == "all":
+            layers.update(range(1, num_layers + 1))
+        elif part:
+            try:
+                layers.add(int(part))
+            except ValueError:
+                raise ValueError(f"layers must be 'all' and/or comma-separated integers, got {spec!r}") from None
+    bad = [layer for layer in layers if not 0 <= layer <= num_layers]
     if not layers or bad:
-        raise ValueError(f"layers must be in 1..{num_layers} (the model has {num_layers}), got {spec!r}")
-    return layers
+        raise ValueError(
+            f"layers must be in 0..{num_layers} (0 = input of the first layer; the model has {num_layers}), "
+            f"got {spec!r}"
+        )
+    return sorted(layers)
 
 
 class MelHubertFeatureReader:
-    """Runs a checkpoint over fbank frames exactly as training fed it (normalisation, stacking)."""
+    """Runs a checkpoint over fbank frames exactly as training fed it (normalisation, stacking), or over audio."""
 
     def __init__(self, checkpoint_path: str, device: str = "cpu", max_batch_frames: int = 20000) -> None:
         self.checkpoint_path = checkpoint_path
@@ -87,13 +103,7 @@ class MelHubertFeatureReader:
 
     def require_corpus_stats(self) -> MeanStd:
         """The checkpoint's corpus mean/std, or a clear error when it does not record them."""
-        if self.corpus_stats is None:
-            raise ValueError(
-                f"{self.checkpoint_path} does not record the corpus mean/std its features were normalised with, "
-                "so raw fbank or audio cannot be normalised: pass normalised features from a manifest instead, or "
-                "store the stats in the checkpoint (melhubert-convert-original --mean-std FILE, or train with "
-                "{task.data}/mean-std.npy present)"
-            )
+        self.model.require_fbank_stats(self.checkpoint_path)
         return self.corpus_stats
 
     def prepare_raw_fbank(self, fbank: np.ndarray) -> np.ndarray:
@@ -102,13 +112,36 @@ class MelHubertFeatureReader:
         return stack_frames(stats.normalize(self._check_fbank(fbank)), self.stack)
 
     def prepare_waveform(self, waveform: np.ndarray, sample_rate: int = FBANK_SAMPLE_RATE) -> np.ndarray:
-        """Mono 16 kHz waveform (float in [-1, 1] or int16 scale) -> model input, as the original extractor."""
-        return self.prepare_raw_fbank(compute_fbank(waveform, sample_rate))
+        """Mono 16 kHz waveform (float in [-1, 1], or integers on the int16 scale) -> (samples,) float32 model input.
+
+        The model computes its fbank from it (:meth:`hidden_states`); an error if
+        the checkpoint cannot normalise audio, the rate is not 16 kHz or the
+        array is not a 1-D float/integer waveform.
+        """
+        self.require_corpus_stats()
+        check_sample_rate(sample_rate, "waveform")
+        waveform = np.asarray(waveform)
+        if np.issubdtype(waveform.dtype, np.integer):
+            waveform = waveform.astype(np.float32) / INT16_SCALE  # exact: the front end scales by 2**15 again
+        check_waveform(waveform, "waveform", dims=(1,))
+        return np.asarray(waveform, dtype=np.float32)
+
+    def num_model_frames(self, model_input: np.ndarray) -> int:
+        """Model frames an input gives: its rows for frames, ceil(fbank frames / stack) for a waveform."""
+        if model_input.ndim == 2:
+            return len(model_input)
+        return int(self.model.waveform_frontend.num_frames(torch.tensor(len(model_input))))
 
     def collate(self, inputs: Sequence[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Model inputs -> zero-padded (B, T, D) batch and its (B, T) padding mask (True = padding)."""
+        """Model inputs -> zero-padded batch and padding mask (True = padding): (B, T, D) and (B, T) for
+        frames, (B, samples) and (B, samples) for waveforms (from :meth:`prepare_waveform`)."""
         if not inputs:
             raise ValueError("no inputs to collate")
+        kinds = {np.ndim(x) for x in inputs}
+        if kinds == {1}:
+            return collate_waveforms([torch.from_numpy(np.asarray(x, dtype=np.float32)) for x in inputs])
+        if kinds != {2}:
+            raise ValueError(f"a batch must be all frames (2-D) or all waveforms (1-D), got dims {sorted(kinds)}")
         lengths = [len(x) for x in inputs]
         if min(lengths) == 0:
             raise ValueError(f"input {lengths.index(0)} has no frames")
@@ -123,49 +156,54 @@ class MelHubertFeatureReader:
     def hidden_states(
         self, inputs: Sequence[np.ndarray], num_layers: Optional[int] = None
     ) -> Tuple[List[torch.Tensor], torch.Tensor]:
-        """Model inputs -> (every layer's (B, T, C) output on CPU, (B, T) padding mask, True = padding).
+        """Model inputs -> (hidden states (B, T, C) on CPU, index = layer number, 0 = input of the first layer;
+        (B, T) frame padding mask, True = padding).
 
-        With ``num_layers`` the model stops after that layer (1-based) and only
-        layers 1..num_layers are returned.
+        With ``num_layers`` the model stops after that layer and only states
+        0..num_layers are returned.
         """
         batch, padding_mask = self.collate(inputs)
         out = self.model.extract_features(
             batch.to(self.device), padding_mask.to(self.device), mask=False, output_layer=num_layers
         )
-        return [h.float().cpu() for h in out["layer_results"]], padding_mask
+        return [h.float().cpu() for h in out["hidden_states"]], out["padding_mask"].cpu()
 
     def extract_batch(self, inputs: Sequence[np.ndarray], layer: Optional[int] = None) -> List[List[np.ndarray]]:
-        """Model inputs (from :meth:`prepare`) -> per utterance, a list of every layer's (frames, C) output.
+        """Model inputs (from :meth:`prepare` or :meth:`prepare_waveform`) -> per utterance, its (frames, C)
+        hidden states, index = layer number (0 = input of the first layer).
 
-        With ``layer`` set, the model stops after that layer (1-based) and only
-        layers 1..layer are returned.
+        With ``layer`` set, the model stops after that layer and only states
+        0..layer are returned.
         """
-        layers, _padding_mask = self.hidden_states(inputs, num_layers=layer)
-        arrays = [h.numpy() for h in layers]
-        return [[h[row, : len(x)] for h in arrays] for row, x in enumerate(inputs)]
+        states, padding_mask = self.hidden_states(inputs, num_layers=layer)
+        arrays = [h.numpy() for h in states]
+        lengths = (~padding_mask).sum(dim=1).tolist()
+        return [[h[row, :length] for h in arrays] for row, length in enumerate(lengths)]
 
     def iter_batched(
         self, items: Iterable[Tuple[Key, np.ndarray]], layers: Sequence[int]
     ) -> Iterator[Tuple[Key, List[np.ndarray]]]:
-        """(key, model input) pairs -> (key, [(frames, C) output of each of ``layers``]), in input order.
+        """(key, model input) pairs -> (key, [(frames, C) state of each of ``layers``]), in input order.
 
-        Utterances are batched up to ``max_batch_frames`` padded frames, so one
-        long utterance does not blow up memory.
+        Utterances are batched up to ``max_batch_frames`` padded model frames, so
+        one long utterance does not blow up memory.
         """
         deepest = max(layers)
         pending: List[Tuple[Key, np.ndarray]] = []
+        longest = 0
 
         def flush():
             outputs = self.extract_batch([x for _, x in pending], layer=deepest)
             for (key, _), per_layer in zip(pending, outputs):
-                yield key, [per_layer[layer - 1] for layer in layers]
+                yield key, [per_layer[layer] for layer in layers]
 
         for key, model_input in items:
-            longest = max([len(model_input)] + [len(x) for _, x in pending])
-            if pending and longest * (len(pending) + 1) > self.max_batch_frames:
+            frames = self.num_model_frames(model_input)
+            if pending and max(longest, frames) * (len(pending) + 1) > self.max_batch_frames:
                 yield from flush()
-                pending = []
+                pending, longest = [], 0
             pending.append((key, model_input))
+            longest = max(longest, frames)
         if pending:
             yield from flush()
 
@@ -174,9 +212,9 @@ class MelHubertFeatureReader:
     ) -> Iterator[Tuple[int, List[np.ndarray]]]:
         """Yield (manifest row, [states of each of ``layers``]) for rows of shard ``rank``/``nshard``."""
         manifest = read_manifest(manifest_path)
-        bad = [layer for layer in layers if not 1 <= layer <= self.num_layers]
+        bad = [layer for layer in layers if not 0 <= layer <= self.num_layers]
         if not layers or bad:
-            raise ValueError(f"layer must be in 1..{self.num_layers}, got {list(layers)}")
+            raise ValueError(f"layer must be in 0..{self.num_layers} (0 = input of the first layer), got {list(layers)}")
         rows = np.array_split(np.arange(len(manifest)), nshard)[rank]
 
         def model_inputs():

@@ -58,3 +58,12 @@ def test_dropout_benchmark_prints_every_pair(tmp_path):
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and line.rstrip(" |").endswith("x")]
     assert len(rows) == 4, result.stdout
     assert (tmp_path / "dropout_cpu.md").exists()
+
+
+def test_waveform_frontend_benchmark_prints_accuracy_and_speed(tmp_path):
+    result = run_benchmark("bench_waveform_frontend.py", ["--seconds", "3", "--repeats", "1"], tmp_path)
+    rows = {line.split("|")[1].strip(): line.split("|") for line in result.stdout.splitlines() if line.startswith("| ")}
+    assert rows["kaldi-native-fbank (reference)"][6].strip() == "1.00x"
+    assert float(rows["ours: float32 FFT, float64 mel sum"][2]) <= 1e-3  # max |difference| to the reference
+    assert "lhotse Wav2LogFilterBank" in rows
+    assert (tmp_path / "waveform_frontend_cpu.md").exists()

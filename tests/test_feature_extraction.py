@@ -49,7 +49,7 @@ def test_batched_states_match_single_utterances_and_report_padding(reader):
     inputs = [reader.prepare(f) for f in fbanks]
     assert [len(x) for x in inputs] == [31, 20, 9]  # 20 ms model: ceil(frames / 2)
     layers, padding_mask = reader.hidden_states(inputs)
-    assert len(layers) == 2 and layers[0].shape == (3, 31, 64)
+    assert len(layers) == 3 and layers[0].shape == (3, 31, 64)  # layer 0 (input of layer 1), layers 1 and 2
     assert padding_mask.tolist() == [[i >= n for i in range(31)] for n in (31, 20, 9)]
     for row, x in enumerate(inputs):
         alone, _ = reader.hidden_states([x])
@@ -58,10 +58,19 @@ def test_batched_states_match_single_utterances_and_report_padding(reader):
 
 
 def test_waveform_input_is_normalised_with_the_checkpoint_stats(reader):
-    waveform = np.random.default_rng(1).uniform(-0.3, 0.3, 16000).astype(np.float32)
-    expected_input = stack_frames((compute_fbank(waveform) - 0.5) / 2.0, 2)
-    np.testing.assert_allclose(reader.prepare_waveform(waveform), expected_input, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(reader.prepare_raw_fbank(compute_fbank(waveform)), expected_input, rtol=1e-6, atol=1e-6)
+    rng = np.random.default_rng(1)
+    waveforms = [rng.uniform(-0.3, 0.3, n).astype(np.float32) for n in (16000, 9000)]
+    states, padding_mask = reader.hidden_states([reader.prepare_waveform(w) for w in waveforms])
+    for row, waveform in enumerate(waveforms):
+        expected_input = stack_frames((compute_fbank(waveform) - 0.5) / 2.0, 2)  # the checkpoint's mean/std
+        np.testing.assert_allclose(reader.prepare_raw_fbank(compute_fbank(waveform)), expected_input, rtol=1e-6, atol=1e-6)
+        expected, _ = reader.hidden_states([expected_input])
+        assert int((~padding_mask[row]).sum()) == len(expected_input)
+        for ours, theirs in zip(states, expected):
+            torch.testing.assert_close(ours[row, : len(expected_input)], theirs[0], atol=1e-4, rtol=1e-4)
+    # int16-scale integer audio is the same audio
+    as_int16 = np.round(waveforms[0] * 2**15).astype(np.int16)
+    np.testing.assert_array_equal(reader.prepare_waveform(as_int16), as_int16.astype(np.float32) / 2**15)
 
 
 def test_waveform_input_without_recorded_stats_is_a_clear_error(tiny_checkpoint, tmp_path):
@@ -73,9 +82,11 @@ def test_waveform_input_without_recorded_stats_is_a_clear_error(tiny_checkpoint,
 
 
 def test_layer_selection():
-    assert parse_layers("all", 12) == list(range(1, 13))
+    assert parse_layers("all", 12) == list(range(1, 13))  # as before layer 0 existed
     assert parse_layers("12,1,8,8", 12) == [1, 8, 12]
-    for bad in ("0", "13", "first", ""):
+    assert parse_layers("0", 12) == [0]
+    assert parse_layers("0,all", 12) == list(range(13))
+    for bad in ("-1", "13", "first", ""):
         with pytest.raises(ValueError):
             parse_layers(bad, 12)
 
@@ -113,7 +124,7 @@ def test_cli_on_audio_folder_matches_the_api_and_lists_skips(reader, tiny_checkp
         expected = reader.extract_batch([reader.prepare_waveform(waveform)])[0]
         for layer in (1, 2):
             written = np.load(out / f"layer{layer}" / rel.replace(".wav", ".npy"))
-            np.testing.assert_allclose(written, expected[layer - 1], atol=1e-5, rtol=1e-5)
+            np.testing.assert_allclose(written, expected[layer], atol=1e-5, rtol=1e-5)
 
 
 def test_cli_audio_without_stats_fails_before_writing(tiny_checkpoint, tmp_path):
@@ -122,3 +133,49 @@ def test_cli_audio_without_stats_fails_before_writing(tiny_checkpoint, tmp_path)
         extract_main(["--checkpoint", str(checkpoint_without_stats(tiny_checkpoint, tmp_path)),
                       "--audio-dir", str(tmp_path / "audio"), "--out-dir", str(tmp_path / "feats")])
     assert not (tmp_path / "feats").exists()
+
+
+def test_cli_layer0_is_the_input_of_the_first_transformer_layer(reader, tiny_checkpoint, tmp_path):
+    waves = write_audio_dir(tmp_path / "audio")
+    out = tmp_path / "feats"
+    assert extract_main(["--checkpoint", str(tiny_checkpoint), "--audio-dir", str(tmp_path / "audio"),
+                         "--out-dir", str(out), "--layers", "0", "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["layer0"]
+    model = reader.model
+    for rel, waveform in waves.items():
+        # Independently: the frames of the numpy (kaldi-native-fbank) path, captured as they enter layer 1.
+        frames = torch.from_numpy(reader.prepare_raw_fbank(compute_fbank(waveform)))[None]
+        seen = []
+        hook = model.encoder.layers[0].register_forward_hook(lambda m, args, output: seen.append(args[0]))
+        with torch.no_grad():
+            model.extract_features(frames)
+        hook.remove()
+        written = np.load(out / "layer0" / rel.replace(".wav", ".npy"))
+        np.testing.assert_allclose(written, seen[0][0].numpy(), atol=1e-4, rtol=1e-4)
+    # 'all' is still the transformer layers only, as before layer 0 existed
+    assert extract_main(["--checkpoint", str(tiny_checkpoint), "--audio-dir", str(tmp_path / "audio"),
+                         "--out-dir", str(out), "--layers", "all", "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["layer0", "layer1", "layer2"]
+
+
+def test_waveform_bad_input_names_the_reason(reader):
+    with pytest.raises(ValueError, match="waveform: sample rate is 8000 Hz, the model takes 16000 Hz"):
+        reader.prepare_waveform(np.zeros(8000, dtype=np.float32), sample_rate=8000)
+    with pytest.raises(ValueError, match=r"waveform: expected a float \(samples,\) waveform.*shape \(2, 8000\)"):
+        reader.prepare_waveform(np.zeros((2, 8000), dtype=np.float32))
+    with pytest.raises(ValueError, match="expected a float.*complex64"):
+        reader.prepare_waveform(np.zeros(8000, dtype=np.complex64))
+    with pytest.raises(ValueError, match="all frames .* or all waveforms"):
+        reader.hidden_states([np.zeros(8000, np.float32), np.zeros((10, 80), np.float32)])
+
+
+def test_cli_audio_at_another_sample_rate_is_a_one_line_error(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    (tmp_path / "audio").mkdir()
+    soundfile.write(tmp_path / "audio" / "narrow.wav", np.zeros(8000, dtype=np.int16), 8000)
+    monkeypatch.setattr("sys.argv", ["melhubert-extract-features", "--checkpoint", str(tiny_checkpoint),
+                                     "--audio-dir", str(tmp_path / "audio"), "--out-dir", str(tmp_path / "feats"),
+                                     "--no-progress"])
+    assert extract_main() == 2  # as the console script runs it
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("error: ") and "narrow.wav: sample rate is 8000 Hz" in error[-1]
+    assert not list((tmp_path / "feats").rglob("*.npy"))

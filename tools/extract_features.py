@@ -6,15 +6,16 @@ Inputs (one of):
   (normalised on disk, or normalised here when the model was trained with
   ``task.mean_std_path``);
 * ``--audio-dir DIR`` (every .wav/.flac below it) or ``--audio-manifest``
-  (fairseq audio manifest): 16 kHz audio, turned into 40-dim Kaldi fbank and
-  normalised with the corpus mean/std stored in the checkpoint (an error if
-  the checkpoint does not record them).
+  (fairseq audio manifest): 16 kHz audio, turned into 40-dim Kaldi fbank by
+  the model's torch front end (on ``--device``) and normalised with the corpus
+  mean/std stored in the checkpoint (an error if the checkpoint does not record them).
 
 Output: one float32 ``.npy`` per utterance per layer,
 ``{out-dir}/layer{L}/{relative path}.npy`` of shape (model frames, C), where
 the relative path mirrors the input (manifest path, or audio path with
-``.npy``). Layers are 1-based transformer layer outputs (``--layers 1,8,12``
-or ``all``). Frame stacking (10/20/40 ms) comes from the checkpoint.
+``.npy``). Layer L >= 1 is transformer layer L's output, layer 0 the input of
+the first layer (``--layers 0,1,8,12``; ``all`` = 1..L, ``0,all`` = every
+state). Frame stacking (10/20/40 ms) comes from the checkpoint.
 Everything is written to a staging folder and moved into place only after
 every utterance succeeded.
 """
@@ -33,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import check_writable
-from melhubert_fairseq.data.fbank import compute_fbank, load_audio
+from melhubert_fairseq.data.fbank import load_audio, num_fbank_frames
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ
 from melhubert_fairseq.data.manifest import read_manifest
 from melhubert_fairseq.feature_reader import MelHubertFeatureReader, parse_layers
@@ -59,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--audio-dir", help="folder of 16 kHz .wav/.flac files (searched recursively)")
     source.add_argument("--audio-manifest", help="fairseq audio manifest (root line, then path<TAB>num_samples)")
     parser.add_argument("--out-dir", required=True, help="output folder: layer{L}/<relative path>.npy")
-    parser.add_argument("--layers", default="all", help="1-based layers to write: 'all' or e.g. '1,8,12'")
+    parser.add_argument("--layers", default="all", help="layers to write: 'all' (1..L), e.g. '1,8,12', 0 = input of layer 1, '0,all'")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="dtype of the written arrays")
     parser.add_argument("--device", default="cpu", help="torch device for the model forward")
     parser.add_argument("--max-batch-frames", type=int, default=20000, help="padded model frames per forward batch")
@@ -96,10 +97,8 @@ def audio_utterances(reader: MelHubertFeatureReader, args: argparse.Namespace) -
 
     def loader(path: str) -> Callable[[], Tuple[np.ndarray, int]]:
         def load() -> Tuple[np.ndarray, int]:
-            fbank = compute_fbank(load_audio(path, resample=args.resample, downmix=args.downmix))
-            if len(fbank) == 0:  # shorter than one 25 ms window
-                return np.zeros((0, reader.feat_dim * reader.stack), dtype=np.float32), 0
-            return reader.prepare_raw_fbank(fbank), len(fbank)
+            waveform = reader.prepare_waveform(load_audio(path, resample=args.resample, downmix=args.downmix))
+            return waveform, num_fbank_frames(len(waveform))  # the model computes the fbank
 
         return load
 
@@ -140,9 +139,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             try:
                 model_input, num_fbank = utt.make_input()
             except (OSError, ValueError, RuntimeError) as err:
-                raise RuntimeError(f"{utt.where}: {err}") from None
+                raise ValueError(f"{utt.where}: {err}") from None  # a user error: one line, exit 2
             fbank_frames += num_fbank
-            if len(model_input) == 0:
+            if num_fbank == 0:
                 skipped.append(utt.where)
                 print(f"skipped {utt.where}: shorter than one 25 ms fbank window", file=sys.stderr)
                 continue

@@ -259,21 +259,26 @@ class TransformerEncoder(nn.Module):
         self.layerdrop = layerdrop
         self.causal = causal
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        padding_mask: Optional[torch.Tensor],
-        output_layer: Optional[int] = None,
-    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Return the encoder output and every layer's output (B, T, C), stopping at ``output_layer``."""
+    def layer_input(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Input of the first transformer layer, (B, T, C): x + positional conv (+ LayerNorm if post-LN), dropout."""
         if padding_mask is not None:
             # Padded frames must not leak into real ones through the positional conv.
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         x = x + self.pos_conv(x.transpose(1, 2)).transpose(1, 2)
         if not self.layer_norm_first:
             x = self.layer_norm(x)
-        x = self.dropout(x)
+        return self.dropout(x)
 
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        padding_mask: Optional[torch.Tensor],
+        output_layer: Optional[int] = None,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Run the layers on :meth:`layer_input`'s output; return the output and every layer's (B, T, C)
+        output, stopping after layer ``output_layer`` (1-based; 0 runs none)."""
+        if output_layer == 0:
+            return x, []
         mask = attention_mask(padding_mask, x.size(1), self.causal, x.device)
         layer_results = []
         for index, layer in enumerate(self.layers, start=1):
@@ -286,3 +291,12 @@ class TransformerEncoder(nn.Module):
         if self.layer_norm_first:
             x = self.layer_norm(x)
         return x, layer_results
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        padding_mask: Optional[torch.Tensor],
+        output_layer: Optional[int] = None,
+    ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Return the encoder output and every layer's output (B, T, C), stopping at ``output_layer``."""
+        return self.run_layers(self.layer_input(x, padding_mask), padding_mask, output_layer)

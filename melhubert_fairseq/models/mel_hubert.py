@@ -13,6 +13,7 @@ from torch import nn
 
 from melhubert_fairseq.models.components import TransformerEncoder, TransformerLayer
 from melhubert_fairseq.models.masking import SpanMaskConfig, check_span_mask_config, span_mask
+from melhubert_fairseq.models.waveform_frontend import WaveformFrontEnd
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,12 @@ class MelHubertConfig(FairseqDataclass):
 
 @register_model("mel_hubert", dataclass=MelHubertConfig)
 class MelHubertModel(BaseFairseqModel):
-    """Linear projection of (stacked) fbank frames -> conv positional embedding -> transformer -> final_proj."""
+    """Linear projection of (stacked) fbank frames -> conv positional embedding -> transformer -> final_proj.
+
+    Takes the (B, T, feat_dim x stack_frames) frames it was trained on, or a
+    (B, samples) 16 kHz waveform that :class:`WaveformFrontEnd` turns into those
+    frames with the checkpoint's fbank statistics.
+    """
 
     def __init__(self, cfg: MelHubertConfig) -> None:
         super().__init__()
@@ -140,6 +146,8 @@ class MelHubertModel(BaseFairseqModel):
         # saved with the weights so a checkpoint alone can turn audio into inputs.
         # NaN = unknown (features were normalised by a tool whose stats were not given).
         self.register_buffer("fbank_mean_std", torch.full((2, cfg.feat_dim), float("nan")))
+        # No parameters or persistent buffers: checkpoints are the same with or without it.
+        self.waveform_frontend = WaveformFrontEnd(cfg.stack_frames)
         self.num_updates = 0
 
     @classmethod
@@ -156,6 +164,27 @@ class MelHubertModel(BaseFairseqModel):
         if torch.isnan(self.fbank_mean_std).any():
             return None
         return self.fbank_mean_std[0], self.fbank_mean_std[1]
+
+    def require_fbank_stats(self, where: str = "this mel_hubert model") -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`fbank_stats`, or a ValueError naming ``where`` (e.g. the checkpoint) when they are unknown."""
+        stats = self.fbank_stats()
+        if stats is None:
+            raise ValueError(
+                f"{where} does not record the corpus mean/std its features were normalised with, "
+                "so raw fbank or audio cannot be normalised: pass normalised features from a manifest instead, or "
+                "store the stats in the checkpoint (melhubert-convert-original --mean-std FILE, or train with "
+                "{task.data}/mean-std.npy present)"
+            )
+        return stats
+
+    def waveform_to_frames(
+        self, waveform: torch.Tensor, padding_mask: Optional[torch.Tensor]
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(B, samples) 16 kHz audio [+ (B, samples) padding mask] -> (B, T, input_dim) frames [+ (B, T) mask],
+        exactly the normalised, stacked fbank the model was trained on."""
+        mean, std = self.require_fbank_stats()
+        frames, padding_mask = self.waveform_frontend(waveform, padding_mask, mean, std)
+        return frames.to(self.pre_extract_proj.weight.dtype), padding_mask
 
     def set_num_updates(self, num_updates: int) -> None:
         """Track the update number: it seeds each update's masks."""
@@ -186,12 +215,23 @@ class MelHubertModel(BaseFairseqModel):
         output_layer: Optional[int] = None,
         sample_ids: Optional[torch.Tensor] = None,
     ) -> Dict[str, Any]:
-        """Encode (B, T, input_dim) frames.
+        """Encode (B, T, input_dim) frames or a (B, samples) 16 kHz float waveform in [-1, 1].
 
-        Returns ``x`` (final output, or layer ``output_layer``'s output when given,
-        1-based), ``layer_results`` (every layer's output so far, (B, T, C)),
-        ``padding_mask`` (True = padded) and ``mask_indices`` (True = masked).
+        ``padding_mask`` (True = padded) is (B, T) for frames and (B, samples) for
+        a waveform. Returns ``x`` (final output, or layer ``output_layer``'s output
+        when given, 1-based; 0 = the input of the first layer), ``layer_results``
+        (every layer's output so far, (B, T, C)), ``hidden_states`` (the input of
+        the first layer, then ``layer_results``: index = layer number),
+        ``padding_mask`` (frame level, (B, T), as fairseq's ASR encoders read it
+        back; None if none was given) and ``mask_indices`` (True = masked).
         """
+        if source.dim() == 2:
+            source, padding_mask = self.waveform_to_frames(source, padding_mask)
+        elif source.dim() != 3:
+            raise ValueError(
+                f"input has shape {tuple(source.shape)}: expected (batch, samples) 16 kHz audio or "
+                f"(batch, frames, {self.input_dim}) fbank frames"
+            )
         if source.size(-1) != self.input_dim:
             raise ValueError(
                 f"input frames have dim {source.size(-1)}, model expects feat_dim x stack_frames = "
@@ -204,10 +244,12 @@ class MelHubertModel(BaseFairseqModel):
         x = self.pre_extract_proj(x)
         if mask and not self.cfg.mask_before_proj:
             x, mask_indices = self.apply_mask(x, padding_mask, sample_ids)
-        x, layer_results = self.encoder(x, padding_mask, output_layer=output_layer)
+        layer_input = self.encoder.layer_input(x, padding_mask)
+        x, layer_results = self.encoder.run_layers(layer_input, padding_mask, output_layer=output_layer)
         return {
             "x": x,
             "layer_results": layer_results,
+            "hidden_states": [layer_input, *layer_results],
             "padding_mask": padding_mask,
             "mask_indices": mask_indices,
         }
@@ -219,7 +261,7 @@ class MelHubertModel(BaseFairseqModel):
         sample_ids: Optional[torch.Tensor] = None,
         mask: bool = True,
     ) -> Dict[str, Any]:
-        """Pretraining forward: masked encoding (see ``extract_features``)."""
+        """Pretraining forward: masked encoding of frames or a waveform (see ``extract_features``)."""
         return self.extract_features(source, padding_mask, mask=mask, sample_ids=sample_ids)
 
     def cluster_logits(self, features: torch.Tensor) -> torch.Tensor:
