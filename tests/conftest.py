@@ -82,6 +82,7 @@ def hydra_train_command(
         f"dataset.max_tokens={max_tokens}",
         "common.log_interval=1",
         "common.tensorboard_logdir=null",
+        "dataset.disable_validation=true",  # the synthetic corpora have no valid split
         f"checkpoint.save_dir={save_dir}",
         f"hydra.run.dir={save_dir}/hydra",
         *(TINY_MODEL_OVERRIDES if tiny else []),

@@ -112,6 +112,7 @@ def torchrun_train(tmp_path: Path, data: Path, save_dir: Path, records: Path, ma
         "task.num_classes=32",
         "task.min_sample_size=40",
         "dataset.num_workers=0",
+        "dataset.disable_validation=true",
         "dataset.max_tokens=400",
         f"optimization.max_update={max_update}",
         "optimization.update_freq=[1]",

@@ -30,7 +30,7 @@ def test_stage2_trains_from_stage1_checkpoint_on_layer_labels(tmp_path):
     result = run_hydra_train(
         data,
         stage2,
-        config_name="stage2",
+        config_name="stage2_from_stage1",
         num_classes=32,  # same K as stage 1: stage 2 starts from every stage-1 weight, final_proj included
         max_update=2,
         overrides=[f"task.label_dir={stage2_labels}", f"checkpoint.finetune_from_model={ckpt}"],

@@ -99,13 +99,21 @@ def test_every_stage1_variant_config_trains(tmp_path):
         "stage1_40ms": [],
         # One CPU process stands in for the 8 GPUs: checks the recipe's keys, not NCCL.
         "stage1_multigpu": ["common.cpu=true", "distributed_training.distributed_world_size=1"],
+        # Stage 2 trains from scratch (these labels are at 100 Hz, so the rate is set back for the run).
+        "stage2": ["task.label_rate=100"],
     }
     for name, overrides in variants.items():
         result = run_hydra_train(data, tmp_path / name, config_name=name, max_update=1, overrides=overrides)
         assert [int(u["num_updates"]) for u in logged_updates(result.stdout)] == [1], name
         models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task([str(tmp_path / name / "checkpoint_last.pt")])
-        expected_stack = {"stage1_10ms": 1, "stage1_40ms": 4, "stage1_multigpu": 2}[name]
+        expected_stack = {"stage1_10ms": 1, "stage1_40ms": 4, "stage1_multigpu": 2, "stage2": 2}[name]
         assert cfg.task.stack_frames == expected_stack and cfg.model.stack_frames == expected_stack, name
+        assert cfg.checkpoint.finetune_from_model is None and "loading pretrained model" not in result.stdout
+    # Inherited from stage1.yaml through the defaults list, not reset to fairseq's schema defaults.
+    assert cfg.criterion._name == "hard_label_masked_ce" and cfg.optimization.max_epoch == 100
+    # stage2_from_stage1 refuses to start without the stage-1 checkpoint it starts from.
+    missing = run_hydra_train(data, tmp_path / "s2f", config_name="stage2_from_stage1", max_update=1, check=False)
+    assert missing.returncode != 0 and "pass checkpoint.finetune_from_model=" in missing.stdout + missing.stderr
 
 
 def test_utterance_too_short_to_mask_is_named_by_its_manifest_line(tmp_path):

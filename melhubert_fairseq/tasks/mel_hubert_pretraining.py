@@ -142,7 +142,14 @@ class MelHubertPretrainingTask(FairseqTask):
 
     def load_dataset(self, split: str, **kwargs) -> None:
         """Index ``{data}/{split}.tsv`` and ``{label_dir}/{split}.{labels}`` (labels stay on disk)."""
-        manifest = read_manifest(os.path.join(self.cfg.data, f"{split}.tsv"))
+        manifest_path = os.path.join(self.cfg.data, f"{split}.tsv")
+        if not os.path.isfile(manifest_path) and not split.startswith("train"):
+            raise FileNotFoundError(
+                f"{manifest_path} not found: validation is on (dataset.valid_subset={split}); make that split with "
+                f"the same tools as train (e.g. melhubert-wav-to-fbank --split {split} --mean-std <train mean-std.npy>), "
+                "or pass dataset.disable_validation=true"
+            )
+        manifest = read_manifest(manifest_path)
         labels = index_label_file(os.path.join(self.label_dir, f"{split}.{self.cfg.labels}"))
         self.datasets[split] = FbankLabelDataset(
             manifest,
