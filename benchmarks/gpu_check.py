@@ -224,8 +224,10 @@ def write_learnable_corpus(directory: Path, num_utts: int, num_frames: int, num_
 
     Each utterance is a run of segments of 8-30 frames (10 ms each); a segment's frames
     are its class's 40-dim centroid plus noise and carry that class as label. A masked
-    frame's label can thus be inferred from its unmasked neighbours, so training has
-    something to learn and the loss falls below chance (log2 of the class count).
+    frame's label can thus be inferred from its unmasked neighbours: the --quick model
+    gets below chance (log2 of the class count) in its 16 updates; Base at the recipe's
+    learning rate falls from about chance + 0.3 bits to about chance in 100 (measured
+    on CPU: 9.31 -> 9.11 bits over 60 updates of 2 crops).
     """
     import numpy as np
 
@@ -593,6 +595,7 @@ def format_table(results: Dict) -> str:
     lines = [
         f"gpu_check on {info.get('device_name')} ({results['device']}{', quick' if results['quick'] else ''}), "
         f"torch {info.get('torch')}, fairseq {info.get('fairseq')}, {results['seconds']:.0f} s",
+        *(["quick mode: tiny models, one timed round: the speed figures check the script, not the code's speed"] if results["quick"] else []),
         "",
         "| check | result |",
         "|---|---|",
