@@ -19,6 +19,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 export PYTHONUNBUFFERED=1
 if [[ -n "${OUT:-}" ]]; then
+    set +e +o pipefail  # exit with the check's status, not tee's
     "$python" benchmarks/gpu_check.py "$@" 2>&1 | tee "$OUT/gpu_check.log"
     exit "${PIPESTATUS[0]}"
 fi
