@@ -13,7 +13,8 @@ table gives audio-seconds per wall-second and the ratios the targets refer to:
 Each model runs at every ``--precisions`` entry (fp32 = no autocast; bf16/fp16 =
 ``torch.autocast``; bf16w = the whole model in bf16 with fp32 master weights in
 Adam, as fairseq's ``common.bf16`` runs it, the only bf16 mode fairseq's HuBERT
-supports; the loss stays fp32). A torch.profiler table of one ours_20ms
+supports; fp16w likewise in fp16 with fairseq's loss scale, ``common.fp16``; the
+loss stays fp32). A torch.profiler table of one ours_20ms
 step is written to ``benchmarks/results/profile_train_20ms[_bf16].txt``.
 
     python benchmarks/bench_train_step.py                     # CPU, 2 threads, ~3 min on an idle machine

@@ -47,10 +47,13 @@ STAGE1_CONFIG = os.path.join(REPO_ROOT, "config", "stage1.yaml")
 DEMO_CORPUS = os.path.join(REPO_ROOT, "demo", "corpus")
 RESULTS_DIR = os.path.join(REPO_ROOT, "benchmarks", "results")
 NUM_CLASSES = 512
-# fp32: no autocast; bf16 / fp16: torch.autocast; bf16w: the whole model in bf16 with fp32 master
-# weights in the optimizer, what fairseq's common.bf16 does (and the only way HuBERT runs in bf16).
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "bf16w": None}
-WEIGHT_DTYPES = {"bf16w": torch.bfloat16}
+# fp32: no autocast; bf16 / fp16: torch.autocast; bf16w / fp16w: the whole model in bf16 / fp16 with
+# fp32 master weights in the optimizer, what fairseq's common.bf16 / common.fp16 do (and the only way
+# fairseq's HuBERT runs in half precision).
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "bf16w": None, "fp16w": None}
+WEIGHT_DTYPES = {"bf16w": torch.bfloat16, "fp16w": torch.float16}
+#: fairseq's common.fp16_init_scale: the loss scale its FP16Optimizer starts from.
+FP16_INIT_SCALE = 128.0
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -166,13 +169,16 @@ class _FakeHubertTask:
     source_dictionary = None
 
 
-def build_hubert_base(num_classes: int = NUM_CLASSES):
-    """fairseq's HuBERT Base as examples/hubert/config/pretrain/hubert_base_librispeech.yaml sets it up."""
+def build_hubert_base(num_classes: int = NUM_CLASSES, **overrides):
+    """fairseq's HuBERT Base as examples/hubert/config/pretrain/hubert_base_librispeech.yaml sets it up.
+
+    ``overrides`` replace HubertConfig fields (the encoder sizes share Mel-HuBERT's names).
+    """
     from fairseq.data import Dictionary
     from fairseq.models.hubert import HubertConfig, HubertModel
     from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
 
-    cfg = HubertConfig(
+    settings = dict(
         label_rate=50,
         extractor_mode="default",
         encoder_layers=12,
@@ -192,6 +198,8 @@ def build_hubert_base(num_classes: int = NUM_CLASSES):
         skip_masked=False,
         skip_nomask=False,
     )
+    settings.update(overrides)
+    cfg = HubertConfig(**settings)
     task_cfg = HubertPretrainingConfig(label_rate=50, sample_rate=FBANK_SAMPLE_RATE, labels=["km"])
     dictionary = Dictionary()
     for cluster in range(num_classes):
@@ -211,6 +219,12 @@ class Case:
     audio_seconds: float
     step: Callable[[], None]
     family: str  # "hubert", "straightforward" or "ours"
+    #: The model the step runs (for clearing its gradients after an out-of-memory step).
+    model: Optional[nn.Module] = None
+    #: The same step on ``n`` utterances (the inputs tiled), for memory probes.
+    resize: Optional[Callable[[int], Callable[[], None]]] = None
+    #: Utterances per step.
+    batch: int = 1
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -238,8 +252,10 @@ def make_optimizer_for(params: List[torch.Tensor], recipe: str):
 class UpdateRunner:
     """What fairseq's trainer does after the loss: backward, grads / sample_size, clip, Adam step.
 
-    With ``master_params`` (bf16w) it does what fairseq's FP16Optimizer does for
-    common.bf16: copy the bf16 grads to fp32 master weights, step those, copy back.
+    With ``master_params`` (bf16w, fp16w) it does what fairseq's FP16Optimizer does for
+    common.bf16 / common.fp16: copy the half-precision grads to fp32 master weights,
+    step those, copy back; fp16w also scales the loss (fairseq's dynamic loss scale:
+    start at 128, halve and skip the update when the gradients overflow).
     """
 
     def __init__(
@@ -258,24 +274,27 @@ class UpdateRunner:
         self.clip_norm = clip_norm
         # fp16 needs loss scaling; bf16 has fp32's range and does not.
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.loss_scale = FP16_INIT_SCALE if precision == "fp16w" else 1.0
 
     def __call__(self, loss: torch.Tensor, sample_size: int) -> None:
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
         else:
-            loss.backward()
+            (loss * self.loss_scale if self.loss_scale != 1.0 else loss).backward()
         if self.master_params is not None:
             for master, param in zip(self.master_params, self.model_params):
                 master.grad = None if param.grad is None else param.grad.float()
                 param.grad = None
         for param in self.params:
             if param.grad is not None:
-                param.grad.mul_(1.0 / max(sample_size, 1))
-        torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+                param.grad.mul_(1.0 / (max(sample_size, 1) * self.loss_scale))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        elif self.loss_scale != 1.0 and not torch.isfinite(grad_norm):
+            self.loss_scale /= 2.0  # fairseq: overflow -> skip this update, halve the scale
         else:
             self.optimizer.step()
         if self.master_params is not None:
@@ -442,8 +461,8 @@ def add_common_arguments(parser) -> None:
     parser.add_argument(
         "--precisions",
         default=None,
-        help="comma list of fp32, bf16, fp16 (autocast), bf16w (bf16 model, fp32 master weights: fairseq's common.bf16); "
-        "default cpu: fp32,bf16,bf16w; cuda: fp32,bf16,bf16w,fp16",
+        help="comma list of fp32, bf16, fp16 (autocast), bf16w / fp16w (bf16 / fp16 model, fp32 master weights: "
+        "fairseq's common.bf16 / common.fp16); default cpu: fp32,bf16,bf16w; cuda: fp32,bf16,bf16w,fp16,fp16w",
     )
     parser.add_argument(
         "--cases",
@@ -456,19 +475,26 @@ def add_common_arguments(parser) -> None:
 ALL_MODELS = ("hubert", "straightforward_20ms", "ours_20ms", "ours_10ms", "ours_40ms")
 
 
-def same_weights_copy(name: str, model: nn.Module) -> nn.Module:
+def same_weights_copy(name: str, model: nn.Module, size_overrides: Optional[Dict] = None) -> nn.Module:
     """A new instance of case ``name``'s model holding ``model``'s weights (deepcopy fails on weight-normed convs)."""
-    twin = build_hubert_base() if name == "hubert" else MelHubertModel(model.cfg)
+    twin = build_hubert_base(**(size_overrides or {})) if name == "hubert" else MelHubertModel(model.cfg)
     twin.load_state_dict(model.state_dict())
     return twin
 
 
 def build_cases(args, mode: str, log=print) -> List[Case]:
-    """Build every requested model once and a Case per (model, precision); ``mode`` is train or infer."""
+    """Build every requested model once and a Case per (model, precision); ``mode`` is train or infer.
+
+    ``args.size_overrides`` (optional dict of encoder sizes, e.g. ``encoder_layers``) shrinks
+    every model alike and ``args.hubert_overrides`` (optional) HuBERT's other fields (its conv
+    front end), for smoke runs; absent = the Base models.
+    """
     device = torch.device(args.device)
+    sizes = dict(getattr(args, "size_overrides", None) or {})
+    hubert_sizes = {**sizes, **(getattr(args, "hubert_overrides", None) or {})}
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    precisions = (args.precisions or ("fp32,bf16,bf16w" if device.type == "cpu" else "fp32,bf16,bf16w,fp16")).split(",")
+    precisions = (args.precisions or ("fp32,bf16,bf16w" if device.type == "cpu" else "fp32,bf16,bf16w,fp16,fp16w")).split(",")
     for precision in precisions:
         if precision not in PRECISIONS:
             raise SystemExit(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
@@ -484,19 +510,19 @@ def build_cases(args, mode: str, log=print) -> List[Case]:
     built: Dict[str, nn.Module] = {}
     for name in models:
         if name == "hubert":
-            model = build_hubert_base().to(device)
+            model = build_hubert_base(**hubert_sizes).to(device)
         elif name == "straightforward_20ms":
             if "ours_20ms" not in built:
-                built["ours_20ms"] = build_mel_hubert(2).to(device)
+                built["ours_20ms"] = build_mel_hubert(2, **sizes).to(device)
             model = straightforward_copy(built["ours_20ms"])
         else:
             stack = {"ours_10ms": 1, "ours_20ms": 2, "ours_40ms": 4}[name]
-            model = built.get(name) or build_mel_hubert(stack).to(device)
+            model = built.get(name) or build_mel_hubert(stack, **sizes).to(device)
         built[name] = model
         log(f"built {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
         # The fp32 and autocast precisions of one model share its weights and Adam state;
-        # only the autocast dtype differs between their steps. bf16w gets its own bf16
-        # copy and fp32 master weights below.
+        # only the autocast dtype differs between their steps. bf16w / fp16w get their own
+        # bf16 / fp16 copy and fp32 master weights below.
         recipe = "hubert" if name == "hubert" else "mel_hubert"
         optimizer = make_optimizer(model, recipe) if mode == "train" else None
         for precision in precisions:
@@ -516,16 +542,31 @@ def build_cases(args, mode: str, log=print) -> List[Case]:
             run_model, run_optimizer, master = model, optimizer, None
             if precision in WEIGHT_DTYPES:
                 dtype = WEIGHT_DTYPES[precision]
-                run_model, inputs = same_weights_copy(name, model).to(device, dtype), inputs.to(dtype)
+                run_model, inputs = same_weights_copy(name, model, hubert_sizes).to(device, dtype), inputs.to(dtype)
                 if mode == "train":
                     master = [p.detach().float().clone() for p in run_model.parameters() if p.requires_grad]
                     run_optimizer = make_optimizer_for(master, recipe)
-            if mode == "train":
-                step = train_step(run_model, run_optimizer, inputs, device, precision, master_params=master)
-            else:
-                step = inference_step(run_model, inputs, device, precision)
-            cases.append(Case(f"{name}@{precision}", precision, audio_seconds, step, family))
+
+            def make_step(batch: int, model=run_model, optimizer=run_optimizer, inputs=inputs, master=master,
+                          precision=precision, train_step=train_step) -> Callable[[], None]:
+                batch_inputs = tile_batch(inputs, batch)
+                if mode == "train":
+                    return train_step(model, optimizer, batch_inputs, device, precision, master_params=master)
+                return inference_step(model, batch_inputs, device, precision)
+
+            cases.append(
+                Case(f"{name}@{precision}", precision, audio_seconds, make_step(args.utterances), family,
+                     model=run_model, resize=make_step, batch=args.utterances)
+            )
     return cases
+
+
+def tile_batch(inputs: torch.Tensor, batch: int) -> torch.Tensor:
+    """``inputs`` (B, ...) repeated along the batch to ``batch`` rows (speed does not depend on content)."""
+    if batch == inputs.size(0):
+        return inputs
+    repeats = -(-batch // inputs.size(0))
+    return inputs.repeat(repeats, *([1] * (inputs.dim() - 1)))[:batch]
 
 
 def run_cases(args, mode: str, title: str):

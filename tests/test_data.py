@@ -89,7 +89,7 @@ def test_parse_label_line(line, labels):
     assert parse_label_line(line, "x").tolist() == labels
 
 
-@pytest.mark.parametrize("line, bad", [(b"1 x 3", "'x'"), (b"1.5 2", "'1.5'")])
+@pytest.mark.parametrize("line, bad", [(b"1 x 3", "'x'"), (b"1.5 2", "'1.5'"), (b"4 5 6abc", "'6abc'")])
 def test_parse_label_line_names_the_bad_token(line, bad):
     with pytest.raises(ValueError, match=f"train.km:4: label {bad} is not an integer"):
         parse_label_line(line, "train.km:4")
@@ -344,3 +344,28 @@ def test_atomic_outputs_get_normal_file_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_parse_label_line_leaves_other_threads_warnings_alone():
+    """fairseq parses labels in a prefetch thread: that must not turn the main thread's warnings into errors."""
+    import threading
+    import warnings
+
+    lines = [b"1 2 3\n", b"-1 7\n", b" 4\t5\r\n"] * 2000
+    stop = threading.Event()
+
+    def parse_forever():
+        while not stop.is_set():
+            for line in lines:
+                parse_label_line(line, "x")
+
+    worker = threading.Thread(target=parse_forever)
+    worker.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(20000):
+                warnings.warn("main-thread warning", FutureWarning)
+    finally:
+        stop.set()
+        worker.join()
