@@ -298,5 +298,8 @@ class TransformerEncoder(nn.Module):
         padding_mask: Optional[torch.Tensor],
         output_layer: Optional[int] = None,
     ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Return the encoder output and every layer's output (B, T, C), stopping at ``output_layer``."""
-        return self.run_layers(self.layer_input(x, padding_mask), padding_mask, output_layer)
+        """Return the encoder output and the hidden states (B, T, C), index = layer number: the input of
+        the first layer, then every layer's output, stopping at ``output_layer``."""
+        layer_input = self.layer_input(x, padding_mask)
+        x, layer_results = self.run_layers(layer_input, padding_mask, output_layer)
+        return x, [layer_input, *layer_results]

@@ -244,12 +244,11 @@ class MelHubertModel(BaseFairseqModel):
         x = self.pre_extract_proj(x)
         if mask and not self.cfg.mask_before_proj:
             x, mask_indices = self.apply_mask(x, padding_mask, sample_ids)
-        layer_input = self.encoder.layer_input(x, padding_mask)
-        x, layer_results = self.encoder.run_layers(layer_input, padding_mask, output_layer=output_layer)
+        x, hidden_states = self.encoder(x, padding_mask, output_layer=output_layer)
         return {
             "x": x,
-            "layer_results": layer_results,
-            "hidden_states": [layer_input, *layer_results],
+            "layer_results": hidden_states[1:],
+            "hidden_states": hidden_states,
             "padding_mask": padding_mask,
             "mask_indices": mask_indices,
         }
