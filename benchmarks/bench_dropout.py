@@ -1,10 +1,10 @@
 """CPU dropout and training attention: our paths vs torch's, side by side.
 
-1. Mask drawing: ``components.keep_mask`` (16-bit lanes of numpy's SFC64) against
+1. Mask drawing: ``cpu_kernels.keep_mask`` (16-bit lanes of numpy's SFC64) against
    torch's ``bernoulli_`` (what ``F.dropout`` and SDPA's math path sample with on
    CPU), for an attention-probability mask (B x heads x T x T) and a feed-forward
    activation (B x T x 4C).
-2. Attention with dropout, forward + backward: ``components.softmax_attention``
+2. Attention with dropout, forward + backward: ``cpu_kernels.softmax_attention``
    with a ``keep_mask`` against ``F.scaled_dot_product_attention(dropout_p=p)``
    (SDPA's CPU math path with torch's sampler), and SDPA without dropout (its
    flash kernel) for scale.
@@ -31,7 +31,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from speed_common import RESULTS_DIR, save_text  # noqa: E402
 
-from melhubert_fairseq.models.components import dropout, keep_mask, softmax_attention  # noqa: E402
+from melhubert_fairseq.models.components import dropout  # noqa: E402
+from melhubert_fairseq.models.cpu_kernels import keep_mask, softmax_attention  # noqa: E402
 
 
 def with_backward(forward: Callable[[], torch.Tensor], grad: torch.Tensor, leaves: List[torch.Tensor]) -> Callable[[], None]:

@@ -25,16 +25,8 @@ import torch
 from fairseq.data.data_utils import compute_mask_indices
 
 from melhubert_fairseq.criterions.hard_label_masked_ce import HardLabelMaskedCe
-from melhubert_fairseq.models.components import (
-    Dropout,
-    SelfAttention,
-    TimeMajorConv1d,
-    attention_mask,
-    dropout,
-    keep_mask,
-    make_pos_conv,
-    softmax_attention,
-)
+from melhubert_fairseq.models.components import Dropout, SelfAttention, attention_mask, dropout, make_pos_conv
+from melhubert_fairseq.models.cpu_kernels import TimeMajorConv1d, keep_mask, softmax_attention, use_cpu_kernels
 from melhubert_fairseq.models.masking import SpanMaskConfig, check_span_mask_config, mix32, span_mask
 from melhubert_fairseq.models.mel_hubert import MelHubertConfig, MelHubertModel
 from conftest import REPO_ROOT
@@ -362,3 +354,27 @@ def test_cpu_training_attention_under_bf16_autocast_is_close_to_fp32():
         low = softmax_attention(q, k, v, None, keep, 0.1)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), exact, atol=0.05, rtol=0.05)
+
+
+def test_cpu_kernels_switch_off_gives_torch_s_own_operations():
+    """With the CPU kernels off, dropout is F.dropout bit for bit (same torch seed), attention is SDPA and the
+    positional conv nn.Conv1d; with them on, the model computes the same function."""
+    cfg = MelHubertConfig(
+        feat_dim=40, stack_frames=2, num_classes=8, encoder_layers=2, encoder_embed_dim=32,
+        encoder_ffn_embed_dim=64, encoder_attention_heads=4, conv_pos=8, conv_pos_groups=4, mask_seed=1,
+    )
+    model = MelHubertModel(cfg).eval()
+    frames = torch.randn(2, 30, 80)
+    with torch.no_grad():
+        on = model.extract_features(frames)["x"]
+        with use_cpu_kernels(False):
+            off = model.extract_features(frames)["x"]
+    torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-5)
+    x = torch.randn(64, 64)
+    with use_cpu_kernels(False):
+        torch.manual_seed(5)
+        ours = dropout(x, 0.3, training=True)
+    torch.manual_seed(5)
+    assert torch.equal(ours, torch.nn.functional.dropout(x, 0.3, True))
+    torch.manual_seed(5)
+    assert not torch.equal(dropout(x, 0.3, training=True), ours), "on: the mask comes from keep_mask"

@@ -3,50 +3,27 @@
 Parameter names follow fairseq's wav2vec2/HuBERT encoder (and so the original
 Mel-HuBERT release): ``self_attn.{q,k,v,out}_proj``, ``self_attn_layer_norm``,
 ``fc1``, ``fc2``, ``final_layer_norm``, ``pos_conv.0.weight_g/weight_v``.
+Faster CPU versions of some operations live apart, in :mod:`cpu_kernels`.
 """
 from __future__ import annotations
 
 import math
 from typing import List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from fairseq.modules import SamePad, TransposeLast
 from fairseq.utils import get_activation_fn
 from torch import nn
 
-
-class TimeMajorConv1d(nn.Conv1d):
-    """``nn.Conv1d`` (same parameters) that on CPU runs as a channels-last 2-D convolution.
-
-    The encoder hands the positional conv the (B, C, T) transpose of its (B, T, C)
-    activations. As a (B, C, 1, T) channels-last tensor oneDNN reads that in place and
-    writes the transpose of a contiguous (B, T, C) output; its channels-last kernels
-    ran HuBERT's 128-tap, 16-group conv 1.85x faster forward and 1.5x forward+backward
-    (T=400, batch 2, benchmarks/bench_pos_conv.py). GPUs keep ``nn.Conv1d``'s path.
-    """
-
-    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        if input.device.type != "cpu" or self.padding_mode != "zeros":
-            return super()._conv_forward(input, weight, bias)
-        out = F.conv2d(
-            input.unsqueeze(2),
-            weight.unsqueeze(2),
-            bias,
-            stride=(1, self.stride[0]),
-            padding=(0, self.padding[0]),
-            dilation=(1, self.dilation[0]),
-            groups=self.groups,
-        )
-        return out.squeeze(2)
+from melhubert_fairseq.models import cpu_kernels
 
 
 def make_conv_pos(embed_dim: int, kernel_size: int, groups: int, causal: bool = False) -> nn.Module:
     """HuBERT's positional conv (fairseq's ``make_conv_pos``: same parameters, init and output) as a
-    :class:`TimeMajorConv1d`; ``causal`` pads on the left only, so frame t sees frames <= t."""
+    :class:`cpu_kernels.TimeMajorConv1d`; ``causal`` pads on the left only, so frame t sees frames <= t."""
     padding = kernel_size - 1 if causal else kernel_size // 2
-    conv = TimeMajorConv1d(embed_dim, embed_dim, kernel_size=kernel_size, padding=padding, groups=groups)
+    conv = cpu_kernels.TimeMajorConv1d(embed_dim, embed_dim, kernel_size=kernel_size, padding=padding, groups=groups)
     nn.init.normal_(conv.weight, mean=0, std=math.sqrt(4.0 / (kernel_size * embed_dim)))
     nn.init.constant_(conv.bias, 0)
     conv = nn.utils.weight_norm(conv, name="weight", dim=2)
@@ -66,7 +43,7 @@ def make_pos_conv(embed_dim: int, kernel_size: int, groups: int, depth: int, cau
     return nn.Sequential(
         *[
             nn.Sequential(
-                TimeMajorConv1d(embed_dim, embed_dim, kernel_size=k, padding=k - 1 if causal else k // 2, groups=groups),
+                cpu_kernels.TimeMajorConv1d(embed_dim, embed_dim, kernel_size=k, padding=k - 1 if causal else k // 2, groups=groups),
                 SamePad(k, causal=causal),
                 TransposeLast(),
                 nn.LayerNorm(embed_dim, elementwise_affine=False),
@@ -91,62 +68,17 @@ def attention_mask(
     return mask
 
 
-def keep_mask(shape: Tuple[int, ...], p: float) -> torch.Tensor:
-    """Boolean CPU dropout mask: each entry False (dropped) with probability ``p`` rounded to a multiple of 2**-16.
-
-    torch's CPU dropout samples with a serial Bernoulli generator; 16-bit lanes of
-    numpy's SFC64 draw the same mask about 10x faster (benchmarks/bench_dropout.py,
-    2.2 against 22 ms for a 2 x 12 x 400 x 400 attention mask). The generator is
-    seeded from torch's, so ``torch.manual_seed`` (fairseq seeds every update) makes
-    the mask reproducible. 16 bits give p to 1.5e-5 (0.1 -> 0.100006); FlashAttention
-    quantises its dropout probability to 8 bits.
-    """
-    seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-    count = math.prod(shape)
-    # Raw 64-bit outputs cut into four 16-bit lanes: 2.3x faster than drawing 16-bit integers.
-    raw = np.random.SFC64(seed).random_raw((count + 3) // 4)
-    # Read as int16 the lanes are uniform on [-2**15, 2**15); numpy compares the fresh
-    # buffer in about half the time torch takes (measured on 3.8M entries).
-    lanes = raw.view(np.int16)[:count].reshape(shape)
-    return torch.from_numpy(lanes >= int(round(p * 2**16)) - 2**15)
-
-
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """``F.dropout``; on CPU the kept entries come from :func:`keep_mask`, GPUs keep the fused kernel."""
+    """``F.dropout``, through :func:`cpu_kernels.dropout` on CPU while the CPU kernels are on."""
     if not training or p == 0.0:
         return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p, True)
-    # where() reads the boolean mask as is; multiplying by it would convert it to floats forward and backward.
-    return torch.where(keep_mask(x.shape, p), x, 0.0).mul_(1.0 / (1.0 - p))
-
-
-def softmax_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: Optional[torch.Tensor],
-    keep: torch.Tensor,
-    p: float,
-) -> torch.Tensor:
-    """SDPA's math path with a given dropout mask: softmax(q k^T / sqrt(d) | attn_mask) * ``keep`` @ v / (1 - p).
-
-    The same function as ``torch.ops.aten._scaled_dot_product_attention_math(q, k, v,
-    attn_mask, p, dropout_mask=keep)`` (tested), for CPU training only: SDPA has no
-    fused CPU kernel with dropout and would sample its mask with the slow Bernoulli
-    generator (see :func:`keep_mask`).
-    """
-    scores = torch.matmul(q * q.size(-1) ** -0.5, k.transpose(-2, -1))
-    if attn_mask is not None:
-        scores = scores.masked_fill_(~attn_mask, float("-inf"))
-    # Softmax at least in fp32 (bf16/fp16 under autocast), as SDPA's math path and fairseq's attention do.
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-    probs = torch.where(keep, probs, 0.0).to(v.dtype)
-    return torch.matmul(probs, v * (1.0 / (1.0 - p)))
+    if cpu_kernels.active(x.device):
+        return cpu_kernels.dropout(x, p)
+    return F.dropout(x, p, True)
 
 
 class Dropout(nn.Module):
-    """``nn.Dropout`` through :func:`dropout` (no parameters; on CPU ``p`` is used to 2**-16)."""
+    """``nn.Dropout`` through :func:`dropout` (no parameters; with the CPU kernels ``p`` is used to 2**-16)."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
@@ -166,8 +98,8 @@ class SelfAttention(nn.Module):
 
     SDPA runs flash / memory-efficient kernels on GPU and flash attention on CPU
     without dropout. CPU training with attention dropout has no fused kernel: there
-    SDPA's math path is run as :func:`softmax_attention` with a mask from
-    :func:`keep_mask`, the largest single saving of a CPU training step (README).
+    (while the CPU kernels are on) SDPA's math path runs as
+    :func:`cpu_kernels.softmax_attention` with a mask from :func:`cpu_kernels.keep_mask`.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float) -> None:
@@ -190,8 +122,8 @@ class SelfAttention(nn.Module):
 
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
         p = self.dropout if self.training else 0.0
-        if p > 0.0 and x.device.type == "cpu":
-            out = softmax_attention(q, k, v, attn_mask, keep_mask((batch, heads, frames, frames), p), p)
+        if p > 0.0 and cpu_kernels.active(x.device):
+            out = cpu_kernels.softmax_attention(q, k, v, attn_mask, cpu_kernels.keep_mask((batch, heads, frames, frames), p), p)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
         return self.out_proj(out.transpose(1, 2).reshape(batch, frames, channels))
