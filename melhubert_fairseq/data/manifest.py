@@ -19,6 +19,7 @@ from typing import Iterable, Iterator, Optional, Tuple
 import numpy as np
 
 from melhubert_fairseq.atomic_output import atomic_output
+from melhubert_fairseq.errors import check_regular_file
 
 
 @dataclass
@@ -71,8 +72,7 @@ def iter_tsv_manifest(path: str, count_name: str = "num_frames") -> Iterator[Tup
     manifests: a root line, then ``relative/path<TAB>count`` rows. Errors name
     the file and line.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"manifest not found: {path}")
+    check_regular_file(path, what="manifest")
     with open(path, "r", encoding="utf-8") as handle:
         root = handle.readline().rstrip("\n")
         if not root:
@@ -180,8 +180,7 @@ def index_label_file(path: str, chunk_bytes: int = 1 << 22) -> LabelIndex:
     Works in chunks with numpy so that LibriSpeech-960 (1.4 GB of text) is
     indexed without ever holding its labels in memory.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"label file not found: {path}")
+    check_regular_file(path, what="label file")
     offsets = [np.zeros(1, dtype=np.int64)]
     counts = []
     base = 0
