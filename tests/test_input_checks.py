@@ -6,6 +6,7 @@ import os
 import pickle
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -203,3 +204,31 @@ def test_console_main_prints_one_error_line_for_input_errors(capsys, monkeypatch
     with pytest.raises(InputError):
         main([])  # with an argv list (tests, other tools) errors propagate
 
+
+def test_label_parsing_leaves_warnings_of_other_threads_alone():
+    """fairseq's prefetch thread parses labels while the training thread warns (e.g. autocast's
+    FutureWarning): the parser must not turn the other thread's warnings into errors."""
+    import threading
+    import warnings
+
+    from melhubert_fairseq.data.manifest import parse_label_line
+
+    lines = [b"1 2 3 4 5\n", b"7 -1 3\n", b"0 0 1\n"]
+    stop = threading.Event()
+
+    def parse_forever():
+        while not stop.is_set():
+            for line in lines:
+                parse_label_line(line, "train.km:1")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        worker = threading.Thread(target=parse_forever)
+        worker.start()
+        try:
+            deadline = time.perf_counter() + 1.0
+            while time.perf_counter() < deadline:
+                warnings.warn("the training thread's warning", FutureWarning)
+        finally:
+            stop.set()
+            worker.join()
