@@ -1,11 +1,12 @@
 """Kill each data tool at random moments (SIGKILL) and check that rerunning the same command recovers.
 
 For every scenario (a tool with its inputs), the script first runs the command
-once uninterrupted, as the reference (its outputs, its duration, and when it
-first wrote anything). Then, N times: build the same inputs in a fresh folder,
-start the command, SIGKILL its whole process group at a random moment of the
-reference run's working time, look at what the kill left, rerun the same
-command to completion and compare. Each trial is classified as
+uninterrupted, as the reference (its outputs, its duration, and when it first
+wrote anything). Then, N times: build the same inputs in a fresh folder, start
+the command, SIGKILL its whole process group at a random moment of its working
+time (a random delay after its first write into the output folders), look at
+what the kill left, rerun the same command to completion and compare. Each
+trial is classified as
 
 * ``clean``: the rerun succeeded with outputs equal to the reference, and had
   nothing to clean up (killed before anything was staged);
@@ -13,9 +14,9 @@ command to completion and compare. Each trial is classified as
   or rolled back its unfinished publish (it says so in a ``note:`` line);
 * ``resumed``: the rerun continued the killed run's work (scenarios that can,
   such as training) and ended equal to the reference;
-* ``finished``: the killed run had already published everything; the rerun
-  refused to overwrite it (exit 2, "already exists") and the outputs equal the
-  reference;
+* ``finished``: the run had already published everything (or exited) when
+  the kill came; the rerun refused to overwrite it (exit 2, "already exists")
+  and the outputs equal the reference;
 * ``corrupt``: anything else: inputs modified, a readable manifest over
   inconsistent data (or a mix of old and new outputs) right after the kill, a
   failed rerun, hidden staging/temporary files left after the rerun, or
@@ -31,6 +32,7 @@ entry in :func:`scenarios`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -123,6 +125,18 @@ def snapshot(work: Path, folders: Sequence[str], hidden: bool = False) -> Snapsh
     return result
 
 
+def listing(work: Path, folders: Sequence[str]) -> frozenset:
+    """Names and sizes of everything below ``folders``, hidden entries included (cheap to poll)."""
+    found = set()
+    for folder in folders:
+        for dirpath, dirnames, filenames in os.walk(work / folder):
+            for name in dirnames + filenames:
+                path = os.path.join(dirpath, name)
+                with contextlib.suppress(OSError):
+                    found.add((path, os.lstat(path).st_size))
+    return frozenset(found)
+
+
 def hidden_entries(work: Path, folders: Sequence[str]) -> List[str]:
     """Hidden files and folders (staging, locks, temporary files) left anywhere below ``folders``."""
     found = []
@@ -153,12 +167,18 @@ def fresh(work: Path) -> Path:
 
 @dataclasses.dataclass
 class Reference:
-    """The uninterrupted run: outputs before and after, its duration and when it first wrote."""
+    """The uninterrupted run: outputs before and after, its duration, when it first and last wrote."""
 
     before: Snapshot
     after: Snapshot
     seconds: float
     first_write: float
+    last_write: float
+
+    @property
+    def working_seconds(self) -> float:
+        """From the first to the last change in the output folders."""
+        return max(self.last_write - self.first_write, 0.05)
 
 
 def reference_run(scenario: Scenario, work: Path, assets: Path, repeats: int = 2) -> Reference:
@@ -171,27 +191,29 @@ def reference_run(scenario: Scenario, work: Path, assets: Path, repeats: int = 2
     for _ in range(repeats):
         scenario.setup(fresh(work), assets)
         before = snapshot(work, scenario.outputs)
-        before_hidden = set(snapshot(work, scenario.outputs, hidden=True))
+        seen = listing(work, scenario.outputs)
         command = scenario.command(work, assets)
         with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a chatty tool never blocks on it
             start = time.perf_counter()
             process = subprocess.Popen(command, cwd=work, env=tool_env(), stdout=subprocess.DEVNULL, stderr=log)
-            first_write = None
+            first_write = last_write = None
             while process.poll() is None:
-                if first_write is None and set(snapshot(work, scenario.outputs, hidden=True)) - before_hidden:
-                    first_write = time.perf_counter() - start
-                time.sleep(0.02)
+                now = listing(work, scenario.outputs)
+                if now != seen:
+                    last_write = time.perf_counter() - start
+                    first_write = last_write if first_write is None else first_write
+                    seen = now
+                time.sleep(0.01)
             seconds = time.perf_counter() - start
             log.seek(0)
             stderr = log.read()
         if process.returncode != 0:
             raise RuntimeError(f"{scenario.name}: the uninterrupted run failed ({' '.join(command)}):\n{stderr[-3000:]}")
-        runs.append(Reference(before, snapshot(work, scenario.outputs), seconds, first_write or 0.0))
+        first_write = seconds if first_write is None else first_write
+        runs.append(Reference(before, snapshot(work, scenario.outputs), seconds, first_write, last_write or seconds))
     if any(run.after != runs[0].after for run in runs):
         raise RuntimeError(f"{scenario.name}: two uninterrupted runs wrote different outputs; trials cannot be compared")
-    return dataclasses.replace(
-        runs[0], seconds=min(run.seconds for run in runs), first_write=min(run.first_write for run in runs)
-    )
+    return max(runs, key=lambda run: run.working_seconds)  # the slower run spans the work of a slow trial
 
 
 def consistent_after_kill(state: Snapshot, reference: Reference, commit: Optional[str]) -> Optional[str]:
@@ -246,21 +268,30 @@ def classify(trial: Trial, reference: Reference, scenario: Scenario) -> None:
 
 
 def run_trial(scenario: Scenario, work: Path, assets: Path, reference: Reference, rng: random.Random) -> Trial:
-    """Set up, start, SIGKILL at a random moment of the reference's working time, inspect, rerun, compare."""
+    """Set up, start, SIGKILL at a random moment of its working time, inspect, rerun, compare.
+
+    The kill comes a random delay (up to 1.1x the reference run's working time, from its
+    first to its last change in the output folders) after this run's own first write: before that a tool is only
+    importing and reading its inputs, which a kill cannot harm, and how long that takes
+    varies with the machine's load far more than the work itself.
+    """
     scenario.setup(fresh(work), assets)
     inputs_before = snapshot(work, scenario.inputs, hidden=True)
+    outputs_before = listing(work, scenario.outputs)
     command = scenario.command(work, assets)
-    # Kill between (just before) the reference's first write and (just after) its end:
-    # before that the tool is only importing and reading, which a kill cannot harm.
-    kill_at = rng.uniform(0.9 * reference.first_write, 1.02 * reference.seconds)
+    delay = rng.uniform(0.0, 1.1 * reference.working_seconds)
     process = subprocess.Popen(
         command, cwd=work, env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,  # the tool and its worker processes, as a cluster pre-emption kills them
     )
-    deadline = time.perf_counter() + kill_at
+    start = time.perf_counter()
+    while process.poll() is None and listing(work, scenario.outputs) == outputs_before:
+        time.sleep(0.005)
+    deadline = time.perf_counter() + delay
     while process.poll() is None and time.perf_counter() < deadline:
         time.sleep(0.005)
     killed = process.poll() is None
+    kill_at = time.perf_counter() - start
     if killed:
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -279,7 +310,7 @@ def run_trial(scenario: Scenario, work: Path, assets: Path, reference: Reference
 
 
 # --------------------------------------------------------------------------- scenario inputs
-def write_audio(folder: Path, num_utts: int = 60, seed: int = 0) -> None:
+def write_audio(folder: Path, num_utts: int = 150, seed: int = 0) -> None:
     """``num_utts`` 16 kHz FLAC files (0.3-2 s of noisy chirps) in speaker folders."""
     import soundfile
 
@@ -293,7 +324,7 @@ def write_audio(folder: Path, num_utts: int = 60, seed: int = 0) -> None:
         soundfile.write(str(path), wave.astype(np.float32), 16000, subtype="PCM_16")
 
 
-def write_fbank_corpus(folder: Path, num_utts: int = 80, seed: int = 0) -> None:
+def write_fbank_corpus(folder: Path, num_utts: int = 300, seed: int = 0) -> None:
     """``feats/*.npy`` (frames, 40) float32 and ``train.tsv`` rooted at ``feats``."""
     rng = np.random.default_rng(seed)
     (folder / "feats").mkdir(parents=True, exist_ok=True)
@@ -455,12 +486,13 @@ def scenarios() -> List[Scenario]:
 # --------------------------------------------------------------------------- report
 def format_table(counts: Dict[str, Dict[str, int]], references: Dict[str, Reference]) -> str:
     """Markdown table: one row per scenario, one column per outcome."""
-    header = "| scenario | reference run (s) | kills | " + " | ".join(OUTCOMES) + " |"
-    lines = [header, "|" + "---|" * (3 + len(OUTCOMES))]
+    header = "| scenario | reference run (s) | writes during (s) | kills | " + " | ".join(OUTCOMES) + " |"
+    lines = [header, "|" + "---|" * (4 + len(OUTCOMES))]
     for name, row in counts.items():
         ref = references[name]
         cells = " | ".join(str(row[outcome]) for outcome in OUTCOMES)
-        lines.append(f"| {name} | {ref.seconds:.1f} (writes from {ref.first_write:.1f}) | {sum(row.values())} | {cells} |")
+        writes = f"{ref.first_write:.1f}-{ref.last_write:.1f}"
+        lines.append(f"| {name} | {ref.seconds:.1f} | {writes} | {sum(row.values())} | {cells} |")
     return "\n".join(lines)
 
 
@@ -472,6 +504,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--scenarios", default="all", help="comma-separated scenario names, or 'all'")
     parser.add_argument("--out", help="also write the table, summary and every corrupt trial to this markdown file")
     parser.add_argument("--work-dir", help="scratch folder (default: a temporary folder, removed at the end)")
+    parser.add_argument("--reference-runs", type=int, default=2, help="uninterrupted runs per scenario (outputs must agree)")
     args = parser.parse_args(argv)
     chosen = scenarios()
     if args.scenarios != "all":
@@ -494,7 +527,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 # One fixed work folder: outputs that record absolute paths compare equal across trials.
                 work = scratch / "work"
                 scenario.prepare(assets, work)
-                reference = references[scenario.name] = reference_run(scenario, work, assets)
+                reference = references[scenario.name] = reference_run(scenario, work, assets, args.reference_runs)
                 row = counts[scenario.name] = {outcome: 0 for outcome in OUTCOMES}
                 for index in range(args.n):
                     trial = run_trial(scenario, work, assets, reference, rng)

@@ -1,10 +1,8 @@
 """The shared input checks: feature .npy files, mean/std, audio files, and the one-line user error."""
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
-import signal
 import sys
 import time
 from pathlib import Path
@@ -26,22 +24,6 @@ from melhubert_fairseq.data.fbank_label_dataset import FbankLabelDataset, FrameR
 from melhubert_fairseq.data.manifest import index_label_file, read_manifest
 from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.tools import wav_to_fbank
-
-
-@contextlib.contextmanager
-def fails_instead_of_hanging(seconds: int = 20):
-    """Turn a blocking read (e.g. of a FIFO) into a test failure after ``seconds``."""
-
-    def timeout(signum, frame):
-        raise TimeoutError(f"blocked for {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, timeout)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def save_raw_pickle(path: Path) -> None:
@@ -76,11 +58,11 @@ BAD_FEATURES = {
 
 
 @pytest.mark.parametrize("case", list(BAD_FEATURES))
-def test_bad_feature_files_are_refused_naming_the_row(tmp_path, case):
+def test_bad_feature_files_are_refused_naming_the_row(tmp_path, case, hang_guard):
     write, message = BAD_FEATURES[case]
     path = tmp_path / "u.npy"
     write(path)
-    with fails_instead_of_hanging(), pytest.raises(InputError, match=message) as err:
+    with pytest.raises(InputError, match=message) as err:
         read_feature_file(str(path), "train.tsv:2 (u)", expected_dim=40)
     assert str(err.value).startswith("train.tsv:2 (u): ")
     assert "allow_pickle" not in str(err.value)  # our message, not numpy's advice to unpickle
@@ -96,7 +78,7 @@ def test_good_features_pass_and_the_header_check_reads_no_data(tmp_path):
         open_feature_file(str(tmp_path / "u.npy"), "w", expected_dim=40, expected_frames=26)
 
 
-def test_training_refuses_a_fifo_in_place_of_features_instead_of_blocking(tmp_path):
+def test_training_refuses_a_fifo_in_place_of_features_instead_of_blocking(tmp_path, hang_guard):
     feats = tmp_path / "feats"
     feats.mkdir()
     np.save(feats / "u0.npy", np.zeros((30, 40), np.float32))
@@ -107,7 +89,7 @@ def test_training_refuses_a_fifo_in_place_of_features_instead_of_blocking(tmp_pa
         read_manifest(str(tmp_path / "train.tsv")), index_label_file(str(tmp_path / "train.km")),
         feat_dim=40, rates=FrameRates.from_config(1, 100), num_classes=4,
     )
-    with fails_instead_of_hanging(), pytest.raises(InputError, match=r"train\.tsv:3 \(u1\): .*u1\.npy is a FIFO"):
+    with pytest.raises(InputError, match=r"train\.tsv:3 \(u1\): .*u1\.npy is a FIFO"):
         dataset.collater([{"id": 1}])
 
 
@@ -166,7 +148,7 @@ def test_a_truncated_wav_is_refused_naming_the_file(tmp_path):
     assert load_audio(str(padded)).shape == (16000,)
 
 
-def test_corrupt_flac_and_non_regular_audio_are_refused(tmp_path):
+def test_corrupt_flac_and_non_regular_audio_are_refused(tmp_path, hang_guard):
     flac = tmp_path / "bad.flac"
     soundfile.write(flac, np.random.default_rng(0).uniform(-0.5, 0.5, 16000), 16000, subtype="PCM_16")
     data = bytearray(flac.read_bytes())
@@ -175,7 +157,7 @@ def test_corrupt_flac_and_non_regular_audio_are_refused(tmp_path):
     with pytest.raises(InputError, match=r"bad\.flac: cannot read audio"):
         load_audio(str(flac))
     os.mkfifo(tmp_path / "pipe.wav")
-    with fails_instead_of_hanging(), pytest.raises(InputError, match=r"pipe\.wav is a FIFO"):
+    with pytest.raises(InputError, match=r"pipe\.wav is a FIFO"):
         load_audio(str(tmp_path / "pipe.wav"))
 
 

@@ -112,11 +112,6 @@ def _merge_short_shard(case, ckpt):
     return ["--manifest", "in/train.tsv", "--label-dir", "in", "--nshard", "2", "--out", "out/train.km"]
 
 
-def _extract_3d(case, ckpt):
-    manifest = feature_manifest(case, np.zeros((2, 10, 40), np.float32))
-    return ["--checkpoint", str(ckpt), "--manifest", manifest, "--out-dir", "out", "--no-progress"]
-
-
 def _extract_rows(kind):
     """extract-features on a manifest whose row would write onto an input (the issue's three ways)."""
 
@@ -161,7 +156,6 @@ BAD_INPUTS = {
     "learn-kmeans pickled npy": BadInput("learn-kmeans", _learn_kmeans_pickle, "train.tsv:2 (u1): "),
     "dump-km-labels complex": BadInput("dump-km-labels", _dump_km_complex, "train.tsv:2 (u1): "),
     "merge-km-shards short shard": BadInput("merge-km-shards", _merge_short_shard, "train_1_2.km:1: 1 labels but 2"),
-    "extract-features 3-D npy": BadInput("extract-features", _extract_3d, "shape (2, 10, 40)"),
     # An input .npy must never be replaced by hidden states (it was, through these rows).
     "extract-features '..' row": BadInput("extract-features", _extract_rows("dotdot"), "rows.tsv:2 (u1): path '../in"),
     "extract-features absolute row, --overwrite": BadInput(
@@ -220,7 +214,7 @@ def test_bad_input_gives_one_error_line_exit_2_and_writes_nothing(tool_runs, cas
     ],
     ids=["8kHz", "stereo", "corrupt-flac", "fifo"],
 )
-def test_bad_audio_through_the_console_entry_point(tmp_path, capsys, monkeypatch, write, message):
+def test_bad_audio_through_the_console_entry_point(tmp_path, capsys, monkeypatch, hang_guard, write, message):
     from melhubert_fairseq.tools import wav_to_fbank
 
     (tmp_path / "audio").mkdir()
@@ -239,3 +233,30 @@ def corrupt_flac(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[len(data) // 2 :] = bytes(len(data) - len(data) // 2)
     path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "array, message",
+    [
+        (np.array([{"frames": 10}], dtype=object), "not a plain .npy array: it holds pickled Python objects"),
+        (np.zeros(40, np.float32), "has shape (40,), expected (frames, 40)"),
+        (np.zeros((2, 10, 40), np.float32), "has shape (2, 10, 40), expected (frames, 40)"),
+        (np.zeros((0, 40), np.float32), "has no frames"),
+        (np.zeros((10, 40), np.int16), "has dtype int16, expected float32 or float16"),
+        (np.zeros((10, 40), np.complex64), "has dtype complex64"),
+    ],
+    ids=["pickled", "1-D", "3-D", "0-frames", "int16", "complex"],
+)
+def test_extract_features_bad_npy_through_the_console_entry_point(
+    tiny_checkpoint, tmp_path, capsys, monkeypatch, array, message
+):
+    from melhubert_fairseq.tools import extract_features
+
+    manifest = feature_manifest(tmp_path, array)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["melhubert-extract-features", "--checkpoint", str(tiny_checkpoint),
+                                      "--manifest", manifest, "--out-dir", "out", "--no-progress"])
+    assert extract_features.main() == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: in/train.tsv:2 (u1): ") and message in errors[0], errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
