@@ -348,3 +348,14 @@ def test_overwrite_killed_at_every_rename_never_leaves_a_manifest_over_mixed_fea
         assert trial["rerun_equal"] and trial["hidden"] == [], trial
     assert len(trials) >= 8 and not trials[-1]["killed"]  # every rename of the publish was a kill point
     assert {trial["after_kill"] for trial in trials} >= {"old", "no manifest"}
+
+
+def test_staging_folder_of_a_killed_run_is_removed_by_the_next_run(audio_dir, tmp_path, capsys):
+    out = tmp_path / "feats"
+    staging = out / ".train.wav_to_fbank.staging" / "new"
+    staging.mkdir(parents=True)
+    (staging / "a.npy").write_bytes(b"half-written by a killed run")
+    (out / ".train.wav_to_fbank.lock").write_text("")  # its lock file; the kill released the lock itself
+    wav_to_fbank.main(["--audio-dir", audio_dir, "--out-dir", str(out)])
+    assert "note: removed the staging folder" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["a.npy", "b.npy", "mean-std.npy", "spk", "train.tsv"]
