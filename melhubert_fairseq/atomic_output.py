@@ -1,23 +1,35 @@
-"""Write files so that readers see either the old state or the complete new file.
+"""Write outputs so that readers see either the old state or the complete new one.
 
-Every tool in this project writes through :func:`atomic_output`: a crash, a
-Ctrl-C or a bad utterance half-way through a corpus never leaves a
-half-written manifest, label file or feature behind, and an existing output is
-only replaced when the caller explicitly asks for it.
+Every tool in this project writes through this module. :func:`atomic_output`
+writes one file: a temporary file next to it, renamed into place on success.
+:class:`StagedOutputs` writes a set of outputs (a folder of features, their
+mean/std and, last, the manifest): everything is built in a hidden staging
+folder and then published by renames. A crash, a Ctrl-C, a SIGKILL or a bad
+utterance half-way through a corpus never leaves a half-written file under a
+final name, an existing output is only replaced when the caller asks for it,
+and whatever a killed run left behind is cleaned up (or rolled back) by the
+next run writing the same outputs.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
+import re
+import shutil
+import sys
 import tempfile
-from typing import IO, Iterator
+from typing import IO, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
+
+from melhubert_fairseq.errors import InputError
 
 
 def check_writable(path: str, overwrite: bool) -> None:
     """Raise FileExistsError if ``path`` exists and ``overwrite`` is False."""
-    if os.path.exists(path) and not overwrite:
+    if os.path.lexists(path) and not overwrite:
         raise FileExistsError(
             f"{path} already exists; refusing to overwrite it (pass --overwrite to replace it)"
         )
@@ -33,16 +45,85 @@ def fsync_directory(directory: str) -> None:
     finally:
         os.close(fd)
 
+def make_folders(directory: str) -> List[str]:
+    """``os.makedirs(directory, exist_ok=True)``; return the folders it created, outermost first."""
+    missing = []
+    current = os.path.abspath(directory)
+    while not os.path.isdir(current):
+        missing.append(current)
+        current = os.path.dirname(current)
+    os.makedirs(directory, exist_ok=True)
+    return missing[::-1]
+
+
+def remove_empty_folders(created: Sequence[str]) -> None:
+    """Remove the folders :func:`make_folders` created if they are still empty (a failed run leaves none)."""
+    for folder in reversed(created):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+def note(message: str) -> None:
+    """One ``note: ...`` line on stderr (recoveries a user should know about)."""
+    print(f"note: {message}", file=sys.stderr)
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive flock on ``fd`` without waiting; False if another process holds it.
+
+    flock locks die with their process, so a lock that can be taken marks a
+    file left behind by a killed run.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def remove_stale_temp_files(path: str) -> List[str]:
+    """Delete the temporary files of killed :func:`atomic_output` writes of ``path``; return them.
+
+    A live writer holds an flock on its temporary file, so only files of dead
+    processes are removed, even with other writers running.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    pattern = re.compile(rf"^\.{re.escape(os.path.basename(path))}\.[a-z0-9_]{{8}}\.tmp$")
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir(directory):
+            if not pattern.match(name):
+                continue
+            candidate = os.path.join(directory, name)
+            try:
+                fd = os.open(candidate, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                if _try_lock(fd):
+                    os.unlink(candidate)
+                    removed.append(candidate)
+            finally:
+                os.close(fd)
+    return removed
+
 
 @contextlib.contextmanager
 def atomic_output(path: str, overwrite: bool = False, mode: str = "w") -> Iterator[IO]:
     """Open a temporary file next to ``path``; rename it onto ``path`` only on success."""
     check_writable(path, overwrite)
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    created = make_folders(directory)
+    stale = remove_stale_temp_files(path)
+    if stale:
+        note(f"removed {len(stale)} temporary file(s) of an interrupted write of {path}")
     fd, tmp_path = tempfile.mkstemp(
         prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
     )
+    # The lock marks the temporary file as live until it is renamed (or removed);
+    # a duplicate descriptor keeps it held after the handle below is closed.
+    lock_fd = os.dup(fd)
+    _try_lock(lock_fd)
     # mkstemp creates 0600 files; give the output the permissions a plain open() would.
     umask = os.umask(0)
     os.umask(umask)
@@ -59,10 +140,211 @@ def atomic_output(path: str, overwrite: bool = False, mode: str = "w") -> Iterat
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_path)
+        remove_empty_folders(created)
         raise
+    finally:
+        os.close(lock_fd)
 
 
 def atomic_save_npy(path: str, array: np.ndarray, overwrite: bool = False) -> None:
     """Save ``array`` as ``.npy`` at ``path`` atomically."""
     with atomic_output(path, overwrite=overwrite, mode="wb") as handle:
         np.save(handle, array, allow_pickle=False)
+
+
+def safe_relative_path(rel_path: str, where: str) -> str:
+    """``rel_path`` normalised, refusing absolute paths and paths that leave their folder (``..``).
+
+    Output paths are built from input rows (``out_dir/<row path>``): an absolute
+    row or one with ``..`` would write outside the output folder, possibly onto
+    the input itself.
+    """
+    normalised = os.path.normpath(rel_path) if rel_path else ""
+    if (
+        not normalised
+        or normalised == "."
+        or os.path.isabs(rel_path)
+        or normalised.split(os.sep)[0] == ".."
+    ):
+        raise InputError(f"{where}: path {rel_path!r} must stay below its root folder (relative, without '..')")
+    return normalised
+
+
+def _remove(path: str) -> None:
+    """Remove a file, a symlink or a whole folder."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+class StagedOutputs:
+    """Stage a run's outputs in hidden folders, then publish them by renames, the commit file last.
+
+    ``roots`` are the folders the outputs live under (the first one holds the
+    lock and the publish journal); each gets one staging folder
+    ``{root}/.{name}.staging`` on its own file system, so publishing is a
+    rename. Usage::
+
+        with StagedOutputs("train.wav_to_fbank", [out_dir], overwrite) as staged:
+            np.save(staged.path(final_feature_path), feats)   # write into staging
+            ...
+            staged.publish([feature paths..., mean_std_path, manifest_path])
+
+    :meth:`publish` first writes a journal of what it will do, then moves the
+    existing outputs it replaces aside (the last, i.e. the manifest, first), then
+    renames the staged outputs into place in the given order. So at any instant
+    the final names hold the old outputs, the new ones, or (while publishing) no
+    manifest at all: never an old manifest over new data. The next run with the
+    same ``name`` finds what a killed run left: a staging folder (removed), or a
+    journal of an unfinished publish (rolled back: new outputs removed, old ones
+    restored); a run killed after its last rename is simply cleaned up.
+    A second live run writing the same outputs is refused (flock).
+
+    This protects against killed processes (pre-emption, Ctrl-C, OOM kills),
+    whose written pages survive them. Staged files are not fsynced one by one
+    (that would cost more than computing a corpus of small features); single
+    files written with :func:`atomic_output` (manifests, labels, the journal) are.
+    """
+
+    def __init__(self, name: str, roots: Sequence[str], overwrite: bool) -> None:
+        self.name = name
+        self.roots = [os.path.abspath(root) for root in roots]
+        self.overwrite = overwrite
+        self.areas = [os.path.join(root, f".{name}.staging") for root in self.roots]
+        self.lock_path = os.path.join(self.roots[0], f".{name}.lock")
+        self.journal_path = os.path.join(self.areas[0], "publish.json")
+        self._lock_fd: Optional[int] = None
+        self._created_roots: List[str] = []
+        self._published = False
+
+    # ----------------------------------------------------------------- lifecycle
+    def __enter__(self) -> "StagedOutputs":
+        for root in self.roots:
+            self._created_roots += make_folders(root)
+        self._acquire_lock()
+        try:
+            self.recover()
+            for area in self.areas:
+                os.makedirs(area)
+        except BaseException:
+            self._release_lock()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            # A publish that failed half-way (full disk, Ctrl-C) is rolled back now.
+            self.recover(on_exit=True)
+        finally:
+            self._release_lock()
+            if not self._published:  # a run that wrote nothing leaves no empty output folder
+                remove_empty_folders(self._created_roots)
+
+    def _acquire_lock(self) -> None:
+        """flock ``.{name}.lock`` (retrying if a finishing run unlinked the file we opened)."""
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+            if not _try_lock(fd):
+                os.close(fd)
+                raise InputError(
+                    f"{self.lock_path}: another run is writing these outputs right now; "
+                    "wait for it to finish (or stop it) and run again"
+                )
+            try:
+                same_file = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same_file = False
+            if same_file:
+                self._lock_fd = fd
+                return
+            os.close(fd)
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.lock_path)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ----------------------------------------------------------------- recovery
+    def recover(self, on_exit: bool = False) -> None:
+        """Clean up after a killed run of the same outputs (on entry, under the lock), or after
+        this run (on exit): roll back an unfinished publish, remove the staging folders."""
+        who = "this run" if on_exit else f"an earlier run of {self.name}"
+        if os.path.isfile(self.journal_path):
+            try:
+                with open(self.journal_path, "r", encoding="utf-8") as handle:
+                    entries = json.load(handle)["entries"]
+            except (OSError, ValueError, KeyError) as err:
+                raise InputError(
+                    f"{self.journal_path}: unreadable publish journal of an interrupted run ({err}); "
+                    "check the outputs by hand and remove it"
+                ) from None
+            final, staged, _ = entries[-1]
+            if not os.path.lexists(staged) and os.path.lexists(final):
+                if not on_exit:
+                    note(f"{who} was stopped after publishing all its outputs; cleaned up")
+            else:
+                self._roll_back(entries)
+                note(f"{who} was stopped while publishing its outputs: rolled back to the outputs from before it")
+        elif not on_exit and any(os.path.isdir(area) for area in self.areas):
+            note(f"removed the staging folder of {who}, which was interrupted")
+        for area in self.areas:
+            shutil.rmtree(area, ignore_errors=True)
+
+    @staticmethod
+    def _roll_back(entries: List[List[str]]) -> None:
+        """Undo an unfinished publish: remove what it renamed into place, rename back what it moved aside."""
+        for final, staged, _ in reversed(entries):
+            if not os.path.lexists(staged) and os.path.lexists(final):
+                _remove(final)
+        for final, _, retired in entries:
+            if os.path.lexists(retired):
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                os.rename(retired, final)
+
+    # ----------------------------------------------------------------- staging
+    def _area_of(self, final: str) -> Dict[str, str]:
+        final = os.path.abspath(final)
+        for root, area in zip(self.roots, self.areas):
+            if os.path.commonpath([root, final]) == root and final != root:
+                rel = os.path.relpath(final, root)
+                return {
+                    "final": final,
+                    "staged": os.path.join(area, "new", rel),
+                    "retired": os.path.join(area, "old", rel),
+                }
+        raise ValueError(f"{final} is not below any of the output folders {self.roots}")
+
+    def mirror(self, root: str) -> str:
+        """The staging folder that mirrors ``root``: ``mirror(root)/rel`` is published as ``root/rel``."""
+        return os.path.join(self.areas[self.roots.index(os.path.abspath(root))], "new")
+
+    def path(self, final: str) -> str:
+        """Where to write the output that will be published as ``final`` (parent folders created)."""
+        staged = self._area_of(final)["staged"]
+        os.makedirs(os.path.dirname(staged), exist_ok=True)
+        return staged
+
+    def publish(self, finals: Sequence[str]) -> None:
+        """Rename every staged output onto its final path, in order; the last one commits the run."""
+        if not finals:
+            raise ValueError("nothing to publish")
+        plan = [self._area_of(final) for final in finals]
+        for item in plan:
+            if not os.path.lexists(item["staged"]):
+                raise FileNotFoundError(f"{item['final']} was never staged")
+            check_writable(item["final"], self.overwrite)
+        entries = [[item["final"], item["staged"], item["retired"]] for item in plan]
+        with atomic_output(self.journal_path, overwrite=True) as handle:
+            json.dump({"entries": entries}, handle)
+        for item in reversed(plan):  # the commit file (manifest) is retired first
+            if os.path.lexists(item["final"]):
+                os.makedirs(os.path.dirname(item["retired"]), exist_ok=True)
+                os.rename(item["final"], item["retired"])
+        for item in plan:
+            os.makedirs(os.path.dirname(item["final"]), exist_ok=True)
+            os.rename(item["staged"], item["final"])
+        os.unlink(self.journal_path)
+        self._published = True

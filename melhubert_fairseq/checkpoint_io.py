@@ -248,7 +248,7 @@ def newest_loadable_checkpoint(save_dir: str, exclude: Sequence[str] = (), suffi
     return path, num_updates
 
 
-def remove_stale_temp_files(save_dir: str) -> List[str]:
+def remove_interrupted_saves(save_dir: str) -> List[str]:
     """Delete temporary files that a killed save left in ``save_dir``; return their names."""
     removed = []
     if not os.path.isdir(save_dir):
@@ -278,7 +278,7 @@ def resume_from_checkpoint(cfg, trainer, **passthrough_args):
 
     if cfg.restore_file == "checkpoint_last.pt" and os.path.isdir(cfg.save_dir):
         if trainer.data_parallel_rank == 0:
-            removed = remove_stale_temp_files(cfg.save_dir)
+            removed = remove_interrupted_saves(cfg.save_dir)
             if removed:
                 logger.warning(f"removed {len(removed)} temporary file(s) of an interrupted save: {', '.join(removed)}")
         last = os.path.join(cfg.save_dir, f"checkpoint_last{trainer.checkpoint_suffix}.pt")

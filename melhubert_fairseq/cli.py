@@ -4,8 +4,17 @@ import pickle
 import sys
 from typing import Callable, List, Optional
 
+from melhubert_fairseq.errors import InputError
+
 #: What bad input raises in this project: messages already name the file, utterance and problem.
-USER_ERRORS = (ValueError, OSError, pickle.UnpicklingError)
+#: InputError is the project's own; ValueError/OSError stay for library errors that name a file.
+USER_ERRORS = (InputError, ValueError, OSError, pickle.UnpicklingError)
+
+
+def format_user_error(err: BaseException) -> str:
+    """The one ``error: ...`` line for a user error (a multi-line message is joined into one line)."""
+    message = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+    return f"error: {message or type(err).__name__}"
 
 
 def console_main(main: Callable) -> Callable:
@@ -20,7 +29,7 @@ def console_main(main: Callable) -> Callable:
         try:
             result = main(None)
         except USER_ERRORS as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(format_user_error(err), file=sys.stderr)
             return 2
         return result if isinstance(result, int) else 0
 

@@ -24,7 +24,7 @@ import torch
 from fairseq import checkpoint_utils
 
 from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, INT16_SCALE
-from melhubert_fairseq.data.features import MeanStd, stack_frames
+from melhubert_fairseq.data.features import MeanStd, read_feature_file, stack_frames
 from melhubert_fairseq.data.manifest import read_manifest
 from melhubert_fairseq.models.waveform_frontend import check_sample_rate, check_waveform, collate_waveforms
 
@@ -78,7 +78,9 @@ class MelHubertFeatureReader:
         stats = self.model.fbank_stats()
         #: Corpus mean/std the model was trained with (None: the checkpoint does not know them).
         self.corpus_stats: Optional[MeanStd] = (
-            MeanStd(stats[0].cpu().numpy(), stats[1].cpu().numpy()) if stats is not None else None
+            MeanStd(stats[0].cpu().numpy(), stats[1].cpu().numpy(), f"{checkpoint_path} (fbank_mean_std)")
+            if stats is not None
+            else None
         )
         # Features in manifests are normalised on disk unless training normalised at
         # load time (task.mean_std_path); in that case the checkpoint holds the stats.
@@ -219,13 +221,9 @@ class MelHubertFeatureReader:
 
         def model_inputs():
             for row in rows:
-                path = manifest.full_path(row)
-                fbank = np.load(path, mmap_mode="r", allow_pickle=False)
-                if fbank.shape[0] != manifest.num_frames[row]:
-                    raise ValueError(
-                        f"{manifest.describe(row)}: {path} has {fbank.shape[0]} frames, "
-                        f"manifest says {manifest.num_frames[row]}"
-                    )
+                fbank = read_feature_file(
+                    manifest.full_path(row), manifest.describe(row), self.feat_dim, int(manifest.num_frames[row])
+                )
                 yield int(row), self.prepare(fbank)
 
         return self.iter_batched(model_inputs(), layers)

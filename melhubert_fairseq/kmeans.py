@@ -25,12 +25,15 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from melhubert_fairseq.atomic_output import atomic_output, check_writable
+from melhubert_fairseq.atomic_output import StagedOutputs, check_writable
 from melhubert_fairseq.data.features import (
     FBANK_FRAME_RATE_HZ,
     MeanStd,
+    check_feature_array,
     load_mean_std,
     num_stacked_frames,
+    open_npy,
+    read_feature_file,
 )
 from melhubert_fairseq.data.manifest import read_manifest, write_manifest
 
@@ -76,40 +79,6 @@ def split_name(manifest_path: str) -> str:
 
 
 # --------------------------------------------------------------------------- feature sources
-def check_frames(
-    feats: np.ndarray, where: str, expected_frames: Optional[int], expected_dim: Optional[int]
-) -> np.ndarray:
-    """Validate one utterance's (frames, dim) matrix; return it as C-contiguous float32."""
-    if feats.ndim != 2:
-        raise ValueError(f"{where}: expected a (frames, dim) matrix, got shape {feats.shape}")
-    if expected_frames is not None and feats.shape[0] != expected_frames:
-        raise ValueError(
-            f"{where}: has {feats.shape[0]} frames but {expected_frames} were expected from the manifest"
-        )
-    if expected_dim is not None and feats.shape[1] != expected_dim:
-        raise ValueError(
-            f"{where}: feature dim {feats.shape[1]} does not match the expected dim {expected_dim}"
-        )
-    feats = np.ascontiguousarray(feats, dtype=np.float32)
-    finite = np.isfinite(feats)
-    if not finite.all():
-        bad_rows = np.flatnonzero(~finite.all(axis=1))
-        raise ValueError(
-            f"{where}: {bad_rows.size} frame(s) contain NaN or Inf (first at frame {int(bad_rows[0])})"
-        )
-    return feats
-
-
-def load_npy(path: str, where: str) -> np.ndarray:
-    """``np.load`` that never unpickles; errors name ``where``."""
-    try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{where}: file not found") from None
-    except ValueError as err:
-        raise ValueError(f"{where}: not a plain .npy array ({err})") from None
-
-
 class FbankSource:
     """Normalised fbank frames of a manifest's ``.npy`` files (stage 1)."""
 
@@ -135,17 +104,14 @@ class FbankSource:
         }
 
     def load(self, row: int) -> np.ndarray:
-        """Frames of row ``row`` as float32 (normalised with ``--mean-std`` when given)."""
-        where = self.where(row)
-        feats = load_npy(self.manifest.full_path(row), where)
-        if feats.ndim == 2 and self.mean_std is not None:
-            if feats.shape[1] != self.mean_std.dim:
-                raise ValueError(
-                    f"{where}: feature dim {feats.shape[1]} does not match the "
-                    f"{self.mean_std.dim}-dim mean/std in {self.mean_std_path}"
-                )
-            feats = self.mean_std.normalize(feats.astype(np.float32, copy=False))
-        return check_frames(feats, where, self.expected_frames(row), None)
+        """Frames of row ``row`` as checked float32 (normalised with ``--mean-std`` when given)."""
+        if self.mean_std is None:
+            return read_feature_file(self.manifest.full_path(row), self.where(row), None, self.expected_frames(row))
+        feats = read_feature_file(
+            self.manifest.full_path(row), self.where(row), self.mean_std.dim, self.expected_frames(row),
+            dim_name=f"the dim of the mean/std in {self.mean_std_path}",
+        )
+        return self.mean_std.normalize(feats)
 
     def iter_rows(self, rows: Sequence[int]) -> FeatureIterator:
         """Yield ``(row, frames)`` for ``rows`` in the given order."""
@@ -158,8 +124,8 @@ class FbankSource:
         return self.iter_rows(range(start, end))
 
     def where(self, row: int) -> str:
-        """Name row ``row`` in error messages."""
-        return f"{self.manifest.full_path(row)} [{self.manifest.describe(row)}]"
+        """Name row ``row`` in error messages: ``manifest:line (utterance)``."""
+        return self.manifest.describe(row)
 
 
 class ModelLayerSource:
@@ -221,7 +187,10 @@ class ModelLayerSource:
                 raise RuntimeError(
                     f"{self.checkpoint_path}: feature reader yielded manifest row {row}, expected {expected}"
                 )
-            yield row, check_frames(np.asarray(feats), self.where(row), self.expected_frames(row), None)
+            yield row, check_feature_array(
+                feats, self.where(row), "its output", expected_frames=self.expected_frames(row),
+                frames_expected="{expected} were expected from the manifest",
+            )
             position += 1
         if position != len(rows):
             raise RuntimeError(
@@ -593,22 +562,25 @@ def array_sha256(array: np.ndarray) -> str:
 def save_array_with_sidecar(
     npy_path: str, array: np.ndarray, metadata: Dict[str, object], overwrite: bool = False
 ) -> None:
-    """Atomically write ``array`` (``.npy``, no pickle) and ``metadata`` (JSON sidecar)."""
+    """Write ``array`` (``.npy``, no pickle) and ``metadata`` (JSON sidecar) as one staged pair."""
     json_path = sidecar_path(npy_path)
-    check_writable(npy_path, overwrite)
-    check_writable(json_path, overwrite)
     metadata = dict(metadata, sha256=array_sha256(array))
-    with atomic_output(npy_path, overwrite=overwrite, mode="wb") as npy_handle:
-        np.save(npy_handle, array, allow_pickle=False)
-        with atomic_output(json_path, overwrite=overwrite) as json_handle:
-            json.dump(metadata, json_handle, indent=2, sort_keys=True)
-            json_handle.write("\n")
+    directory = os.path.dirname(os.path.abspath(npy_path))
+    with StagedOutputs(os.path.basename(npy_path), [directory], overwrite) as staged:
+        check_writable(npy_path, overwrite)
+        check_writable(json_path, overwrite)
+        with open(staged.path(npy_path), "wb") as handle:
+            np.save(handle, array, allow_pickle=False)
+        with open(staged.path(json_path), "w", encoding="utf-8") as handle:
+            json.dump(metadata, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+        staged.publish([json_path, npy_path])
 
 
 def load_array_with_sidecar(npy_path: str, expected_format: str) -> Tuple[np.ndarray, Dict]:
     """Read an array and its JSON sidecar; check format, shape and checksum agree."""
     json_path = sidecar_path(npy_path)
-    array = load_npy(npy_path, npy_path)
+    array = np.array(open_npy(npy_path))  # never unpickles
     try:
         with open(json_path, "r", encoding="utf-8") as handle:
             metadata = json.load(handle)

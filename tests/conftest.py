@@ -139,3 +139,18 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     np.save(data_dir / "mean-std.npy", np.stack([np.full(40, 0.5), np.full(40, 2.0)]).astype(np.float32))
     run_hydra_train(data_dir, root / "ckpt")
     return root / "ckpt" / "checkpoint_last.pt"
+
+
+@pytest.fixture
+def hang_guard():
+    """Fail a test that blocks (e.g. reading a FIFO) after 30 s instead of hanging the suite."""
+    import signal
+
+    def blocked(signum, frame):
+        raise TimeoutError("blocked for 30 s (reading a FIFO?)")
+
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)

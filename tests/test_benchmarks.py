@@ -170,3 +170,19 @@ def test_speed_cases_resize_to_any_batch():
             case.resize(3)()
             handle.remove()
             assert seen == [3], (mode, case.name)
+
+def test_fault_injection_kills_reruns_and_classifies(tmp_path):
+    """Smoke test of benchmarks/fault_injection.py: one kill of one scenario, table and summary printed."""
+    out = tmp_path / "fault_injection.md"
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "fault_injection.py"), "--n", "1", "--seed", "3",
+         "--scenarios", "wav-to-fbank", "--reference-runs", "1", "--out", str(out),
+         "--work-dir", str(tmp_path / "work")],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("| wav-to-fbank |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[3] == "1" and sum(int(c) for c in cells[4:]) == 1 and cells[-1] == "0"  # one kill, not corrupt
+    assert "1 kills over 1 scenarios" in result.stdout.splitlines()[-1]
+    assert "| wav-to-fbank |" in out.read_text()

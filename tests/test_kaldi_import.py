@@ -217,7 +217,7 @@ def _add_nan(dump):
 
 def _wrong_dim(dump):
     dump.write_mean_var(dim=39)
-    return [dump.utts[0], "40-dim", "39 dims"]
+    return [dump.utts[0], "expected (frames, 39)", "the dim of", "mean-var"]
 
 
 def _duplicate_id(dump):

@@ -265,11 +265,10 @@ def test_nan_frames_name_the_utterance_and_leave_no_output(corpus):
     feats = np.load(bad)
     feats[7, 3] = np.nan
     np.save(bad, feats)
-    with pytest.raises(ValueError, match=r"utt005.*1 frame\(s\) contain NaN or Inf \(first at frame 7\)"):
+    with pytest.raises(ValueError, match=r"utt005.*1 frame\(s\) with NaN/Inf \(first at frame 7\)"):
         dump(manifest, km, str(tmp / "lab"))
-    assert not os.path.exists(tmp / "lab" / "train.km")
-    assert not [name for name in os.listdir(tmp / "lab") if name.endswith(".tmp")]
-    with pytest.raises(ValueError, match="utt005.*NaN or Inf"):
+    assert not os.path.exists(tmp / "lab")  # no labels, no temporary file, no empty output folder
+    with pytest.raises(ValueError, match="utt005.*NaN/Inf"):
         learn(manifest, str(tmp / "km2.npy"), "--sample-frac", "1")
 
 
@@ -279,7 +278,7 @@ def test_frame_count_disagreeing_with_manifest_names_the_utterance(corpus):
     learn(manifest, km)
     bad = read_manifest(manifest).full_path(2)
     np.save(bad, np.load(bad)[:-1])
-    with pytest.raises(ValueError, match=r"utt002.*frames but \d+ were expected from the manifest"):
+    with pytest.raises(ValueError, match=r"utt002.*frames but the manifest says \d+"):
         dump(manifest, km, str(tmp / "lab"))
 
 

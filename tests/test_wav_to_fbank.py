@@ -14,6 +14,7 @@ from melhubert_fairseq.data.fbank import (
 )
 from melhubert_fairseq.data.features import load_mean_std
 from melhubert_fairseq.data.manifest import read_manifest
+from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.tools import make_demo_corpus, wav_to_fbank
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -214,9 +215,9 @@ def test_bad_audio_fails_naming_the_file_and_leaves_nothing(audio_dir, tmp_path,
     write_bad(os.path.join(audio_dir, bad_name))
     out = str(tmp_path / "feats")
     utt_id = os.path.splitext(bad_name)[0]
-    with pytest.raises(RuntimeError, match=rf"utterance {utt_id}: .*{bad_name}.*{message}"):
+    with pytest.raises(InputError, match=rf"utterance {utt_id}: .*{bad_name}.*{message}"):
         wav_to_fbank.main(["--audio-dir", audio_dir, "--out-dir", out])
-    assert os.listdir(out) == []
+    assert not os.path.exists(out)
 
 
 def test_manifest_input_checks_sample_counts_and_lists_short_skips(audio_dir, tmp_path, capsys):
@@ -235,7 +236,7 @@ def test_manifest_input_checks_sample_counts_and_lists_short_skips(audio_dir, tm
         wav_to_fbank.main(["--manifest", str(manifest), "--out-dir", str(tmp_path / "other")])
 
     manifest.write_text(f"{audio_dir}\na.flac\t999\n")
-    with pytest.raises(RuntimeError, match=r"set\.tsv:2 \(a\): .*a\.flac: manifest says 999 samples"):
+    with pytest.raises(InputError, match=r"set\.tsv:2 \(a\): .*a\.flac: manifest says 999 samples"):
         wav_to_fbank.main(["--manifest", str(manifest), "--out-dir", str(tmp_path / "other")])
 
 
@@ -264,3 +265,97 @@ def test_demo_corpus_to_features(tmp_path):
     for row, count, array in zip(rows, written.num_frames, feats):
         assert count == len(array) == num_fbank_frames(int(row.split("\t")[1]))
         assert np.isfinite(array).all()
+
+
+KILL_AT_EVERY_RENAME = r'''
+import hashlib, json, os, shutil, sys
+from melhubert_fairseq.tools import wav_to_fbank
+
+audio, out, old_copy = sys.argv[1:4]
+
+def snapshot():
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(out):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith("."):
+                path = os.path.join(dirpath, name)
+                found[os.path.relpath(path, out)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return found
+
+def hidden():
+    return sorted(os.path.join(d, n) for d, dirs, files in os.walk(out) for n in dirs + files if n.startswith("."))
+
+normalised = ["--audio-dir", audio, "--out-dir", out]
+wav_to_fbank.main(normalised)
+new = snapshot()
+shutil.rmtree(out)
+wav_to_fbank.main(normalised + ["--no-normalize"])  # the old outputs: raw log-Mel features
+old = snapshot()
+shutil.copytree(out, old_copy)
+results, step = [], 0
+while True:
+    shutil.rmtree(out)
+    shutil.copytree(old_copy, out)
+    pid = os.fork()
+    if pid == 0:  # the run, killed (os._exit: no cleanup runs) at its step-th rename
+        done = [0]
+        def dying(real):
+            def rename(*args, **kwargs):
+                if done[0] == step:
+                    os._exit(9)
+                done[0] += 1
+                return real(*args, **kwargs)
+            return rename
+        os.rename, os.replace = dying(os.rename), dying(os.replace)
+        sys.stderr = open(os.devnull, "w")
+        wav_to_fbank.main(normalised + ["--overwrite"])
+        os._exit(0)
+    killed = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 9
+    state = snapshot()
+    if "train.tsv" in state:
+        after_kill = "old" if state == old else "new" if state == new else "manifest over mixed features"
+    else:
+        # (mean-std.npy is the same in both: raw and normalised runs share the raw statistics)
+        whose = {"old" if old.get(p) == d else "new" if new.get(p) == d else "half"
+                 for p, d in state.items() if old.get(p) != new.get(p)}
+        after_kill = "no manifest" if whose <= {"old"} or whose <= {"new"} else "mixed: " + ",".join(sorted(whose))
+    wav_to_fbank.main(normalised + ["--overwrite"])  # rerun the same command
+    results.append({"step": step, "killed": killed, "after_kill": after_kill,
+                    "rerun_equal": snapshot() == new, "hidden": hidden()})
+    if not killed:
+        break
+    step += 1
+print(json.dumps(results))
+'''
+
+
+def test_overwrite_killed_at_every_rename_never_leaves_a_manifest_over_mixed_features(audio_dir, tmp_path):
+    """The issue's case: wav-to-fbank --overwrite killed while moving features into place used to
+    leave the old train.tsv over a mix of raw and normalised features."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", KILL_AT_EVERY_RENAME, audio_dir, str(tmp_path / "feats"), str(tmp_path / "old")],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = json.loads(result.stdout.strip().splitlines()[-1])
+    for trial in trials:
+        assert trial["after_kill"] in ("old", "new", "no manifest"), trial
+        assert trial["rerun_equal"] and trial["hidden"] == [], trial
+    assert len(trials) >= 8 and not trials[-1]["killed"]  # every rename of the publish was a kill point
+    assert {trial["after_kill"] for trial in trials} >= {"old", "no manifest"}
+
+
+def test_staging_folder_of_a_killed_run_is_removed_by_the_next_run(audio_dir, tmp_path, capsys):
+    out = tmp_path / "feats"
+    staging = out / ".train.wav_to_fbank.staging" / "new"
+    staging.mkdir(parents=True)
+    (staging / "a.npy").write_bytes(b"half-written by a killed run")
+    (out / ".train.wav_to_fbank.lock").write_text("")  # its lock file; the kill released the lock itself
+    wav_to_fbank.main(["--audio-dir", audio_dir, "--out-dir", str(out)])
+    assert "note: removed the staging folder" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["a.npy", "b.npy", "mean-std.npy", "spk", "train.tsv"]

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import check_writable
-from melhubert_fairseq.data.features import label_stride
+from melhubert_fairseq.data.features import label_stride, open_feature_file, open_npy
 from melhubert_fairseq.data.manifest import write_manifest
 from melhubert_fairseq.tools.kaldi_dump import (
     add_label_arguments,
@@ -58,26 +58,14 @@ def find_npy_files(folder: str) -> List[Tuple[str, str]]:
     return found
 
 
-def npy_shape(path: str) -> Tuple[Tuple[int, ...], np.dtype]:
-    """Shape and dtype of a ``.npy`` file from its header (the data is memory-mapped, not read)."""
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise KaldiDumpError(f"{path}: not a readable .npy array ({err})") from None
-    return array.shape, array.dtype
-
-
 def scan_features(folder: str, files: Sequence[Tuple[str, str]]) -> np.ndarray:
-    """Frames per feature file; every file must be a non-empty float (frames, dim) matrix of one common dim."""
+    """Frames per feature file from its header (the shared feature check: float32/float16, 2-D, at
+    least one frame, a regular file); every file must have the same dim."""
     frames = np.zeros(len(files), dtype=np.int64)
     first_dim: Optional[Tuple[int, str]] = None
     for i, (rel_path, utt_id) in enumerate(tqdm(files, desc="feature headers", unit="file", mininterval=1.0)):
         path = os.path.join(folder, rel_path)
-        shape, dtype = npy_shape(path)
-        if len(shape) != 2 or dtype.kind != "f":
-            raise KaldiDumpError(f"{path}: utterance {utt_id} is a {dtype} array of shape {shape}, expected float (frames, dim)")
-        if shape[0] == 0:
-            raise KaldiDumpError(f"{path}: utterance {utt_id} has no frames")
+        shape = open_feature_file(path, f"utterance {utt_id}").shape
         if first_dim is None:
             first_dim = (shape[1], rel_path)
         elif shape[1] != first_dim[0]:
@@ -142,10 +130,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
 
         def read_labels(i: int) -> np.ndarray:
             path = label_paths[rows.utt_ids[i]]
-            try:
-                labels = np.load(path, allow_pickle=False)
-            except (ValueError, OSError, EOFError) as err:
-                raise KaldiDumpError(f"{path}: not a readable .npy array ({err})") from None
+            labels = np.array(open_npy(path, f"utterance {rows.utt_ids[i]}", what="label file"))
             # The original stored labels as 1-D arrays; accept a (frames, 1) column too.
             return labels.reshape(-1) if labels.ndim == 2 and labels.shape[1] == 1 else labels
 

@@ -97,8 +97,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         ):
             handle.write(format_line(labels))
             labels_written += len(labels)
-    if write_dict:
-        write_dictionary(dict_path, model.num_clusters, overwrite=True)
+        # Before the labels are renamed into place: a kill in between leaves the
+        # dictionary alone, never labels without their dictionary.
+        if write_dict:
+            write_dictionary(dict_path, model.num_clusters, overwrite=True)
     seconds = time.perf_counter() - started
     audio_frames = int(source.manifest.num_frames[start:end].sum())
     print(

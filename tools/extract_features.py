@@ -17,15 +17,17 @@ the relative path mirrors the input (manifest path, or audio path with
 the first layer (``--layers 0,1,8,12``; ``all`` = 1..L, ``0,all`` = every
 state). Frame stacking (10/20/40 ms) comes from the checkpoint.
 Everything is written to a staging folder and moved into place only after
-every utterance succeeded.
+every utterance succeeded (melhubert_fairseq.atomic_output.StagedOutputs);
+with ``--overwrite`` the old files are moved aside first, and a killed run is
+cleaned up (or rolled back) by the next one. Manifest rows that are absolute
+or leave their root (``..``), inputs inside the layer folders being written,
+and outputs that would land on an input are refused before any work.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Tuple
@@ -33,10 +35,11 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from melhubert_fairseq.atomic_output import check_writable
+from melhubert_fairseq.atomic_output import StagedOutputs, check_writable, safe_relative_path
 from melhubert_fairseq.data.fbank import load_audio, num_fbank_frames
-from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ
+from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, read_feature_file
 from melhubert_fairseq.data.manifest import read_manifest
+from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.feature_reader import MelHubertFeatureReader, parse_layers
 from melhubert_fairseq.tools.wav_to_fbank import list_audio_dir, read_audio_manifest
 from melhubert_fairseq.cli import console_main
@@ -48,6 +51,7 @@ class Utterance:
 
     output_path: str  # relative, ends in .npy
     where: str
+    input_path: str
     make_input: Callable[[], Tuple[np.ndarray, int]]  # -> (model input, 10 ms fbank frames)
 
 
@@ -72,22 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def manifest_utterances(reader: MelHubertFeatureReader, manifest_path: str) -> List[Utterance]:
-    """One Utterance per manifest row; its frame count is checked against the manifest when read."""
+    """One Utterance per manifest row; its features are checked (dtype, shape, frames, finite) when read."""
     manifest = read_manifest(manifest_path)
 
     def loader(row: int) -> Callable[[], Tuple[np.ndarray, int]]:
         def load() -> Tuple[np.ndarray, int]:
-            fbank = np.load(manifest.full_path(row), mmap_mode="r", allow_pickle=False)
-            if fbank.shape[0] != manifest.num_frames[row]:
-                raise ValueError(f"{manifest.full_path(row)} has {fbank.shape[0]} frames, manifest says {manifest.num_frames[row]}")
+            fbank = read_feature_file(
+                manifest.full_path(row), manifest.describe(row), reader.feat_dim, int(manifest.num_frames[row])
+            )
             return reader.prepare(fbank), len(fbank)
 
         return load
 
-    return [
-        Utterance(os.path.splitext(manifest.relative_path(row))[0] + ".npy", manifest.describe(row), loader(row))
-        for row in range(len(manifest))
-    ]
+    utterances = []
+    for row in range(len(manifest)):
+        where = manifest.describe(row)
+        # The output mirrors the row's path below --out-dir/layer{L}: it must stay there.
+        rel = safe_relative_path(manifest.relative_path(row), where)
+        utterances.append(Utterance(os.path.splitext(rel)[0] + ".npy", where, manifest.full_path(row), loader(row)))
+    return utterances
 
 
 def audio_utterances(reader: MelHubertFeatureReader, args: argparse.Namespace) -> List[Utterance]:
@@ -95,26 +102,49 @@ def audio_utterances(reader: MelHubertFeatureReader, args: argparse.Namespace) -
     reader.require_corpus_stats()
     items = read_audio_manifest(args.audio_manifest) if args.audio_manifest else list_audio_dir(args.audio_dir)
 
-    def loader(path: str) -> Callable[[], Tuple[np.ndarray, int]]:
+    def loader(item) -> Callable[[], Tuple[np.ndarray, int]]:
         def load() -> Tuple[np.ndarray, int]:
-            waveform = reader.prepare_waveform(load_audio(path, resample=args.resample, downmix=args.downmix))
+            try:
+                waveform = load_audio(
+                    item.full_path, resample=args.resample, downmix=args.downmix, expected_samples=item.expected_samples
+                )
+                waveform = reader.prepare_waveform(waveform)
+            except (OSError, ValueError) as err:
+                raise InputError(f"{item.where}: {err}") from None
             return waveform, num_fbank_frames(len(waveform))  # the model computes the fbank
 
         return load
 
-    return [Utterance(item.feature_path, item.where, loader(item.full_path)) for item in items]
+    return [Utterance(item.feature_path, item.where, item.full_path, loader(item)) for item in items]
 
 
 def check_outputs(utterances: List[Utterance], out_dir: str, layers: List[int], overwrite: bool) -> None:
-    """Fail before any work if two inputs share an output file or outputs exist (without --overwrite)."""
+    """Fail before any work if two inputs share an output, an input lies in a layer folder being
+    written, an output would be an input (paths resolved, also with --overwrite), or outputs exist
+    (without --overwrite)."""
     seen = {}
     for utt in utterances:
         other = seen.setdefault(utt.output_path, utt)
         if other is not utt:
-            raise ValueError(f"{other.where} and {utt.where} would both be written to {utt.output_path}")
+            raise InputError(f"{other.where} and {utt.where} would both be written to {utt.output_path}")
+    layer_dirs = [os.path.realpath(os.path.join(out_dir, f"layer{layer}")) for layer in layers]
+    inputs = {}
+    for utt in utterances:
+        real_input = os.path.realpath(utt.input_path)
+        inputs[real_input] = utt
+        for layer_dir in layer_dirs:
+            if os.path.commonpath([layer_dir, real_input]) == layer_dir:
+                raise InputError(
+                    f"{utt.where}: the input {utt.input_path} lies in {layer_dir}, a folder this run writes to; "
+                    "choose another --out-dir"
+                )
     for layer in layers:
         for utt in utterances:
-            check_writable(os.path.join(out_dir, f"layer{layer}", utt.output_path), overwrite)
+            final = os.path.join(out_dir, f"layer{layer}", utt.output_path)
+            clash = inputs.get(os.path.realpath(final))
+            if clash is not None:
+                raise InputError(f"{utt.where}: its layer {layer} output {final} would replace the input of {clash.where}")
+            check_writable(final, overwrite)
 
 
 @console_main
@@ -126,9 +156,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     layers = parse_layers(args.layers, reader.num_layers)
     utterances = manifest_utterances(reader, args.manifest) if args.manifest else audio_utterances(reader, args)
     out_dir = os.path.abspath(args.out_dir)
-    check_outputs(utterances, out_dir, layers, args.overwrite)
-    os.makedirs(out_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".extract_features.", suffix=".tmp", dir=out_dir)
     skipped: List[str] = []
     written: List[Tuple[str, int]] = []
     fbank_frames = 0
@@ -136,10 +163,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     def model_inputs() -> Iterator[Tuple[int, np.ndarray]]:
         nonlocal fbank_frames
         for index, utt in enumerate(utterances):
-            try:
-                model_input, num_fbank = utt.make_input()
-            except (OSError, ValueError, RuntimeError) as err:
-                raise ValueError(f"{utt.where}: {err}") from None  # a user error: one line, exit 2
+            model_input, num_fbank = utt.make_input()  # input errors name the utterance
             fbank_frames += num_fbank
             if num_fbank == 0:
                 skipped.append(utt.where)
@@ -147,23 +171,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                 continue
             yield index, model_input
 
-    try:
+    with StagedOutputs("extract_features", [out_dir], args.overwrite) as staged:
+        # After the recovery on entry: files a killed run published are gone again.
+        check_outputs(utterances, out_dir, layers, args.overwrite)
         for index, states in tqdm(
             reader.iter_batched(model_inputs(), layers), total=len(utterances),
             desc="extract", unit="utt", disable=args.no_progress,
         ):
             for layer, state in zip(layers, states):
-                path = os.path.join(staging, f"layer{layer}", utterances[index].output_path)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
+                path = staged.path(os.path.join(out_dir, f"layer{layer}", utterances[index].output_path))
                 np.save(path, state.astype(args.dtype, copy=False), allow_pickle=False)
             written.append((utterances[index].output_path, len(states[0])))
-        for layer in layers:
-            for rel, _ in written:
-                final = os.path.join(out_dir, f"layer{layer}", rel)
-                os.makedirs(os.path.dirname(final), exist_ok=True)
-                os.replace(os.path.join(staging, f"layer{layer}", rel), final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if written:
+            staged.publish([os.path.join(out_dir, f"layer{layer}", rel) for layer in layers for rel, _ in written])
 
     model_frames = sum(frames for _, frames in written)
     seconds = time.perf_counter() - started

@@ -9,7 +9,10 @@ is looked up by file name in ``--ark-dir`` and in the scp's own folder.
 Output, in ``--out-dir``: one normalised ``{feature-dir}/{utt_id}.npy`` per
 utterance, ``mean-std.npy`` (2, dim) and, written last, ``{split}.tsv``.
 Features are written into a hidden staging folder that is renamed into place
-only after every utterance was read, so a bad utterance leaves nothing behind.
+only after every utterance was read, then mean-std.npy and, last, the manifest
+(melhubert_fairseq.atomic_output.StagedOutputs): a bad utterance leaves nothing
+behind, ``--overwrite`` moves the old manifest aside before the old features,
+and a killed run is cleaned up (or rolled back) by the next one.
 
 Example::
 
@@ -22,9 +25,7 @@ import sys
 import argparse
 import concurrent.futures
 import os
-import shutil
 import struct
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import IO, Dict, List, Optional, Sequence, Tuple
@@ -33,8 +34,8 @@ import numpy as np
 from kaldiio.matio import read_kaldi
 from tqdm import tqdm
 
-from melhubert_fairseq.atomic_output import check_writable
-from melhubert_fairseq.data.features import MeanStd, load_mean_std, save_mean_std
+from melhubert_fairseq.atomic_output import StagedOutputs, check_writable
+from melhubert_fairseq.data.features import MeanStd, check_feature_array, load_mean_std, save_mean_std
 from melhubert_fairseq.data.manifest import write_manifest
 from melhubert_fairseq.tools.kaldi_dump import (
     KaldiDumpError,
@@ -46,6 +47,7 @@ from melhubert_fairseq.tools.kaldi_dump import (
     summary_line,
 )
 from melhubert_fairseq.cli import console_main
+from melhubert_fairseq.errors import InputError
 
 #: Utterances per work unit: one ark handle, offsets read in increasing order.
 CHUNK_UTTERANCES = 256
@@ -89,21 +91,14 @@ def read_feature_matrix(handle: IO[bytes], offset: int, utt_id: str, ark_path: s
 
 
 def prepare_features(feats: np.ndarray, utt_id: str, ark_path: str, job: FeatureJob) -> np.ndarray:
-    """Check one raw matrix (dim, frames, finite values) and return it normalised in the output dtype."""
-    if feats.shape[1] != job.stats.dim:
-        raise KaldiDumpError(
-            f"{ark_path}: utterance {utt_id} has {feats.shape[1]}-dim features but {job.stats_source} "
-            f"has {job.stats.dim} dims"
-        )
-    if feats.shape[0] == 0:
-        raise KaldiDumpError(f"{ark_path}: utterance {utt_id} has no frames")
-    finite = np.isfinite(feats)
-    if not finite.all():
-        raise KaldiDumpError(
-            f"{ark_path}: utterance {utt_id} has {int(feats.size - finite.sum())} NaN/Inf values "
-            f"(first at frame {int(np.argwhere(~finite)[0][0])})"
-        )
-    out = job.stats.normalize(feats) if job.normalize else feats.astype(np.float32)
+    """Check one raw matrix (the shared feature check: dim, frames, finite) and return it normalised
+    in the output dtype."""
+    # float64 (DM) matrices are read as float32, as every feature is; a value beyond float32 becomes inf.
+    feats = check_feature_array(
+        feats.astype(np.float32, copy=False), f"{ark_path} (utterance {utt_id})", "its matrix",
+        expected_dim=job.stats.dim, dim_name=f"the dim of {job.stats_source}",
+    )
+    out = job.stats.normalize(feats) if job.normalize else feats
     if job.dtype != "float32":
         out = out.astype(job.dtype)
         if not np.isfinite(out).all():
@@ -187,19 +182,6 @@ def check_feature_dir_replaceable(feature_dir: str, overwrite: bool) -> None:
         )
 
 
-def commit_feature_dir(staging: str, feature_dir: str, overwrite: bool) -> None:
-    """Move the finished staging folder onto ``feature_dir`` (replacing the old one when allowed)."""
-    check_feature_dir_replaceable(feature_dir, overwrite)
-    if not os.path.isdir(feature_dir):
-        os.rename(staging, feature_dir)
-        return
-    retired = tempfile.mkdtemp(prefix=f".{os.path.basename(feature_dir)}.", suffix=".old", dir=os.path.dirname(feature_dir))
-    os.rmdir(retired)
-    os.rename(feature_dir, retired)
-    os.rename(staging, feature_dir)
-    shutil.rmtree(retired)
-
-
 def check_mean_std_writable(path: str, stats: MeanStd, overwrite: bool) -> bool:
     """True if ``mean-std.npy`` must be written; an existing one with the same values is kept."""
     if overwrite or not os.path.exists(path):
@@ -262,35 +244,43 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
     out_dir = os.path.abspath(args.out_dir)
     feature_dir = os.path.abspath(args.feature_dir or os.path.join(out_dir, split))
     if feature_dir == out_dir:
-        raise ValueError(f"--feature-dir must be a folder of its own, not the output folder {out_dir}")
+        raise InputError(f"--feature-dir must be a folder of its own, not the output folder {out_dir}")
     manifest_path = os.path.join(out_dir, f"{split}.tsv")
     mean_std_path = os.path.join(out_dir, "mean-std.npy")
 
-    check_writable(manifest_path, args.overwrite)
-    check_feature_dir_replaceable(feature_dir, args.overwrite)
     stats = load_normalization_stats(args.mean_var)
-    need_mean_std = check_mean_std_writable(mean_std_path, stats, args.overwrite)
     entries = read_scp(args.scp)
     resolved = resolve_ark_paths(entries, args.scp, args.ark_dir)
     chunks = plan_chunks(entries, resolved)
 
-    os.makedirs(os.path.dirname(feature_dir), exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(feature_dir)}.", suffix=".partial", dir=os.path.dirname(feature_dir))
-    job = FeatureJob(staging, stats, args.mean_var, not args.no_normalize, args.dtype, not args.skip_key_check)
-    try:
+    roots = [out_dir]
+    if os.path.commonpath([out_dir, feature_dir]) != out_dir:
+        roots.append(os.path.dirname(feature_dir))  # staged on the feature folder's own file system
+    with StagedOutputs(f"{split}.import_kaldi_features", roots, args.overwrite) as staged:
+        # After the recovery on entry, which undoes what a killed run had published.
+        check_writable(manifest_path, args.overwrite)
+        check_feature_dir_replaceable(feature_dir, args.overwrite)
+        # The statistics given as input are never rewritten onto themselves, even with --overwrite.
+        reads_own_output = os.path.realpath(args.mean_var) == os.path.realpath(mean_std_path)
+        need_mean_std = not reads_own_output and check_mean_std_writable(mean_std_path, stats, args.overwrite)
+        staged_features = staged.path(feature_dir)
+        os.mkdir(staged_features)
+        job = FeatureJob(staged_features, stats, args.mean_var, not args.no_normalize, args.dtype, not args.skip_key_check)
         frames = run_chunks(job, chunks, len(entries), args.workers)
-        commit_feature_dir(staging, feature_dir, args.overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-    written = {"features": feature_dir}
-    if need_mean_std:
-        save_mean_std(mean_std_path, stats, overwrite=True)
-        written["mean/std"] = mean_std_path
-    rows = ((f"{entry.utt_id}.npy", count) for entry, count in zip(entries, frames.tolist()))
-    write_manifest(manifest_path, feature_dir, rows, overwrite=args.overwrite)
-    written["manifest"] = manifest_path
+        written = {"features": feature_dir}
+        finals = [feature_dir]
+        if need_mean_std:
+            save_mean_std(staged.path(mean_std_path), stats)
+            finals.append(mean_std_path)
+            written["mean/std"] = mean_std_path
+        rows = ((f"{entry.utt_id}.npy", count) for entry, count in zip(entries, frames.tolist()))
+        write_manifest(staged.path(manifest_path), feature_dir, rows)
+        finals.append(manifest_path)
+        written["manifest"] = manifest_path
+        check_feature_dir_replaceable(feature_dir, args.overwrite)
+        if os.path.isdir(feature_dir) and not os.listdir(feature_dir):
+            os.rmdir(feature_dir)  # an empty folder is replaced without --overwrite
+        staged.publish(finals)
     print(summary_line("imported", len(entries), int(frames.sum()), time.perf_counter() - start, written))
     return written
 

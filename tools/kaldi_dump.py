@@ -18,7 +18,8 @@ from typing import IO, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
-from melhubert_fairseq.atomic_output import atomic_output, check_writable
+from melhubert_fairseq.atomic_output import StagedOutputs, check_writable
+from melhubert_fairseq.errors import InputError, check_regular_file
 from melhubert_fairseq.data.features import (
     FBANK_FRAME_RATE_HZ,
     MeanStd,
@@ -40,8 +41,8 @@ LISTED_IDS = 20
 _NPY_MAGIC = b"\x93NUMPY"
 
 
-class KaldiDumpError(ValueError):
-    """A Kaldi dump file is malformed, inconsistent or unreadable (message names file and utterance)."""
+#: The name the Kaldi tools used for the project's one user-error type (kept for callers).
+KaldiDumpError = InputError
 
 
 @dataclass(frozen=True)
@@ -56,8 +57,7 @@ class ScpEntry:
 
 def read_scp(path: str) -> List[ScpEntry]:
     """Parse ``utt_id <ark path>:<byte offset>`` lines; reject empty files and duplicate ids."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"scp file not found: {path}")
+    check_regular_file(path, what="scp file")
     entries: List[ScpEntry] = []
     first_line: Dict[str, int] = {}
     with open(path, "r", encoding="utf-8") as handle:
@@ -159,8 +159,7 @@ def _is_float(token: str) -> bool:
 
 def read_mean_var(path: str) -> MeanStd:
     """Read a Kaldi-dump ``.mean-var`` file (``[sums]``, ``[sums of squares]``, frame count) as mean/std."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"mean-var file not found: {path}")
+    check_regular_file(path, what="mean-var file")
     with open(path, "r", encoding="utf-8") as handle:
         lines = [(no, line) for no, line in enumerate(handle, start=1) if line.strip()]
     if len(lines) != 3:
@@ -184,8 +183,7 @@ def read_mean_var(path: str) -> MeanStd:
 
 def load_normalization_stats(path: str) -> MeanStd:
     """Mean/std from a Kaldi ``.mean-var`` file or a (2, dim) ``mean-std.npy`` (told apart by content)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"mean/std file not found: {path}")
+    check_regular_file(path, what="mean/std file")
     with open(path, "rb") as handle:
         magic = handle.read(len(_NPY_MAGIC))
     return load_mean_std(path) if magic == _NPY_MAGIC else read_mean_var(path)
@@ -417,40 +415,47 @@ def write_label_outputs(
 
     ``read_labels(i)`` returns the labels of row ``i``; each is validated
     against the row's frame count. Every output is checked for writability
-    before any work, and written atomically, so a bad utterance leaves none
-    of them behind. Returns the paths written, by kind.
+    before any work, staged, and published by renames (StagedOutputs), so a
+    bad utterance leaves none of them behind and a kill never leaves new labels
+    beside an old manifest. Returns the paths written, by kind.
     """
     km_path = os.path.join(out_dir, f"{split}.km")
     dict_path = os.path.join(out_dir, "dict.km.txt")
     manifest_path = os.path.join(out_dir, f"{split}.tsv")
     dropped_path = os.path.join(out_dir, f"{split}.dropped.txt")
-    check_writable(km_path, overwrite)
-    if write_new_manifest:
-        check_writable(manifest_path, overwrite)
-    if dropped:
-        check_writable(dropped_path, overwrite)
-    need_dict = check_dictionary_writable(dict_path, num_classes, overwrite)
+    with StagedOutputs(f"{split}.labels", [out_dir], overwrite) as staged:
+        # After the recovery on entry, which undoes what a killed run had published.
+        check_writable(km_path, overwrite)
+        if write_new_manifest:
+            check_writable(manifest_path, overwrite)
+        if dropped:
+            check_writable(dropped_path, overwrite)
+        need_dict = check_dictionary_writable(dict_path, num_classes, overwrite)
 
-    with atomic_output(km_path, overwrite=overwrite) as handle:
-        for i in tqdm(range(len(rows.utt_ids)), desc=f"{split}.km", unit="utt", mininterval=1.0):
-            labels = validate_labels(
-                read_labels(i), int(rows.num_frames[i]), num_classes, rows.utt_ids[i], label_source, stride
-            )
-            handle.write(" ".join(map(str, labels.tolist())) + "\n")
-    written = {"labels": km_path}
-    if need_dict:
-        write_dictionary(dict_path, num_classes, overwrite=True)
-        written["dictionary"] = dict_path
-    if dropped:
-        with atomic_output(dropped_path, overwrite=overwrite) as handle:
-            for utt_id, reason in dropped:
-                handle.write(f"{utt_id}\t{reason}\n")
-        written["dropped list"] = dropped_path
-    if write_new_manifest:
-        write_manifest(
-            manifest_path, rows.root, zip(rows.rel_paths, rows.num_frames.tolist()), overwrite=overwrite
-        )
-        written["manifest"] = manifest_path
+        with open(staged.path(km_path), "w", encoding="utf-8") as handle:
+            for i in tqdm(range(len(rows.utt_ids)), desc=f"{split}.km", unit="utt", mininterval=1.0):
+                labels = validate_labels(
+                    read_labels(i), int(rows.num_frames[i]), num_classes, rows.utt_ids[i], label_source, stride
+                )
+                handle.write(" ".join(map(str, labels.tolist())) + "\n")
+        written = {"labels": km_path}
+        finals = []
+        if need_dict:
+            write_dictionary(staged.path(dict_path), num_classes)
+            finals.append(dict_path)
+            written["dictionary"] = dict_path
+        if dropped:
+            with open(staged.path(dropped_path), "w", encoding="utf-8") as handle:
+                for utt_id, reason in dropped:
+                    handle.write(f"{utt_id}\t{reason}\n")
+            finals.append(dropped_path)
+            written["dropped list"] = dropped_path
+        finals.append(km_path)
+        if write_new_manifest:
+            write_manifest(staged.path(manifest_path), rows.root, zip(rows.rel_paths, rows.num_frames.tolist()))
+            finals.append(manifest_path)
+            written["manifest"] = manifest_path
+        staged.publish(finals)  # the manifest (else the labels) last
     return written
 
 

@@ -29,7 +29,6 @@ import os
 import random
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import List, Optional
@@ -39,6 +38,7 @@ import soundfile
 from tqdm import tqdm
 
 from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, num_fbank_frames, resample_audio
+from melhubert_fairseq.atomic_output import StagedOutputs
 from melhubert_fairseq.cli import console_main
 
 SENTENCES = [
@@ -304,18 +304,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     if os.path.exists(out_dir) and not args.overwrite:
         parser.error(f"{out_dir} already exists; refusing to overwrite it (pass --overwrite to replace it)")
     start = time.perf_counter()
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    # Build in a sibling temp dir and swap it in, so a failure leaves the old corpus (or nothing).
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", suffix=".tmp", dir=parent)
-    try:
+    # Build in a hidden sibling folder and swap it in, so a failure leaves the old corpus (or nothing).
+    with StagedOutputs(os.path.basename(out_dir), [os.path.dirname(out_dir)], args.overwrite) as staged:
+        staging = staged.path(out_dir)
+        os.mkdir(staging)
         utterances, total_samples, total_frames = build_corpus(staging, args.num_speakers, args.seed, args.espeak)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        staged.publish([out_dir])
     seconds = total_samples / FBANK_SAMPLE_RATE
     size_mb = sum(
         os.path.getsize(os.path.join(root, name)) for root, _, names in os.walk(out_dir) for name in names

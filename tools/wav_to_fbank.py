@@ -17,9 +17,11 @@ features go to a private staging directory, and a second, I/O-only pass
 normalises them there once the statistics are known (fbank is never computed
 twice). ``--mean-std FILE`` normalises with given statistics in one pass
 (dev/test splits with the train statistics); ``--no-normalize`` keeps the raw
-log-Mel values. Files move into place only after every utterance succeeded and
-the manifest is written last, so a failure leaves no manifest and no staging
-files behind.
+log-Mel values. Everything is staged (melhubert_fairseq.atomic_output.StagedOutputs)
+and renamed into place only after every utterance succeeded, the manifest
+last; with ``--overwrite`` the old manifest is moved aside before any feature
+file is replaced. A failure leaves nothing behind, and a run that was killed
+is cleaned up (or rolled back) by the next run.
 """
 from __future__ import annotations
 
@@ -27,18 +29,15 @@ import argparse
 import contextlib
 import multiprocessing
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, List, Optional
 
 import numpy as np
-import soundfile
 from tqdm import tqdm
 
-from melhubert_fairseq.atomic_output import check_writable
+from melhubert_fairseq.atomic_output import StagedOutputs, check_writable, safe_relative_path
 from melhubert_fairseq.data.fbank import (
     FBANK_NUM_MEL_BINS,
     FBANK_SAMPLE_RATE,
@@ -55,6 +54,7 @@ from melhubert_fairseq.data.features import (
 )
 from melhubert_fairseq.data.manifest import iter_tsv_manifest, write_manifest
 from melhubert_fairseq.cli import console_main
+from melhubert_fairseq.errors import InputError
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
 MEAN_STD_NAME = "mean-std.npy"
@@ -79,7 +79,7 @@ class AudioItem:
 class ExtractOptions:
     """Per-utterance settings shared by all workers."""
 
-    staging_dir: str
+    staging_dir: str  # mirrors --out-dir
     dtype: str
     resample: bool
     downmix: bool
@@ -102,20 +102,30 @@ def read_audio_manifest(path: str) -> List[AudioItem]:
     for root, line_no, rel_path, num_samples in iter_tsv_manifest(path, count_name="num_samples"):
         root = os.path.join(os.path.dirname(os.path.abspath(path)), root)
         utt_id = os.path.splitext(os.path.basename(rel_path))[0]
-        items.append(
-            AudioItem(rel_path, os.path.normpath(os.path.join(root, rel_path)), num_samples, f"{path}:{line_no} ({utt_id})")
-        )
+        where = f"{path}:{line_no} ({utt_id})"
+        # The feature file mirrors this path below --out-dir: it must stay there.
+        rel_path = safe_relative_path(rel_path, where)
+        items.append(AudioItem(rel_path, os.path.join(root, rel_path), num_samples, where))
     if not items:
-        raise ValueError(f"{path}: no utterances after the root line")
+        raise InputError(f"{path}: no utterances after the root line")
     return items
 
 
 def list_audio_dir(audio_dir: str) -> List[AudioItem]:
-    """Every .wav/.flac file below ``audio_dir``, sorted by relative path."""
+    """Every .wav/.flac file below ``audio_dir`` (symlinked folders followed once), sorted by relative path."""
     if not os.path.isdir(audio_dir):
         raise FileNotFoundError(f"audio directory not found: {audio_dir}")
     items = []
-    for dirpath, dirnames, filenames in os.walk(audio_dir):
+    visited = set()
+    for dirpath, dirnames, filenames in os.walk(audio_dir, followlinks=True):
+        # Corpora are often assembled from symlinked speaker folders; a link back up the
+        # tree (or two links to one folder) would list the same audio twice, so each real
+        # folder is walked once.
+        real = os.path.realpath(dirpath)
+        if real in visited:
+            dirnames[:] = []
+            continue
+        visited.add(real)
         dirnames.sort()
         for name in sorted(filenames):
             if name.lower().endswith(AUDIO_EXTENSIONS):
@@ -123,19 +133,19 @@ def list_audio_dir(audio_dir: str) -> List[AudioItem]:
                 rel_path = os.path.relpath(full_path, audio_dir)
                 items.append(AudioItem(rel_path, full_path, None, f"utterance {os.path.splitext(name)[0]}"))
     if not items:
-        raise ValueError(f"{audio_dir}: no {'/'.join(AUDIO_EXTENSIONS)} files found")
+        raise InputError(f"{audio_dir}: no {'/'.join(AUDIO_EXTENSIONS)} files found")
     return sorted(items, key=lambda item: item.relative_path)
 
 
 def check_outputs(items: List[AudioItem], out_dir: str, output_names: List[str], overwrite: bool) -> None:
-    """Fail before any work if a path leaves the root, two inputs share a feature file, or outputs exist."""
+    """Fail before any work if two inputs share a feature file, an output is an input, or outputs exist."""
     seen = {}
     for item in items:
-        if os.path.isabs(item.relative_path) or os.path.normpath(item.relative_path).startswith(".."):
-            raise ValueError(f"{item.where}: path {item.relative_path!r} must stay below the manifest root")
         other = seen.setdefault(item.feature_path, item)
         if other is not item:
-            raise ValueError(f"{other.where} and {item.where} would both be written to {item.feature_path}")
+            raise InputError(f"{other.where} and {item.where} would both be written to {item.feature_path}")
+        if os.path.realpath(os.path.join(out_dir, item.feature_path)) == os.path.realpath(item.full_path):
+            raise InputError(f"{item.where}: its feature file would replace the input {item.full_path}")
     for name in output_names:
         check_writable(os.path.join(out_dir, name), overwrite)
     if not overwrite:
@@ -156,14 +166,12 @@ def save_npy(path: str, array: np.ndarray) -> None:
 def extract_one(item: AudioItem, options: ExtractOptions) -> ExtractResult:
     """Compute, account for and stage one utterance's fbank; errors name the utterance."""
     try:
-        if item.expected_samples is not None:
-            actual = soundfile.info(item.full_path).frames
-            if actual != item.expected_samples:
-                raise ValueError(f"{item.full_path}: manifest says {item.expected_samples} samples, the file has {actual}")
-        waveform = load_audio(item.full_path, resample=options.resample, downmix=options.downmix)
-        feats = compute_fbank(waveform, FBANK_SAMPLE_RATE)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise RuntimeError(f"{item.where}: {err}") from None
+        waveform = load_audio(
+            item.full_path, resample=options.resample, downmix=options.downmix, expected_samples=item.expected_samples
+        )
+    except (OSError, ValueError) as err:
+        raise InputError(f"{item.where}: {err}") from None
+    feats = compute_fbank(waveform, FBANK_SAMPLE_RATE)
     if len(feats) == 0:
         return ExtractResult(0, len(waveform), None)
     accumulator = None
@@ -233,17 +241,17 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.mean_std:
         given_stats = load_mean_std(args.mean_std)
         if given_stats.dim != FBANK_NUM_MEL_BINS:
-            raise ValueError(f"{args.mean_std}: has {given_stats.dim} dims, fbank features have {FBANK_NUM_MEL_BINS}")
+            raise InputError(f"{args.mean_std}: has {given_stats.dim} dims, fbank features have {FBANK_NUM_MEL_BINS}")
     out_dir = os.path.abspath(args.out_dir)
     manifest_name = f"{args.split}.tsv"
     computes_stats = given_stats is None
-    check_outputs(items, out_dir, [manifest_name] + ([MEAN_STD_NAME] if computes_stats else []), args.overwrite)
+    output_names = [manifest_name] + ([MEAN_STD_NAME] if computes_stats else [])
 
-    os.makedirs(out_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{args.split}.wav_to_fbank.", suffix=".tmp", dir=out_dir)
-    try:
+    with StagedOutputs(f"{args.split}.wav_to_fbank", [out_dir], args.overwrite) as staged:
+        # After the recovery on entry: files a killed run published are gone again.
+        check_outputs(items, out_dir, output_names, args.overwrite)
         options = ExtractOptions(
-            staging_dir=staging,
+            staging_dir=staged.mirror(out_dir),
             dtype=args.dtype,
             resample=args.resample,
             downmix=args.downmix,
@@ -267,22 +275,20 @@ def main(argv: Optional[List[str]] = None) -> None:
             if result.accumulator is not None:
                 totals.merge(result.accumulator)
         if not kept:
-            raise ValueError(f"no utterance produced any fbank frame ({len(skipped)} skipped as too short)")
+            raise InputError(f"no utterance produced any fbank frame ({len(skipped)} skipped as too short)")
 
         stats = totals.result(f"fbank statistics of {args.manifest or args.audio_dir}") if computes_stats else None
         if options.raw_for_second_pass:
-            staged = [(os.path.join(staging, rel), stats, args.dtype) for rel, _ in kept]
-            for _ in run_parallel(_normalize_task, staged, len(staged), args.workers, "normalise"):
+            normalise = [(os.path.join(options.staging_dir, rel), stats, args.dtype) for rel, _ in kept]
+            for _ in run_parallel(_normalize_task, normalise, len(normalise), args.workers, "normalise"):
                 pass
-        for rel, _ in kept:
-            final = os.path.join(out_dir, rel)
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.replace(os.path.join(staging, rel), final)
+        finals = [os.path.join(out_dir, rel) for rel, _ in kept]
         if stats is not None:
-            save_mean_std(os.path.join(out_dir, MEAN_STD_NAME), stats, overwrite=args.overwrite)
-        write_manifest(os.path.join(out_dir, manifest_name), out_dir, kept, overwrite=args.overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            finals.append(os.path.join(out_dir, MEAN_STD_NAME))
+            save_mean_std(staged.path(finals[-1]), stats)
+        finals.append(os.path.join(out_dir, manifest_name))
+        write_manifest(staged.path(finals[-1]), out_dir, kept)
+        staged.publish(finals)
 
     seconds = time.perf_counter() - start
     frames = sum(count for _, count in kept)

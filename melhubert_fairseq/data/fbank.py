@@ -13,10 +13,14 @@ torchaudio is never imported.
 from __future__ import annotations
 
 import math
+import re
+from typing import Optional
 
 import kaldi_native_fbank as knf
 import numpy as np
 import soundfile
+
+from melhubert_fairseq.errors import InputError, check_regular_file
 
 #: Sample rate every fbank feature in this project is computed at.
 FBANK_SAMPLE_RATE = 16000
@@ -26,6 +30,8 @@ FBANK_NUM_MEL_BINS = 40
 FBANK_WINDOW_SAMPLES = 400
 #: 10 ms frame shift at 16 kHz.
 FBANK_SHIFT_SAMPLES = 160
+#: A line of libsndfile's header log where the file is shorter than a chunk's declared size.
+_TRUNCATED_CHUNK = re.compile(r"^(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)")
 #: torchaudio.load returns int16 audio divided by 2**15; the original multiplied it back.
 INT16_SCALE = float(2**15)
 
@@ -112,32 +118,59 @@ def resample_audio(waveform: np.ndarray, orig_sr: int, target_sr: int) -> np.nda
     return resampled.astype(np.float32, copy=False)
 
 
+def check_audio_header(path: str, info) -> None:
+    """Refuse a file whose header promises more audio than the file holds (a truncated copy).
+
+    libsndfile reads such a WAV/AIFF without complaint, only as many frames as
+    the file holds, and records the disagreement in its header log as
+    ``data : <declared bytes> (should be <bytes present>)``.
+    """
+    for line in info.extra_info.splitlines():
+        match = _TRUNCATED_CHUNK.match(line.strip())
+        if match and int(match.group(3)) < int(match.group(2)):
+            raise InputError(
+                f"{path}: truncated audio file: its header declares {match.group(2)} bytes of audio data "
+                f"but the file holds {match.group(3)} (an interrupted copy?)"
+            )
+
+
 def load_audio(
     path: str,
     expected_sr: int = FBANK_SAMPLE_RATE,
     resample: bool = False,
     downmix: bool = False,
+    expected_samples: Optional[int] = None,
 ) -> np.ndarray:
     """Read an audio file as a 1-D float32 waveform in [-1, 1] at ``expected_sr``.
 
     A different sample rate is an error naming the file unless ``resample`` is
     set; more than one channel is an error unless ``downmix`` is set (then the
-    channels are averaged). 16-bit files come back as int16 / 2**15 exactly,
-    the same values ``torchaudio.load`` gave the original.
+    channels are averaged). A truncated file, a file that decodes to fewer
+    frames than its header says, or one whose length is not ``expected_samples``
+    (an audio manifest's count) is an error, as is anything but a regular file.
+    16-bit files come back as int16 / 2**15 exactly, the same values
+    ``torchaudio.load`` gave the original.
     """
+    check_regular_file(path, what="audio file")
     try:
+        info = soundfile.info(path)
+        check_audio_header(path, info)
+        if expected_samples is not None and info.frames != expected_samples:
+            raise InputError(f"{path}: manifest says {expected_samples} samples, the file has {info.frames}")
         audio, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)
     except RuntimeError as err:  # soundfile.LibsndfileError (older soundfile: RuntimeError)
-        raise ValueError(f"{path}: cannot read audio ({err})") from None
+        raise InputError(f"{path}: cannot read audio ({err})") from None
+    if len(audio) != info.frames:
+        raise InputError(f"{path}: header says {info.frames} frames but only {len(audio)} could be decoded (truncated?)")
     num_channels = audio.shape[1]
     if num_channels != 1 and not downmix:
-        raise ValueError(
+        raise InputError(
             f"{path}: has {num_channels} channels, expected mono (downmix=True / --downmix averages them)"
         )
     waveform = audio[:, 0] if num_channels == 1 else audio.mean(axis=1, dtype=np.float32)
     if sample_rate != expected_sr:
         if not resample:
-            raise ValueError(
+            raise InputError(
                 f"{path}: sample rate is {sample_rate} Hz, expected {expected_sr} Hz "
                 "(resample=True / --resample converts it)"
             )

@@ -12,10 +12,12 @@ from fairseq.data import FairseqDataset
 from melhubert_fairseq.data.features import (
     FBANK_FRAME_RATE_HZ,
     MeanStd,
+    check_finite_frames,
     expected_label_count,
     label_count_tolerance,
     label_stride,
     num_stacked_frames,
+    open_feature_file,
     stack_frames,
     subsample_labels,
 )
@@ -207,26 +209,12 @@ class FbankLabelDataset(FairseqDataset):
         stack = self.rates.stack
         path = self.manifest.full_path(index)
         where = self.manifest.describe(index)
-        expected_frames = int(self.manifest.num_frames[index])
-        try:
-            feats = np.load(path, mmap_mode="r", allow_pickle=False)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{where}: feature file {path} is missing") from None
-        except (ValueError, OSError) as err:
-            raise ValueError(f"{where}: cannot read {path} (truncated or not a .npy file: {err})") from None
-        if feats.ndim != 2 or feats.shape[1] != self.feat_dim:
-            raise ValueError(
-                f"{where}: {path} has shape {feats.shape}, expected (frames, {self.feat_dim}) "
-                f"(task.feat_dim; model input = feat_dim x stack_frames = {self.feat_dim * stack})"
-            )
-        if feats.shape[0] != expected_frames:
-            raise ValueError(f"{where}: {path} has {feats.shape[0]} frames but the manifest says {expected_frames}")
-        if feats.dtype not in (np.float32, np.float16):
-            raise ValueError(f"{where}: {path} has dtype {feats.dtype}, expected float32 or float16")
+        feats = open_feature_file(
+            path, where, self.feat_dim, int(self.manifest.num_frames[index]),
+            dim_name=f"task.feat_dim; model input = feat_dim x stack_frames = {self.feat_dim * stack}",
+        )
         crop = np.array(feats[start * stack : (start + length) * stack], dtype=np.float32)  # the disk read
-        if not np.isfinite(crop).all():
-            bad = int(np.flatnonzero(~np.isfinite(crop).all(axis=1))[0]) + start * stack
-            raise ValueError(f"{where}: {path} contains NaN/Inf (first at frame {bad})")
+        check_finite_frames(crop, where, path, first_frame=start * stack)
         if self.mean_std is not None:
             crop = self.mean_std.normalize(crop)
         return stack_frames(crop, stack)[:length]

@@ -18,6 +18,7 @@ from typing import Iterable, Iterator, Optional, Tuple
 import numpy as np
 
 from melhubert_fairseq.atomic_output import atomic_output
+from melhubert_fairseq.errors import check_regular_file
 
 
 @dataclass
@@ -70,8 +71,7 @@ def iter_tsv_manifest(path: str, count_name: str = "num_frames") -> Iterator[Tup
     manifests: a root line, then ``relative/path<TAB>count`` rows. Errors name
     the file and line.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"manifest not found: {path}")
+    check_regular_file(path, what="manifest")
     with open(path, "r", encoding="utf-8") as handle:
         root = handle.readline().rstrip("\n")
         if not root:
@@ -152,20 +152,20 @@ class LabelIndex:
         return parse_label_line(line, f"{self.path}:{index + 1}")
 
 
-_DIGITS_AND_WHITESPACE = b"0123456789 \t\r\n"
+#: Bytes a label line may hold for numpy's C parser to read all of it (digits and whitespace).
+_PLAIN_LABEL_BYTES = b"0123456789 \t\r\n\x0b\x0c"
 
 
 def parse_label_line(line: bytes, where: str) -> np.ndarray:
     """Parse one line of space-separated integer labels into int64; ``where`` names it in errors."""
     # numpy's C parser is ~4x faster than int() per token (25 vs 95 us for a 1500-label
-    # line). It stops early (with only a warning) at anything but digits and whitespace, so
-    # it gets only such lines; the rest (negative ids, bad tokens) take the slow path, which
-    # names the bad token. Turning its warning into an error instead is not thread-safe: the
-    # process-wide filter would raise the warnings of fairseq's main thread while its
-    # prefetch thread parses labels.
+    # line). It stops silently (with a warning) at a token it cannot read, so it only gets
+    # lines of digits and whitespace, which it reads to the end; anything else (a sign, a
+    # typo) takes the slow path, which names the bad token. No warning filter is touched:
+    # that state is process-wide, and fairseq's prefetch thread runs this during training.
     if not line.strip():
         return np.zeros(0, dtype=np.int64)  # fromstring would read "\n" as [0]
-    if not line.translate(None, _DIGITS_AND_WHITESPACE):
+    if not line.translate(None, _PLAIN_LABEL_BYTES):
         return np.fromstring(line, dtype=np.int64, sep=" ")
     text = line.decode("ascii", errors="replace").split()
     try:
@@ -181,8 +181,7 @@ def index_label_file(path: str, chunk_bytes: int = 1 << 22) -> LabelIndex:
     Works in chunks with numpy so that LibriSpeech-960 (1.4 GB of text) is
     indexed without ever holding its labels in memory.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"label file not found: {path}")
+    check_regular_file(path, what="label file")
     offsets = [np.zeros(1, dtype=np.int64)]
     counts = []
     base = 0
