@@ -59,6 +59,11 @@ Snapshot = Dict[str, str]  # relative path -> sha256 of the content
 
 
 # --------------------------------------------------------------------------- scenario description
+def sha256_of_file(path: Path) -> str:
+    """The sha256 of a file's bytes (what "the same output" means for most tools)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 @dataclasses.dataclass
 class Scenario:
     """One tool run to kill: inputs, command, and where its outputs appear."""
@@ -77,8 +82,11 @@ class Scenario:
     #: Build expensive shared inputs once (e.g. a trained checkpoint) into the assets folder;
     #: the work folder (where every trial runs) is free to use meanwhile.
     prepare: Callable[[Path, Path], None] = lambda assets, work: None
-    #: Optional override: classify a trial from its record (return None for the default rules).
-    classify: Optional[Callable[["Trial"], Optional[str]]] = None
+    #: Optional override: classify a trial from its record and the uninterrupted run's
+    #: (return None for the default rules).
+    classify: Optional[Callable[["Trial", "Reference"], Optional[str]]] = None
+    #: What makes two output files "the same" (default: their bytes).
+    fingerprint: Callable[[Path], str] = sha256_of_file
 
 
 @dataclasses.dataclass
@@ -106,13 +114,15 @@ def tool(name: str) -> List[str]:
     return [sys.executable, "-m", f"melhubert_fairseq.tools.{name.replace('-', '_')}"]
 
 
-def snapshot(work: Path, folders: Sequence[str], hidden: bool = False) -> Snapshot:
-    """sha256 of every file below ``folders`` (hidden entries and their contents left out unless ``hidden``)."""
+def snapshot(
+    work: Path, folders: Sequence[str], hidden: bool = False, fingerprint: Callable[[Path], str] = sha256_of_file
+) -> Snapshot:
+    """``fingerprint`` of every file below ``folders`` (hidden entries and their contents left out unless ``hidden``)."""
     result: Snapshot = {}
     for folder in folders:
         base = work / folder
         if base.is_file():
-            result[folder] = hashlib.sha256(base.read_bytes()).hexdigest()
+            result[folder] = fingerprint(base)
             continue
         for dirpath, dirnames, filenames in os.walk(base):
             if not hidden:
@@ -121,7 +131,7 @@ def snapshot(work: Path, folders: Sequence[str], hidden: bool = False) -> Snapsh
                 if name.startswith(HIDDEN_PREFIX) and not hidden:
                     continue
                 path = Path(dirpath) / name
-                result[str(path.relative_to(work))] = hashlib.sha256(path.read_bytes()).hexdigest()
+                result[str(path.relative_to(work))] = fingerprint(path)
     return result
 
 
@@ -190,7 +200,7 @@ def reference_run(scenario: Scenario, work: Path, assets: Path, repeats: int = 2
     runs = []
     for _ in range(repeats):
         scenario.setup(fresh(work), assets)
-        before = snapshot(work, scenario.outputs)
+        before = snapshot(work, scenario.outputs, fingerprint=scenario.fingerprint)
         seen = listing(work, scenario.outputs)
         command = scenario.command(work, assets)
         with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a chatty tool never blocks on it
@@ -210,7 +220,8 @@ def reference_run(scenario: Scenario, work: Path, assets: Path, repeats: int = 2
         if process.returncode != 0:
             raise RuntimeError(f"{scenario.name}: the uninterrupted run failed ({' '.join(command)}):\n{stderr[-3000:]}")
         first_write = seconds if first_write is None else first_write
-        runs.append(Reference(before, snapshot(work, scenario.outputs), seconds, first_write, last_write or seconds))
+        after = snapshot(work, scenario.outputs, fingerprint=scenario.fingerprint)
+        runs.append(Reference(before, after, seconds, first_write, last_write or seconds))
     if any(run.after != runs[0].after for run in runs):
         raise RuntimeError(f"{scenario.name}: two uninterrupted runs wrote different outputs; trials cannot be compared")
     return max(runs, key=lambda run: run.working_seconds)  # the slower run spans the work of a slow trial
@@ -241,7 +252,7 @@ def consistent_after_kill(state: Snapshot, reference: Reference, commit: Optiona
 def classify(trial: Trial, reference: Reference, scenario: Scenario) -> None:
     """Fill in ``trial.outcome`` and ``trial.reason`` (see the module docstring)."""
     if scenario.classify is not None:
-        outcome = scenario.classify(trial)
+        outcome = scenario.classify(trial, reference)
         if outcome is not None:
             trial.outcome = outcome
             return
@@ -295,7 +306,7 @@ def run_trial(scenario: Scenario, work: Path, assets: Path, reference: Reference
     if killed:
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    after_kill = snapshot(work, scenario.outputs)
+    after_kill = snapshot(work, scenario.outputs, fingerprint=scenario.fingerprint)
     rerun = run_to_end(command, work)
     return Trial(
         kill_at=kill_at,
@@ -303,7 +314,7 @@ def run_trial(scenario: Scenario, work: Path, assets: Path, reference: Reference
         after_kill=after_kill,
         rerun_returncode=rerun.returncode,
         rerun_stderr=rerun.stderr,
-        after_rerun=snapshot(work, scenario.outputs),
+        after_rerun=snapshot(work, scenario.outputs, fingerprint=scenario.fingerprint),
         leftovers=hidden_entries(work, scenario.outputs),
         inputs_changed=snapshot(work, scenario.inputs, hidden=True) != inputs_before,
     )
@@ -423,9 +434,91 @@ def prepare_checkpoint(assets: Path, work: Path) -> None:
         raise RuntimeError(f"training the tiny checkpoint failed:\n{result.stderr[-3000:]}")
 
 
+#: A small model with a wide feed-forward layer: cheap updates, ~12 MB checkpoints, so saving
+#: (every update) is a large part of the run and many kills land inside a save.
+SAVE_HEAVY_MODEL = [
+    "model.encoder_layers=2", "model.encoder_embed_dim=64", "model.encoder_ffn_embed_dim=4096",
+    "model.encoder_attention_heads=4", "model.conv_pos=16", "model.conv_pos_groups=4",
+]
+TRAINING_UPDATES = 30
+
+
+def prepare_training_corpus(assets: Path, work: Path) -> None:
+    """A synthetic fbank corpus with 32-class labels (10 utterances: 3 batches an epoch, 10 epochs of training)."""
+    data = fresh(assets / "train_corpus")
+    write_fbank_corpus(data, num_utts=10)
+    rng = np.random.default_rng(1)
+    rows = (data / "train.tsv").read_text().splitlines()[1:]
+    (data / "train.km").write_text("".join(" ".join(map(str, rng.integers(0, 32, int(r.split("\t")[1])))) + "\n" for r in rows))
+    (data / "dict.km.txt").write_text("".join(f"{k} 1\n" for k in range(32)))
+
+
+def training_command(work: Path) -> List[str]:
+    """fairseq-hydra-train of the stage-1 recipe (save-heavy tiny model), saving every update, run from ``work``."""
+    return [
+        sys.executable, "-m", "fairseq_cli.hydra_train", "--config-dir", str(REPO / "config"), "--config-name", "stage1",
+        f"common.user_dir={REPO / 'melhubert_fairseq'}", f"task.data={work / 'data'}", f"task.label_dir={work / 'data'}",
+        "task.num_classes=32", "task.max_sample_size=60", "task.min_sample_size=null",
+        f"optimization.max_update={TRAINING_UPDATES}", "optimization.update_freq=[1]", "dataset.num_workers=2",
+        "dataset.max_tokens=240", "dataset.disable_validation=true", "common.tensorboard_logdir=null",
+        "checkpoint.save_interval_updates=1", "checkpoint.keep_interval_updates=2",
+        f"checkpoint.save_dir={work / 'ckpt'}", f"hydra.run.dir={work / 'hydra'}", *SAVE_HEAVY_MODEL,
+    ]
+
+
+def checkpoint_fingerprint(path: Path) -> str:
+    """A checkpoint's update count and parameters (its bytes also hold wall-clock meters), or why it does not load."""
+    if not path.name.endswith(".pt"):
+        return sha256_of_file(path)
+    import torch
+
+    import melhubert_fairseq  # noqa: F401  (fairseq's checkpoint types allow-listed)
+    from melhubert_fairseq.checkpoint_io import checkpoint_load_problem, safe_torch_load
+
+    problem = checkpoint_load_problem(str(path))
+    if problem is not None:
+        return f"UNLOADABLE: {problem}"
+    state = safe_torch_load(str(path))
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state["model"].items()):
+        digest.update(name.encode())
+        digest.update(tensor.contiguous().view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return f"update {state['optimizer_history'][-1]['num_updates']}: {digest.hexdigest()}"
+
+
+def classify_training(trial: Trial, reference: Reference) -> str:
+    """corrupt: a checkpoint that does not load right after the kill, a failed rerun, temporary files left
+    behind, or final parameters that differ from the uninterrupted run's (bit for bit); else resumed (the
+    rerun continued from a checkpoint the killed run saved) or clean (killed before its first save)."""
+    unloadable = [path for path, value in trial.after_kill.items() if value.startswith("UNLOADABLE")]
+    if unloadable:
+        trial.reason = f"{unloadable[0]} left unloadable: {trial.after_kill[unloadable[0]]}"
+        return "corrupt"
+    if trial.rerun_returncode != 0:
+        trial.reason = f"rerun failed ({trial.rerun_returncode}): {trial.rerun_stderr.strip().splitlines()[-1:]}"
+        return "corrupt"
+    if trial.leftovers:
+        trial.reason = f"left after the rerun: {trial.leftovers[:3]}"
+        return "corrupt"
+    last = "ckpt/checkpoint_last.pt"
+    if trial.after_rerun.get(last) != reference.after.get(last):
+        trial.reason = "the resumed run ended with other parameters than the uninterrupted run"
+        return "corrupt"
+    if not trial.killed:
+        return "finished"
+    return "resumed" if last in trial.after_kill else "clean"
+
+
 def scenarios() -> List[Scenario]:
     """Every scenario, in table order."""
     return [
+        Scenario(
+            name="training",
+            prepare=prepare_training_corpus,
+            setup=lambda work, assets: shutil.copytree(assets / "train_corpus", work / "data"),
+            command=lambda work, assets: training_command(work),
+            outputs=["ckpt"], inputs=["data"], classify=classify_training, fingerprint=checkpoint_fingerprint,
+        ),
         Scenario(
             name="wav-to-fbank",
             setup=lambda work, assets: write_audio(work / "audio"),
