@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +143,14 @@ def test_channel_masking_zeroes_whole_channel_spans():
     zeroed = masked == 0
     assert zeroed.any() and (zeroed.all(dim=1) | ~zeroed.any(dim=1)).all(), "a channel is masked at every frame or none"
     assert (zeroed[:, 0].sum(-1) == zeroed[0, 0].sum()).all(), "same number of masked channels per utterance"
+    # in the model: only when masking (fine-tuning passes mask=apply_mask and training), after the projection
+    conv_inputs = []
+    model.encoder.pos_conv.register_forward_pre_hook(lambda _m, args: conv_inputs.append(args[0]))
+    frames = torch.randn(3, 20, 80)
+    for mask in (True, False):
+        model.extract_features(frames, mask=mask)
+    whole_channels_zero = [(x == 0).all(dim=-1).any().item() for x in conv_inputs]  # (B, C, T) -> any (b, c)
+    assert whole_channels_zero == [True, False]
     with pytest.raises(ValueError, match=r"channel masking \(mask_channel_\*\): no_mask_overlap=true is not supported"):
         MelHubertModel(OmegaConf.merge(cfg, {"no_mask_channel_overlap": True}))
 
@@ -213,9 +222,11 @@ def test_non_mel_hubert_w2v_path_is_a_one_line_error(tmp_path):
 def test_wav2vec_ctc_finetunes_through_fairseq_hydra_train(tiny_checkpoint, tmp_path):
     data = small_corpus(tmp_path, train=4, valid=2)
     save_dir = tmp_path / "ft"
+    w2v_path = tmp_path / "pretrained.pt"
+    shutil.copy(tiny_checkpoint, w2v_path)
     command = [
         sys.executable, "-m", "fairseq_cli.hydra_train", "--config-dir", "config", "--config-name", "finetune_demo",
-        "common.user_dir=melhubert_fairseq", f"task.data={data}", f"model.w2v_path={tiny_checkpoint}",
+        "common.user_dir=melhubert_fairseq", f"task.data={data}", f"model.w2v_path={w2v_path}",
         f"checkpoint.save_dir={save_dir}", f"hydra.run.dir={save_dir}/hydra", "optimization.max_update=3",
         "model.freeze_finetune_updates=1", "common.log_interval=1", "dataset.max_tokens=120000",
     ]
@@ -232,7 +243,8 @@ def test_wav2vec_ctc_finetunes_through_fairseq_hydra_train(tiny_checkpoint, tmp_
 
     from fairseq import checkpoint_utils
 
-    pretrained = safe_torch_load(str(tiny_checkpoint))["model"]
+    pretrained = safe_torch_load(str(w2v_path))["model"]
+    w2v_path.unlink()  # the fine-tuned checkpoint is rebuilt from its own config, without the pretrained file
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(save_dir / "checkpoint_last.pt")])
     model = models[0].eval()
     assert cfg.model._name == "wav2vec_ctc" and cfg.model.w2v_args.model._name == "mel_hubert"
