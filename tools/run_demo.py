@@ -110,11 +110,11 @@ def train(out: Path, feature_dir: Path, label_dir: Path, num_clusters: int, max_
     ])
 
 
-def finetune(out: Path, checkpoint: Path, max_update: Optional[int], overrides: List[str]) -> Dict[str, Dict[str, str]]:
+def finetune(out: Path, checkpoint: Path, max_update: Optional[int], overrides: List[str]) -> Tuple[Dict[str, Dict[str, str]], str]:
     """CTC fine-tuning of ``checkpoint`` with config/finetune_demo.yaml, from it and from a random init of it;
-    return each one's last validation metrics."""
+    return each one's last validation metrics and what the valid split holds."""
     data_dir = out / "finetune" / "data"
-    write_finetuning_data(
+    splits = write_finetuning_data(
         {split: str(CORPUS_DIR / f"{split}.tsv") for split in SPLITS}, str(CORPUS_DIR / "transcripts.tsv"), str(data_dir)
     )
     results = {}
@@ -127,10 +127,11 @@ def finetune(out: Path, checkpoint: Path, max_update: Optional[int], overrides: 
             *overrides,
         ])
         results[name] = {**(last_metrics(log_path, "valid") or {}), "log": str(log_path)}
-    return results
+    valid = next(split for split in splits if split.name == "valid")
+    return results, f"{valid.num_utterances} valid utterances, {valid.num_letters} letter targets"
 
 
-def finetune_summary(results: Dict[str, Dict[str, str]]) -> str:
+def finetune_summary(results: Dict[str, Dict[str, str]], valid_size: str) -> str:
     """The fine-tuning lines of the summary: valid CER (and WER) of each init, and which is lower."""
     cer = {name: float(metrics.get("valid_uer", "nan")) for name, metrics in results.items()}
     lines = [
@@ -145,7 +146,7 @@ def finetune_summary(results: Dict[str, Dict[str, str]]) -> str:
         verdict = f"pretraining did not help: random init is {pretrained - random_init:.1f} CER points lower"
     else:
         verdict = "pretrained and random init reach the same valid CER"
-    return "CTC fine-tuning on demo/corpus (greedy decoding; CER counts letters, apostrophes and word boundaries):\n" + (
+    return f"CTC fine-tuning on demo/corpus ({valid_size}; greedy decoding; CER counts letters, apostrophes and word boundaries):\n" + (
         "\n".join(lines) + f"\n  {verdict}"
     )
 
@@ -195,10 +196,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         checkpoint, learned = pretrain(args, out)
     if not args.no_finetune:
         finetune_start = time.time()
-        results = finetune(out, checkpoint, args.finetune_max_update, args.finetune_override)
+        results, valid_size = finetune(out, checkpoint, args.finetune_max_update, args.finetune_override)
         print(
             f"fine-tuning finished in {time.time() - finetune_start:.0f} s (demo: {time.time() - start:.0f} s in all); "
-            + finetune_summary(results)
+            + finetune_summary(results, valid_size)
         )
     return 0 if learned else 1
 
