@@ -38,6 +38,9 @@ setup(
         "scipy",
         "faiss-cpu",
         "tensorboardX",
+        # fairseq's ctc criterion imports it to score every validation of CTC fine-tuning
+        # (criterions/ctc.py), but ve-fairseq does not declare it.
+        "editdistance",
     ],
     extras_require={
         "test": ["pytest"],

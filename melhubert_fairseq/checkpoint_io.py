@@ -183,7 +183,8 @@ def load_checkpoint_to_cpu(path: str, arg_overrides: Optional[dict] = None, load
     """fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` with ``weights_only=True`` passed explicitly.
 
     Same contract: the state dict with ``cfg`` as an OmegaConf config (``arg_overrides``
-    applied) and fairseq's upgrades of old layouts.
+    applied) and fairseq's upgrades of old layouts. A ``mel_hubert`` checkpoint's config
+    also gets its fbank statistics and path (:func:`record_checkpoint_in_config`).
     """
     from fairseq.checkpoint_utils import _upgrade_state_dict
     from fairseq.dataclass.utils import overwrite_args_by_name
@@ -208,6 +209,9 @@ def load_checkpoint_to_cpu(path: str, arg_overrides: Optional[dict] = None, load
         state["cfg"] = OmegaConf.create(state["cfg"], flags={"allow_objects": True})
         if arg_overrides is not None:
             overwrite_args_by_name(state["cfg"], arg_overrides)
+        from melhubert_fairseq.models.mel_hubert import record_checkpoint_in_config
+
+        record_checkpoint_in_config(state, path)
     return _upgrade_state_dict(state)
 
 

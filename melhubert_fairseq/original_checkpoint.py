@@ -481,8 +481,11 @@ EXPORTED_CONFIG_KEYS = tuple(key for key in ORIGINAL_DEFAULTS if key != "final_d
 ORIGINAL_ATTENTION_ORDER = ("k_proj", "v_proj", "q_proj", "out_proj")
 
 
-def read_mel_hubert_checkpoint(path: str) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """Safely load a fairseq checkpoint holding a ``mel_hubert`` model -> (checkpoint dict, resolved cfg)."""
+def read_mel_hubert_checkpoint(
+    path: str, purpose: str = "only Mel-HuBERT models have an original format"
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Safely load a fairseq checkpoint holding a ``mel_hubert`` model -> (checkpoint dict, resolved cfg);
+    ``purpose`` ends the error for another model."""
     # Namespace is allowed so that pre-hydra fairseq files (``args``) are named, not refused as unsafe.
     state = safe_torch_load(path, original_checkpoint_safe_globals())
     if not isinstance(state, dict) or "model" not in state:
@@ -498,7 +501,7 @@ def read_mel_hubert_checkpoint(path: str) -> Tuple[Dict[str, Any], Dict[str, Any
         name = getattr(state.get("args"), "arch", None)
     if name != MODEL_NAME:
         what = f"a fairseq {name!r} checkpoint" if name else "a checkpoint naming no fairseq model (cfg.model._name)"
-        raise CheckpointFormatError(f"{path}: {what}, not {MODEL_NAME!r}: only Mel-HuBERT models have an original format")
+        raise CheckpointFormatError(f"{path}: {what}, not {MODEL_NAME!r}: {purpose}")
     return state, OmegaConf.to_container(OmegaConf.create(cfg), resolve=True, enum_to_str=True)
 
 

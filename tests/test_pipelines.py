@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import re
 
+import torch
+
 
 from conftest import make_fbank_corpus, run_hydra_train
 from melhubert_fairseq.checkpoint_io import safe_torch_load
@@ -46,10 +48,11 @@ def test_stage2_trains_from_stage1_checkpoint_on_layer_labels(tmp_path):
     assert second["model"]["final_proj.weight"].shape == (32, 64)
 
 
-def test_demo_pipeline_runs_from_corpus_to_checkpoint(tmp_path, capsys):
+def test_demo_pipeline_runs_from_corpus_to_checkpoint_and_fine_tunes_it(tmp_path, capsys):
     out = tmp_path / "demo"
     status = run_demo.main([
         "--out-dir", str(out), "--max-update", "3", "--min-accuracy-ratio", "0", "--workers", "1",
+        "--finetune-max-update", "2",
         "model.encoder_layers=1", "dataset.num_workers=0", "checkpoint.save_interval_updates=0",
     ])
     assert status == 0
@@ -61,3 +64,22 @@ def test_demo_pipeline_runs_from_corpus_to_checkpoint(tmp_path, capsys):
     log = (out / "hydra" / "hydra_train.log").read_text()
     train_lines = [json.loads(m) for m in re.findall(r"\]\[train\]\[INFO\] - (\{.*\})", log)]
     assert train_lines and int(train_lines[-1]["train_num_updates"]) == 3
+
+    # CTC fine-tuning of that checkpoint, and of a random init of the same network, on the transcripts
+    data = out / "finetune" / "data"
+    assert sum(1 for _ in open(data / "train.ltr")) == 108 and sum(1 for _ in open(data / "valid.ltr")) == 12
+    cers = re.findall(r"valid CER ([0-9.]+)% \(WER [0-9.]+%\) fine-tuned from (pretrained|random init) \(2 updates", summary)
+    assert [name for _cer, name in cers] == ["pretrained", "random init"], summary
+    assert re.search(r"pretraining (lowered the valid CER by|did not help: random init is) [0-9.]+|same valid CER", summary)
+    for name in ("pretrained", "random_init"):
+        assert (out / "finetune" / name / "checkpoints" / "checkpoint_last.pt").is_file()
+    pretrained = safe_torch_load(str(out / "checkpoints" / "checkpoint_last.pt"))["model"]
+    tuned = {
+        name: safe_torch_load(str(out / "finetune" / name / "checkpoints" / "checkpoint_last.pt"))["model"]
+        for name in ("pretrained", "random_init")
+    }
+    weight = "encoder.layers.0.fc1.weight"
+    # 2 updates, both inside config/finetune_demo.yaml's frozen updates: each encoder is its initialisation.
+    # The random init is the one pretraining started from (same seed), 3 small updates away from the checkpoint.
+    assert torch.equal(tuned["pretrained"][f"w2v_encoder.w2v_model.{weight}"], pretrained[weight])
+    assert not torch.equal(tuned["random_init"][f"w2v_encoder.w2v_model.{weight}"], pretrained[weight])

@@ -1,8 +1,11 @@
-"""The whole Mel-HuBERT stage-1 pipeline on the bundled demo corpus, on CPU, in minutes.
+"""The whole Mel-HuBERT stage-1 pipeline on the bundled demo corpus, then CTC fine-tuning, on CPU, in minutes.
 
 demo/corpus (FLAC) -> fbank + mean/std + manifests -> k-means labels -> fairseq-hydra-train
-with config/demo.yaml -> a summary of where checkpoints and logs went and how well the
-model predicts the masked frames' clusters compared with chance.
+with config/demo.yaml -> how well the model predicts the masked frames' clusters compared
+with chance. Then the transcripts in fairseq's audio_finetuning layout -> fairseq-hydra-train
+with config/finetune_demo.yaml (fairseq's wav2vec_ctc on the pretrained model) twice: from
+the pretrained weights and from a random initialisation of the same network
+(model.no_pretrained_weights=true) -> the valid character error rate of both.
 """
 import argparse
 import json
@@ -12,14 +15,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
-from melhubert_fairseq.tools import dump_km_labels, learn_kmeans, wav_to_fbank
 from melhubert_fairseq.cli import console_main
+from melhubert_fairseq.finetuning import check_finetuning_checkpoint, write_finetuning_data
+from melhubert_fairseq.tools import dump_km_labels, learn_kmeans, wav_to_fbank
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPUS_DIR = REPO_ROOT / "demo" / "corpus"
 SPLITS = ("train", "valid")
+#: The two fine-tunings the demo compares: name -> extra overrides.
+FINETUNE_INITS = {"pretrained": [], "random init": ["model.no_pretrained_weights=true"]}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-accuracy-ratio", type=float, default=5.0, help="fail unless final masked accuracy exceeds this many times chance (0 = no check)")
     parser.add_argument("--workers", type=int, default=2, help="processes for the fbank extraction")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing --out-dir first")
-    parser.add_argument("overrides", nargs="*", help="extra fairseq-hydra-train overrides, e.g. model.encoder_layers=2")
+    parser.add_argument("--no-finetune", action="store_true", help="pretraining only: skip the CTC fine-tunings")
+    parser.add_argument(
+        "--pretrained", metavar="CHECKPOINT",
+        help="skip pretraining and fine-tune this mel_hubert checkpoint (it must record its fbank statistics)",
+    )
+    parser.add_argument("--finetune-max-update", type=int, help="override config/finetune_demo.yaml's optimization.max_update")
+    parser.add_argument(
+        "--finetune-override", action="append", default=[], metavar="KEY=VALUE",
+        help="extra fairseq-hydra-train override for both fine-tunings (repeatable), e.g. model.mask_prob=0.3",
+    )
+    parser.add_argument("overrides", nargs="*", help="extra fairseq-hydra-train overrides for pretraining, e.g. model.encoder_layers=2")
     return parser
 
 
@@ -73,31 +89,70 @@ def make_labels(out: Path, feature_dir: Path, num_clusters: int) -> Path:
     return label_dir
 
 
-def train(out: Path, feature_dir: Path, label_dir: Path, num_clusters: int, max_update: Optional[int], overrides: List[str]) -> Path:
-    """Run fairseq-hydra-train with config/demo.yaml from the repo root; return its log file."""
-    hydra_dir = out / "hydra"
+def hydra_train(config_name: str, hydra_dir: Path, overrides: List[str]) -> Path:
+    """Run fairseq-hydra-train with config/``config_name``.yaml from the repo root; return its log file."""
     command = [
-        sys.executable, "-m", "fairseq_cli.hydra_train", "--config-dir", "config", "--config-name", "demo",
-        "common.user_dir=melhubert_fairseq",
-        f"task.data={feature_dir}", f"task.label_dir={label_dir}", f"task.num_classes={num_clusters}",
-        f"checkpoint.save_dir={out / 'checkpoints'}", f"hydra.run.dir={hydra_dir}",
-        *([f"optimization.max_update={max_update}"] if max_update else []),
-        *overrides,
+        sys.executable, "-m", "fairseq_cli.hydra_train", "--config-dir", "config", "--config-name", config_name,
+        "common.user_dir=melhubert_fairseq", f"hydra.run.dir={hydra_dir}", *overrides,
     ]
     print("+ " + " ".join(command), flush=True)
     subprocess.run(command, cwd=REPO_ROOT, check=True)
     return hydra_dir / "hydra_train.log"
 
 
-@console_main
-def main(argv: Optional[List[str]] = None) -> int:
-    """Run the demo end to end; return 0 when the model learned (accuracy above the threshold)."""
-    args = build_parser().parse_args(argv)
-    out = Path(args.out_dir).resolve()
-    if out.exists():
-        if not args.overwrite:
-            raise SystemExit(f"{out} already exists: pass --overwrite to start the demo again from scratch")
-        shutil.rmtree(out)
+def train(out: Path, feature_dir: Path, label_dir: Path, num_clusters: int, max_update: Optional[int], overrides: List[str]) -> Path:
+    """Pretrain with config/demo.yaml; return the log file."""
+    return hydra_train("demo", out / "hydra", [
+        f"task.data={feature_dir}", f"task.label_dir={label_dir}", f"task.num_classes={num_clusters}",
+        f"checkpoint.save_dir={out / 'checkpoints'}",
+        *([f"optimization.max_update={max_update}"] if max_update else []),
+        *overrides,
+    ])
+
+
+def finetune(out: Path, checkpoint: Path, max_update: Optional[int], overrides: List[str]) -> Tuple[Dict[str, Dict[str, str]], str]:
+    """CTC fine-tuning of ``checkpoint`` with config/finetune_demo.yaml, from it and from a random init of it;
+    return each one's last validation metrics and what the valid split holds."""
+    data_dir = out / "finetune" / "data"
+    splits = write_finetuning_data(
+        {split: str(CORPUS_DIR / f"{split}.tsv") for split in SPLITS}, str(CORPUS_DIR / "transcripts.tsv"), str(data_dir)
+    )
+    results = {}
+    for name, init_overrides in FINETUNE_INITS.items():
+        run_dir = out / "finetune" / name.replace(" ", "_")
+        log_path = hydra_train("finetune_demo", run_dir / "hydra", [
+            f"task.data={data_dir}", f"model.w2v_path={checkpoint}", f"checkpoint.save_dir={run_dir / 'checkpoints'}",
+            *([f"optimization.max_update={max_update}"] if max_update else []),
+            *init_overrides,
+            *overrides,
+        ])
+        results[name] = {**(last_metrics(log_path, "valid") or {}), "log": str(log_path)}
+    valid = next(split for split in splits if split.name == "valid")
+    return results, f"{valid.num_utterances} valid utterances, {valid.num_letters} letter targets"
+
+
+def finetune_summary(results: Dict[str, Dict[str, str]], valid_size: str) -> str:
+    """The fine-tuning lines of the summary: valid CER (and WER) of each init, and which is lower."""
+    cer = {name: float(metrics.get("valid_uer", "nan")) for name, metrics in results.items()}
+    lines = [
+        f"  valid CER {cer[name]:.1f}% (WER {float(metrics.get('valid_wer', 'nan')):.1f}%) fine-tuned from {name} "
+        f"({metrics.get('valid_num_updates', '?')} updates; log: {metrics['log']})"
+        for name, metrics in results.items()
+    ]
+    pretrained, random_init = cer["pretrained"], cer["random init"]
+    if pretrained < random_init:
+        verdict = f"pretraining lowered the valid CER by {random_init - pretrained:.1f} points"
+    elif pretrained > random_init:
+        verdict = f"pretraining did not help: random init is {pretrained - random_init:.1f} CER points lower"
+    else:
+        verdict = "pretrained and random init reach the same valid CER"
+    return f"CTC fine-tuning on demo/corpus ({valid_size}; greedy decoding; CER counts letters, apostrophes and word boundaries):\n" + (
+        "\n".join(lines) + f"\n  {verdict}"
+    )
+
+
+def pretrain(args: argparse.Namespace, out: Path) -> Tuple[Path, bool]:
+    """Features, labels and pretraining; print its summary; return (checkpoint, whether the model learned)."""
     start = time.time()
     feature_dir = make_features(out, args.workers)
     label_dir = make_labels(out, feature_dir, args.num_clusters)
@@ -114,10 +169,39 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"valid {valid_acc:.3f} ({valid_acc / chance:.1f}x chance), chance = 1/{args.num_clusters}\n"
         f"  checkpoints: {out / 'checkpoints'}\n  log: {log_path}\n  features: {feature_dir}\n  labels: {label_dir}"
     )
-    if args.min_accuracy_ratio and not train_acc > args.min_accuracy_ratio * chance:
+    learned = not args.min_accuracy_ratio or train_acc > args.min_accuracy_ratio * chance
+    if not learned:
         print(f"masked accuracy is not above {args.min_accuracy_ratio:g}x chance: the model did not learn", file=sys.stderr)
-        return 1
-    return 0
+    return out / "checkpoints" / "checkpoint_last.pt", learned
+
+
+@console_main
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the demo end to end; return 0 when the pretrained model learned (accuracy above the threshold)."""
+    args = build_parser().parse_args(argv)
+    if args.pretrained and args.no_finetune:
+        raise SystemExit("--pretrained fine-tunes a given checkpoint; it makes no sense with --no-finetune")
+    if args.pretrained:
+        check_finetuning_checkpoint(args.pretrained)  # before anything is written
+    out = Path(args.out_dir).resolve()
+    if out.exists():
+        if not args.overwrite:
+            raise SystemExit(f"{out} already exists: pass --overwrite to start the demo again from scratch")
+        shutil.rmtree(out)
+    start = time.time()
+    learned = True
+    if args.pretrained:
+        checkpoint = Path(args.pretrained).resolve()
+    else:
+        checkpoint, learned = pretrain(args, out)
+    if not args.no_finetune:
+        finetune_start = time.time()
+        results, valid_size = finetune(out, checkpoint, args.finetune_max_update, args.finetune_override)
+        print(
+            f"fine-tuning finished in {time.time() - finetune_start:.0f} s (demo: {time.time() - start:.0f} s in all); "
+            + finetune_summary(results, valid_size)
+        )
+    return 0 if learned else 1
 
 
 if __name__ == "__main__":

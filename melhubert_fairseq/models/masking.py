@@ -51,28 +51,30 @@ class SpanMaskError(ValueError):
 MASK_IMPLS = ("vectorized", "fairseq")
 
 
-def check_span_mask_config(cfg: SpanMaskConfig) -> None:
-    """Reject, at build time, settings neither implementation can run (see the messages)."""
+def check_span_mask_config(cfg: SpanMaskConfig, what: Optional[str] = None) -> None:
+    """Reject, at build time, settings neither implementation can run (see the messages; ``what``, if given,
+    names the masking they are about)."""
+    prefix = f"{what}: " if what else ""
     # fairseq main's no-overlap path calls np.int and its 'uniform' path calls
     # Generator.randint; both were removed from numpy, so fail at build time
     # instead of in the first training step.
     if cfg.no_mask_overlap:
         raise ValueError(
-            "no_mask_overlap=true is not supported: fairseq's compute_mask_indices uses np.int, "
+            f"{prefix}no_mask_overlap=true is not supported: fairseq's compute_mask_indices uses np.int, "
             "which numpy >= 1.24 removed"
         )
     if cfg.mask_selection not in ("static", "normal", "poisson"):
         raise ValueError(
-            f"mask_selection={cfg.mask_selection!r} is not supported (use static, normal or poisson; "
+            f"{prefix}mask_selection={cfg.mask_selection!r} is not supported (use static, normal or poisson; "
             "fairseq's 'uniform' path calls numpy's removed Generator.randint)"
         )
     if not 0.0 <= cfg.mask_prob < 1.0 or cfg.mask_length < 1:
-        raise ValueError(f"mask_prob must be in [0, 1) and mask_length >= 1, got {cfg}")
+        raise ValueError(f"{prefix}mask_prob must be in [0, 1) and mask_length >= 1, got {cfg}")
     if cfg.mask_impl not in MASK_IMPLS:
-        raise ValueError(f"mask_impl={cfg.mask_impl!r} is not one of {MASK_IMPLS}")
+        raise ValueError(f"{prefix}mask_impl={cfg.mask_impl!r} is not one of {MASK_IMPLS}")
     if cfg.mask_impl == "vectorized" and cfg.mask_selection != "static":
         raise ValueError(
-            f"mask_impl=vectorized draws fixed-length (mask_selection=static) spans only; "
+            f"{prefix}mask_impl=vectorized draws fixed-length (mask_selection=static) spans only; "
             f"set mask_impl=fairseq for mask_selection={cfg.mask_selection!r}"
         )
 

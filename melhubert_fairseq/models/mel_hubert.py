@@ -2,7 +2,7 @@
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
@@ -11,8 +11,8 @@ from fairseq.modules.transformer_sentence_encoder import init_bert_params
 from omegaconf import II
 from torch import nn
 
-from melhubert_fairseq.models.components import TransformerEncoder, TransformerLayer
-from melhubert_fairseq.models.masking import SpanMaskConfig, check_span_mask_config, span_mask
+from melhubert_fairseq.models.components import Dropout, TransformerEncoder, TransformerLayer
+from melhubert_fairseq.models.masking import SpanMaskConfig, check_span_mask_config, fairseq_span_mask, span_mask
 from melhubert_fairseq.models.waveform_frontend import WaveformFrontEnd
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,44 @@ class MelHubertConfig(FairseqDataclass):
     mask_seed: int = field(
         default=II("common.seed"), metadata={"help": "seed for reproducible masks (with update number and sample id)"}
     )
+    # Fine-tuning regularisers that fairseq's wav2vec_ctc/hubert_ctc set on the pretrained
+    # model (Wav2VecEncoder's arg_overrides); all off in pretraining, as in the original.
+    dropout_input: float = field(
+        default=0.0, metadata={"help": "dropout on the projected frames (HuBERT's dropout_input); 0 = none, as the original"}
+    )
+    mask_channel_prob: float = field(
+        default=0.0,
+        metadata={
+            "help": "fraction of the projected frames' channels chosen as channel-span starts (x span) and zeroed at "
+            "every frame, only when masking (HuBERT's channel masking in fine-tuning); 0 = none"
+        },
+    )
+    mask_channel_length: int = field(default=10, metadata={"help": "channel span length (with mask_channel_prob)"})
+    mask_channel_selection: MASK_SELECTION_CHOICES = field(  # type: ignore[valid-type]
+        default="static", metadata={"help": "how channel span lengths are drawn (fairseq compute_mask_indices)"}
+    )
+    mask_channel_other: float = field(
+        default=0.0, metadata={"help": "secondary channel span-length parameter (normal: stdev)"}
+    )
+    no_mask_channel_overlap: bool = field(
+        default=False, metadata={"help": "forbid overlapping channel spans (unsupported, see masking.py)"}
+    )
+    mask_channel_min_space: int = field(
+        default=1, metadata={"help": "min channels between channel spans when no_mask_channel_overlap"}
+    )
+    # What a checkpoint file knows beyond its weights, copied into its config when it is read
+    # (record_checkpoint_in_config), so that a model rebuilt from the config alone -- fairseq
+    # fine-tuning with model.no_pretrained_weights=true -- still turns audio into the same inputs.
+    fbank_mean_std: Optional[List[List[float]]] = field(
+        default=None,
+        metadata={
+            "help": "[mean, std] (each feat_dim floats) of the training fbank, set when a checkpoint is read; "
+            "null = the fbank_mean_std buffer of the weights decides (NaN: unknown)"
+        },
+    )
+    loaded_from: Optional[str] = field(
+        default=None, metadata={"help": "checkpoint file this config was read from (set on load; errors name it)"}
+    )
 
 
 @register_model("mel_hubert", dataclass=MelHubertConfig)
@@ -109,7 +147,21 @@ class MelHubertModel(BaseFairseqModel):
             mask_impl=str(cfg.mask_impl),
         )
         check_span_mask_config(self.mask_config)
+        # Channel spans: fairseq's compute_mask_indices on (batch, channels), as HuBERT's apply_mask calls it.
+        self.channel_mask_config = SpanMaskConfig(
+            mask_prob=cfg.mask_channel_prob,
+            mask_length=cfg.mask_channel_length,
+            mask_selection=str(cfg.mask_channel_selection),
+            mask_other=cfg.mask_channel_other,
+            no_mask_overlap=cfg.no_mask_channel_overlap,
+            mask_min_space=cfg.mask_channel_min_space,
+            require_same_masks=True,
+            min_masks=0,
+            mask_impl="fairseq",
+        )
+        check_span_mask_config(self.channel_mask_config, what="channel masking (mask_channel_*)")
         self.pre_extract_proj = nn.Linear(self.input_dim, cfg.encoder_embed_dim)
+        self.dropout_input = Dropout(cfg.dropout_input)
         layers = [
             TransformerLayer(
                 embed_dim=cfg.encoder_embed_dim,
@@ -146,6 +198,14 @@ class MelHubertModel(BaseFairseqModel):
         # saved with the weights so a checkpoint alone can turn audio into inputs.
         # NaN = unknown (features were normalised by a tool whose stats were not given).
         self.register_buffer("fbank_mean_std", torch.full((2, cfg.feat_dim), float("nan")))
+        if cfg.fbank_mean_std is not None:
+            stats = torch.tensor([list(row) for row in cfg.fbank_mean_std], dtype=torch.float32)
+            if stats.shape != self.fbank_mean_std.shape:
+                raise ValueError(
+                    f"model.fbank_mean_std has shape {tuple(stats.shape)}, expected [mean, std] of feat_dim = "
+                    f"{cfg.feat_dim} values each"
+                )
+            self.fbank_mean_std.copy_(stats)
         # No parameters or persistent buffers: checkpoints are the same with or without it.
         self.waveform_frontend = WaveformFrontEnd(cfg.stack_frames)
         self.num_updates = 0
@@ -165,10 +225,12 @@ class MelHubertModel(BaseFairseqModel):
             return None
         return self.fbank_mean_std[0], self.fbank_mean_std[1]
 
-    def require_fbank_stats(self, where: str = "this mel_hubert model") -> Tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`fbank_stats`, or a ValueError naming ``where`` (e.g. the checkpoint) when they are unknown."""
+    def require_fbank_stats(self, where: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`fbank_stats`, or a ValueError naming ``where`` (default: the checkpoint the model was
+        read from, if known) when they are unknown."""
         stats = self.fbank_stats()
         if stats is None:
+            where = where or self.cfg.loaded_from or "this mel_hubert model"
             raise ValueError(
                 f"{where} does not record the corpus mean/std its features were normalised with, "
                 "so raw fbank or audio cannot be normalised: pass normalised features from a manifest instead, or "
@@ -207,6 +269,12 @@ class MelHubertModel(BaseFairseqModel):
         x = torch.where(mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
         return x, mask
 
+    def apply_channel_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """Zero spans of channels of ``x`` (B, T, C), the same channels at every frame of an utterance
+        (HuBERT's channel masking, unseeded as in fairseq)."""
+        channels = fairseq_span_mask(self.channel_mask_config, (x.size(0), x.size(-1)), None, None, 0, None)
+        return x.masked_fill(channels.to(x.device).unsqueeze(1), 0.0)
+
     def extract_features(
         self,
         source: torch.Tensor,
@@ -241,9 +309,11 @@ class MelHubertModel(BaseFairseqModel):
         x = source
         if mask and self.cfg.mask_before_proj:
             x, mask_indices = self.apply_mask(x, padding_mask, sample_ids)
-        x = self.pre_extract_proj(x)
+        x = self.dropout_input(self.pre_extract_proj(x))
         if mask and not self.cfg.mask_before_proj:
             x, mask_indices = self.apply_mask(x, padding_mask, sample_ids)
+        if mask and self.cfg.mask_channel_prob > 0:
+            x = self.apply_channel_mask(x)
         x, hidden_states = self.encoder(x, padding_mask, output_layer=output_layer)
         return {
             "x": x,
@@ -270,3 +340,27 @@ class MelHubertModel(BaseFairseqModel):
     def remove_pretraining_modules(self) -> None:
         """Drop the cluster classifier (for downstream use)."""
         self.final_proj = None
+
+
+def record_checkpoint_in_config(state: Dict[str, Any], path: str) -> None:
+    """Write into a loaded ``mel_hubert`` checkpoint's ``cfg`` what the file knows beyond it.
+
+    fairseq's fine-tuning encoders (``Wav2VecEncoder``, ``HubertEncoder``) rebuild the
+    model from ``cfg`` and, with ``model.no_pretrained_weights=true``, never read its
+    weights. The fbank statistics are data, not weights, so they go into
+    ``cfg.model.fbank_mean_std`` (from the ``fbank_mean_std`` buffer, which stays the
+    authority; None when unknown) and the file's own path into ``cfg.model.loaded_from``
+    for errors. Configs saved before ``task.normalize`` existed get its only value, false.
+    """
+    from omegaconf import open_dict
+
+    cfg = state.get("cfg")
+    if cfg is None or cfg.get("model") is None or cfg.model.get("_name") != "mel_hubert":
+        return
+    stats = state.get("model", {}).get("fbank_mean_std")
+    known = stats is not None and not bool(torch.isnan(stats).any())
+    with open_dict(cfg):
+        cfg.model.fbank_mean_std = stats.float().tolist() if known else None
+        cfg.model.loaded_from = path
+        if cfg.get("task") is not None and "normalize" not in cfg.task:
+            cfg.task.normalize = False

@@ -66,6 +66,13 @@ class MelHubertPretrainingConfig(FairseqDataclass):
             "must stay true: batch order then does not depend on the epoch a run was resumed in"
         },
     )
+    normalize: bool = field(
+        default=False,
+        metadata={
+            "help": "whether waveforms fed to the model are normalised per utterance (fairseq fine-tuning checks its "
+            "task.normalize against this); always false: the fbank is computed from the raw audio"
+        },
+    )
     seed: int = II("common.seed")
 
 
@@ -79,6 +86,11 @@ class MelHubertPretrainingTask(FairseqTask):
         super().__init__(cfg)
         if cfg.stack_frames not in (1, 2, 4):
             raise ValueError(f"task.stack_frames must be 1, 2 or 4, got {cfg.stack_frames}")
+        if cfg.normalize:
+            raise ValueError(
+                "task.normalize=true is not supported: mel_hubert computes its fbank from the raw audio "
+                "(scaled by 2**15), so audio is never normalised per utterance; fine-tune with task.normalize=false"
+            )
         if not cfg.rebuild_batches:
             raise ValueError(
                 "task.rebuild_batches=false is not supported: fairseq would then build the batches once, "
