@@ -135,9 +135,10 @@ def safe_torch_load(path: str, extra_safe_globals: Sequence[Any] = (), mmap: boo
 # --- saving ---------------------------------------------------------------------------------------
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsynced, then renamed onto it."""
-    with atomic_output(path, overwrite=True, mode="wb") as handle:
+def atomic_torch_save(obj: Any, path: str, overwrite: bool = True) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsynced, then renamed onto it (an existing
+    ``path`` is only replaced with ``overwrite``): a crash never leaves a truncated checkpoint."""
+    with atomic_output(path, overwrite=overwrite, mode="wb") as handle:
         torch.save(obj, handle)
 
 

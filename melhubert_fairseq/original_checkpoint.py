@@ -32,7 +32,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from melhubert_fairseq.atomic_output import atomic_output
 from melhubert_fairseq.checkpoint_io import (  # noqa: F401  (re-exported)
     CheckpointFormatError,
     UnsafeCheckpointError,
@@ -410,12 +409,6 @@ def fairseq_checkpoint_state(
     if optimizer_state is not None:
         state["last_optimizer_state"] = optimizer_state
     return state
-
-
-def save_fairseq_checkpoint(state: Dict[str, Any], path: str, overwrite: bool = False) -> None:
-    """``torch.save`` (a fairseq or an original-format dict) through :func:`atomic_output`: a crash never leaves a truncated checkpoint."""
-    with atomic_output(path, overwrite=overwrite, mode="wb") as handle:
-        torch.save(state, handle)
 
 
 def is_old_mask_checkpoint(path: str) -> bool:

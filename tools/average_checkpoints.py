@@ -28,7 +28,7 @@ from tqdm import tqdm
 # Importing the package (as any melhubert_fairseq.tools module does) allow-lists
 # fairseq's checkpoint types for the weights-only loader used below.
 from melhubert_fairseq.atomic_output import check_writable
-from melhubert_fairseq.original_checkpoint import safe_torch_load, save_fairseq_checkpoint
+from melhubert_fairseq.checkpoint_io import atomic_torch_save, safe_torch_load
 from melhubert_fairseq.cli import console_main
 
 UPDATE_CHECKPOINT_PATTERN = r"checkpoint_\d+_(\d+)\.pt"
@@ -134,7 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         paths = list(args.inputs)
     state = average_checkpoints(paths)
-    save_fairseq_checkpoint(state, args.output, overwrite=args.overwrite)
+    atomic_torch_save(state, args.output, overwrite=args.overwrite)
     num_params = sum(t.numel() for t in state["model"].values())
     print(
         f"averaged {len(paths)} checkpoints ({', '.join(os.path.basename(p) for p in paths)}), "

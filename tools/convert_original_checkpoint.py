@@ -29,9 +29,9 @@ from melhubert_fairseq.atomic_output import check_writable
 from melhubert_fairseq.data.features import load_mean_std
 from melhubert_fairseq.original_checkpoint import (
     convert_original_checkpoint,
-    save_fairseq_checkpoint,
     training_overrides,
 )
+from melhubert_fairseq.checkpoint_io import atomic_torch_save
 from melhubert_fairseq.cli import console_main
 
 
@@ -75,7 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             ignore_config_keys=args.ignore_config_key,
         )
         progress.update(1)
-        save_fairseq_checkpoint(result.state, args.output, overwrite=args.overwrite)
+        atomic_torch_save(result.state, args.output, overwrite=args.overwrite)
         progress.update(1)
     for note in result.config.notes:
         print(f"note: {note}", file=sys.stderr)

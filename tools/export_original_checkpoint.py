@@ -26,13 +26,13 @@ from typing import List, Optional
 from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import check_writable
+from melhubert_fairseq.checkpoint_io import atomic_torch_save
 from melhubert_fairseq.cli import console_main
 from melhubert_fairseq.data.features import save_mean_std
 from melhubert_fairseq.original_checkpoint import (
     FBANK_DIM,
     export_original_checkpoint,
     is_old_mask_checkpoint,
-    save_fairseq_checkpoint,
 )
 
 
@@ -71,7 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         progress.update(1)
         if args.mean_std_out:
             save_mean_std(args.mean_std_out, result.mean_std, overwrite=args.overwrite)
-        save_fairseq_checkpoint(result.state, args.output, overwrite=args.overwrite)
+        atomic_torch_save(result.state, args.output, overwrite=args.overwrite)
         progress.update(1)
     notes = list(result.notes)
     if result.mean_std is not None and not args.mean_std_out:
