@@ -13,6 +13,7 @@ next run writing the same outputs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -68,8 +69,9 @@ def note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
 
 
-def _try_lock(fd: int) -> bool:
-    """Take an exclusive flock on ``fd`` without waiting; False if another process holds it.
+def _try_lock(fd: int) -> Optional[bool]:
+    """Take an exclusive flock on ``fd`` without waiting; False if another process holds it,
+    None if the file system cannot lock (e.g. Lustre mounted without flock, some FUSE/SMB mounts).
 
     flock locks die with their process, so a lock that can be taken marks a
     file left behind by a killed run.
@@ -78,6 +80,10 @@ def _try_lock(fd: int) -> bool:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        return None
     return True
 
 
@@ -100,7 +106,7 @@ def remove_stale_temp_files(path: str) -> List[str]:
             except FileNotFoundError:
                 continue
             try:
-                if _try_lock(fd):
+                if _try_lock(fd) is True:  # only a file no live writer holds (unknown: keep it)
                     os.unlink(candidate)
                     removed.append(candidate)
             finally:
@@ -120,15 +126,17 @@ def atomic_output(path: str, overwrite: bool = False, mode: str = "w") -> Iterat
     fd, tmp_path = tempfile.mkstemp(
         prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
     )
-    # The lock marks the temporary file as live until it is renamed (or removed);
-    # a duplicate descriptor keeps it held after the handle below is closed.
-    lock_fd = os.dup(fd)
-    _try_lock(lock_fd)
-    # mkstemp creates 0600 files; give the output the permissions a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
+    lock_fd = None
     try:
+        # The lock marks the temporary file as live until it is renamed (or removed);
+        # a duplicate descriptor keeps it held after the handle below is closed.
+        lock_fd = os.dup(fd)
+        _try_lock(lock_fd)
+        # mkstemp creates 0600 files; give the output the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        with contextlib.suppress(OSError):  # a file system that refuses chmod keeps mkstemp's mode
+            os.chmod(tmp_path, 0o666 & ~umask)
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -143,7 +151,8 @@ def atomic_output(path: str, overwrite: bool = False, mode: str = "w") -> Iterat
         remove_empty_folders(created)
         raise
     finally:
-        os.close(lock_fd)
+        if lock_fd is not None:
+            os.close(lock_fd)
 
 
 def atomic_save_npy(path: str, array: np.ndarray, overwrite: bool = False) -> None:
@@ -245,7 +254,8 @@ class StagedOutputs:
         """flock ``.{name}.lock`` (retrying if a finishing run unlinked the file we opened)."""
         while True:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-            if not _try_lock(fd):
+            # None: the file system cannot lock; then a concurrent run is not detected.
+            if _try_lock(fd) is False:
                 os.close(fd)
                 raise InputError(
                     f"{self.lock_path}: another run is writing these outputs right now; "

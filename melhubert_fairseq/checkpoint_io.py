@@ -13,13 +13,15 @@ because fairseq's own checkpoint code is what ``fairseq-hydra-train`` runs:
 * **Loading.** fairseq calls ``torch.load`` without ``weights_only``, which
   ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` silently turns into a full unpickler. Every
   checkpoint fairseq reads here (training resume, ``load_model_ensemble_and_task``,
-  fine-tuning's ``w2v_path``) goes through ``torch.load(weights_only=True)`` passed
+  fine-tuning's ``w2v_path``, EMA's ``ema_seed_model``) goes through ``torch.load(weights_only=True)`` passed
   explicitly, with the allow-list of :func:`fairseq_checkpoint_safe_globals`.
 * **Resuming.** Before fairseq resumes from ``checkpoint_last.pt``, temporary files of
   a crashed save are removed; if ``checkpoint_last.pt`` cannot be loaded (written by
   an older fairseq, or damaged), training resumes from the newest checkpoint in the
-  folder that loads, and says so. A run that already reached ``max_update`` or
-  ``max_epoch`` says it is finished and exits without training or writing.
+  folder that loads, and says so. A relaunch resumes from ``checkpoint_last.pt`` even
+  when the first launch started from ``checkpoint.restore_file``. A run that already
+  reached ``max_update`` or ``max_epoch`` says it is finished and ends without
+  training or writing.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ import os
 import pickle
 import re
 import shutil
+import sys
+import time
 import typing
 import zipfile
 from typing import Any, List, Optional, Sequence, Tuple
@@ -173,7 +177,15 @@ def torch_persistent_save(obj: Any, filename: str, async_write: bool = False) ->
 
     if async_write or PathManager.path_requires_pathmanager(filename):
         return _original["torch_persistent_save"](obj, filename, async_write=async_write)
-    atomic_torch_save(obj, filename)
+    for attempt in range(3):  # fairseq retries too: network file systems fail transiently
+        try:
+            atomic_torch_save(obj, filename)
+            return None
+        except Exception:
+            if attempt == 2:
+                raise
+            logger.warning(f"saving {filename} failed (attempt {attempt + 1} of 3), retrying", exc_info=True)
+            time.sleep(2.5)
     return None
 
 
@@ -216,10 +228,31 @@ def load_checkpoint_to_cpu(path: str, arg_overrides: Optional[dict] = None, load
     return _upgrade_state_dict(state)
 
 
+def load_ema_from_checkpoint(fpath: str) -> dict:
+    """fairseq's ``checkpoint_utils.load_ema_from_checkpoint`` (``ema.ema_seed_model``) with the weights-only
+    loader: the checkpoint with its EMA weights (``extra_state["ema"]``, fp16 made fp32) as ``model``."""
+    from fairseq.file_io import PathManager
+
+    state = safe_torch_load(PathManager.get_local_path(fpath))
+    ema = state["extra_state"]["ema"]
+    params = collections.OrderedDict(
+        (key, (p.float() if isinstance(p, torch.HalfTensor) else p).clone()) for key, p in ema.items()
+    )
+    if not params:
+        raise ValueError(f"Input checkpoint path '{fpath}' does not contain ema model weights, is this model trained with EMA?")
+    state["model"] = params
+    return state
+
+
 def checkpoint_load_problem(path: str) -> Optional[str]:
     """None if ``path`` loads as a checkpoint (structure read, tensor data left on disk), else why not."""
     try:
-        state = safe_torch_load(path, mmap=True)
+        try:
+            state = safe_torch_load(path, mmap=True)
+        except (CheckpointFormatError, UnsafeCheckpointError):
+            raise
+        except Exception:  # a file system that cannot mmap: read it all before judging it
+            state = safe_torch_load(path)
     except UnsafeCheckpointError:
         raise
     except Exception as err:  # truncated, empty, not a zip, not a checkpoint: all mean "cannot resume from it"
@@ -275,18 +308,25 @@ def remove_interrupted_saves(save_dir: str) -> List[str]:
 def resume_from_checkpoint(cfg, trainer, **passthrough_args):
     """fairseq's ``checkpoint_utils.load_checkpoint`` (resume), made to survive crashes and reruns.
 
-    Cleans a crashed save's temporary files, falls back to the newest loadable checkpoint
-    when ``checkpoint_last.pt`` is unreadable, and exits with a message (status 0, nothing
-    written) when the loaded run has already reached ``max_update`` / ``max_epoch``.
+    A relaunch resumes from ``{save_dir}/checkpoint_last.pt`` even when the first launch
+    started from ``checkpoint.restore_file`` (which, like ``finetune_from_model``, is then
+    for the first launch only). Temporary files of a killed save are removed; an
+    unreadable ``checkpoint_last.pt`` falls back to the newest loadable checkpoint; a run
+    that already reached ``max_update`` / ``max_epoch`` trains nothing and writes nothing.
     """
-    from omegaconf import open_dict
 
+    last = os.path.join(cfg.save_dir, f"checkpoint_last{trainer.checkpoint_suffix}.pt")
+    if cfg.restore_file != "checkpoint_last.pt" and os.path.exists(last):
+        logger.warning(
+            f"checkpoint.restore_file={cfg.restore_file} is for the first launch: {cfg.save_dir} already holds "
+            "checkpoint_last.pt, so this relaunch resumes from it (move it away to start again from the restore_file)"
+        )
+        cfg = _resume_config(cfg, "checkpoint_last.pt")
     if cfg.restore_file == "checkpoint_last.pt" and os.path.isdir(cfg.save_dir):
         if trainer.data_parallel_rank == 0:
             removed = remove_interrupted_saves(cfg.save_dir)
             if removed:
                 logger.warning(f"removed {len(removed)} temporary file(s) of an interrupted save: {', '.join(removed)}")
-        last = os.path.join(cfg.save_dir, f"checkpoint_last{trainer.checkpoint_suffix}.pt")
         problem = checkpoint_load_problem(last) if os.path.exists(last) else None
         if problem is not None:
             fallback = newest_loadable_checkpoint(cfg.save_dir, exclude=[last], suffix=trainer.checkpoint_suffix)
@@ -300,11 +340,7 @@ def resume_from_checkpoint(cfg, trainer, **passthrough_args):
                 f"{last} cannot be loaded ({problem}); resuming from {path} (update {num_updates}), "
                 "the newest checkpoint in the folder that loads"
             )
-            cfg = copy.deepcopy(cfg)
-            with open_dict(cfg):
-                # Resuming, not initialising: finetune_from_model only applies to a first launch.
-                cfg.restore_file = path[: -len(f"{trainer.checkpoint_suffix}.pt")] + ".pt"
-                cfg.finetune_from_model = None
+            cfg = _resume_config(cfg, path[: -len(f"{trainer.checkpoint_suffix}.pt")] + ".pt")
     extra_state, epoch_itr = _original["load_checkpoint"](cfg, trainer, **passthrough_args)
     optimization = trainer.cfg.optimization
     num_updates = trainer.get_num_updates()
@@ -312,13 +348,49 @@ def resume_from_checkpoint(cfg, trainer, **passthrough_args):
     reached_epoch = bool(optimization.max_epoch) and epoch_itr.next_epoch_idx > optimization.max_epoch
     if extra_state is not None and (reached_update or reached_epoch):
         limit = f"max_update={optimization.max_update}" if reached_update else f"max_epoch={optimization.max_epoch}"
+        epoch = epoch_itr.epoch if epoch_itr.iterations_in_epoch > 0 else epoch_itr.next_epoch_idx - 1
         logger.info(
-            f"training already finished: the checkpoint is at update {num_updates}, epoch "
-            f"{epoch_itr.next_epoch_idx - 1} ({limit}); nothing to do. Raise optimization.max_update "
-            "or optimization.max_epoch to train further."
+            f"training already finished: the checkpoint is at update {num_updates}, epoch {epoch} ({limit}); "
+            "nothing to do. Raise optimization.max_update or optimization.max_epoch to train further."
         )
-        raise SystemExit(0)
+        _skip_training(trainer)
     return extra_state, epoch_itr
+
+
+def _resume_config(cfg, restore_file: str):
+    """A copy of the checkpoint config that resumes from ``restore_file`` with nothing reset."""
+    from omegaconf import open_dict
+
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        # Resuming, not initialising: finetune_from_model and the resets only apply to a first launch.
+        cfg.restore_file = restore_file
+        cfg.finetune_from_model = None
+        cfg.reset_optimizer = cfg.reset_lr_scheduler = cfg.reset_meters = cfg.reset_dataloader = False
+    return cfg
+
+
+#: Trainers whose run already finished: fairseq_cli.train's ``train`` returns at once for them.
+_finished_trainers: set = set()
+
+
+def _skip_training(trainer) -> None:
+    """Make fairseq_cli.train's epoch loop stop before its first update for ``trainer``: ``main`` then ends
+    normally (a hydra multirun goes on to its next job) without training or saving."""
+    _finished_trainers.add(id(trainer))
+    train_module = sys.modules.get("fairseq_cli.train")
+    if train_module is None or getattr(train_module.train, "_melhubert_original", None) is not None:
+        return
+    original_train = train_module.train
+
+    def train(cfg, trainer, task, epoch_itr):
+        if id(trainer) in _finished_trainers:
+            _finished_trainers.discard(id(trainer))
+            return [None], True
+        return original_train(cfg, trainer, task, epoch_itr)
+
+    train._melhubert_original = original_train
+    train_module.train = train
 
 
 # --- installation ---------------------------------------------------------------------------------
@@ -340,4 +412,5 @@ def install_fairseq_checkpoint_io() -> None:
     checkpoint_utils.torch_persistent_save = torch_persistent_save
     checkpoint_utils.load_checkpoint = resume_from_checkpoint
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
+    checkpoint_utils.load_ema_from_checkpoint = load_ema_from_checkpoint
     checkpoint_utils.PathManager = _fairseq_path_manager_with_atomic_copy()

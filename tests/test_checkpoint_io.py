@@ -42,6 +42,9 @@ def test_environment_variable_cannot_turn_off_the_safe_loader(planted_checkpoint
         "MelHubertFeatureReader": lambda: MelHubertFeatureReader(str(planted_checkpoint)),
         "load_model_ensemble_and_task": lambda: checkpoint_utils.load_model_ensemble_and_task([str(planted_checkpoint)]),
         "load_checkpoint_to_cpu": lambda: checkpoint_utils.load_checkpoint_to_cpu(str(planted_checkpoint)),
+        "load_ema_from_checkpoint (ema.ema_seed_model)": lambda: checkpoint_utils.load_ema_from_checkpoint(
+            str(planted_checkpoint)
+        ),
     }
     for name, load in loaders.items():
         with pytest.raises(UnsafeCheckpointError, match="system"):
@@ -94,3 +97,19 @@ def test_full_disk_during_a_save_or_a_copy_leaves_the_old_checkpoint(tmp_path, t
     assert sorted(p.name for p in save_dir.iterdir()) == ["checkpoint_1_3.pt", "checkpoint_last.pt"]
     assert checkpoint_utils.PathManager.copy(str(newer), str(last), overwrite=True)
     assert safe_torch_load(str(last))["marker"] == 3
+
+
+def test_saves_work_where_the_file_system_cannot_lock(tmp_path, tiny_checkpoint, monkeypatch):
+    """Lustre without flock, some FUSE/SMB mounts: flock fails with ENOSYS; checkpoints still save atomically."""
+    import fcntl
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    state = safe_torch_load(str(tiny_checkpoint))
+    target = tmp_path / "checkpoint_1_2.pt"
+    checkpoint_utils.torch_persistent_save(state, str(target))
+    assert checkpoint_utils.PathManager.copy(str(target), str(tmp_path / "checkpoint_last.pt"), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_1_2.pt", "checkpoint_last.pt"]
+    assert safe_torch_load(str(tmp_path / "checkpoint_last.pt"))["model"].keys() == state["model"].keys()

@@ -109,6 +109,14 @@ def test_initialise_with_weights_and_optimizer_state(base_run, tmp_path):
     assert_same_weights(after["model"], before["model"])
     assert adam_steps(before) == {3} and adam_steps(after) == {4}  # Adam continued, not restarted
     assert updates(after) == 4
+    # Relaunched with the same command (pre-empted, or a longer max_update), it resumes its own
+    # checkpoint_last.pt: restore_file, like finetune_from_model, is for the first launch.
+    relaunch = run_hydra_train(base_run / "data", tmp_path / "cont", max_update=5, overrides=[
+        f"checkpoint.restore_file={start}", "checkpoint.reset_dataloader=true", "checkpoint.reset_meters=true",
+        "checkpoint.reset_lr_scheduler=true", *FROZEN,
+    ])
+    assert "is for the first launch" in relaunch.stdout + relaunch.stderr
+    assert updates(load_state(tmp_path / "cont" / "checkpoint_last.pt")) == 5
 
 
 def test_converted_original_continues_with_its_adam_state(base_run, tmp_path):

@@ -57,6 +57,29 @@ def test_crops_change_every_epoch_whatever_num_workers(tmp_path):
         assert changed >= 10, f"only {changed} of 12 crops moved between epoch 1 and {later}"
 
 
+def test_a_valid_split_scores_the_same_crops_at_every_validation(tmp_path):
+    data = write_indexed_corpus(tmp_path, [400, 420, 440, 460, 480, 500])
+    (tmp_path / "valid.tsv").write_text((tmp_path / "train.tsv").read_text())
+    (tmp_path / "valid.km").write_text((tmp_path / "train.km").read_text())
+    cfg = MelHubertPretrainingConfig(data=str(data), num_classes=1000, seed=3, max_sample_size=50)
+    task = MelHubertPretrainingTask(cfg)
+    task.load_dataset("valid")
+    seen = []
+    for _validation in range(3):  # as fairseq's trainer.get_valid_iterator, with its fixed epoch=1
+        itr = task.get_batch_iterator(task.datasets["valid"], max_tokens=200, seed=3, epoch=1, num_workers=2)
+        batches = list(itr.next_epoch_itr(shuffle=False, set_dataset_epoch=False))
+        seen.append(sorted((int(i), int(b["net_input"]["source"][r, 0, 0])) for b in batches for r, i in enumerate(b["id"])))
+    assert seen[0] == seen[1] == seen[2] and len(seen[0]) == 6
+
+
+def test_update_ordered_indices_seed_is_refused(tmp_path):
+    data = write_indexed_corpus(tmp_path, [400, 420])
+    task = MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), num_classes=1000, seed=3))
+    task.load_dataset("train")
+    with pytest.raises(ValueError, match="update_ordered_indices_seed"):
+        task.get_batch_iterator(task.datasets["train"], max_tokens=200, seed=3 + 2, epoch=2)
+
+
 def test_batches_do_not_depend_on_the_epoch_the_iterator_was_created_in(tmp_path):
     data = write_indexed_corpus(tmp_path, [400, 400, 420, 420, 440, 440, 460, 460, 480, 480, 500, 500])
     starts, batches = crop_starts_per_epoch(data, num_workers=2, epochs=3)
@@ -163,6 +186,7 @@ def test_rerunning_a_finished_run_says_so_and_changes_nothing(tmp_path):
     log = again.stdout + again.stderr
     assert "training already finished" in log and "max_update=4" in log
     assert '"num_updates": "5"' not in log
+    assert "done training in" in log  # fairseq's main ended normally (a hydra multirun goes on)
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in save_dir.glob("*.pt")} == before
 
 

@@ -40,14 +40,22 @@ class EpochTaggedBatches:
     across epochs, so ``set_epoch`` in the main process never reaches the code that
     draws crops. The epoch is therefore carried with each index, and a batch's crops
     are a function of (seed, epoch, utterance) alone, whatever ``num_workers`` is.
+
+    A ``fixed_epoch`` tags every epoch's indices with that one epoch instead: a validation
+    set then scores the same crops at every validation, in every process (fairseq moves
+    its valid iterator's epoch on at each validation, from 1 again in a resumed run).
     """
 
-    def __init__(self, make_batches: Callable[[object, int], Sequence[Sequence[int]]]) -> None:
+    def __init__(
+        self, make_batches: Callable[[object, int], Sequence[Sequence[int]]], fixed_epoch: Optional[int] = None
+    ) -> None:
         self.make_batches = make_batches
+        self.fixed_epoch = fixed_epoch
 
     def __call__(self, dataset, epoch: int) -> List[List[Tuple[int, int]]]:
-        """The batches fairseq built for ``epoch``, as lists of ``(index, epoch)``."""
-        return [[(int(index), int(epoch)) for index in batch] for batch in self.make_batches(dataset, epoch)]
+        """The batches fairseq built for ``epoch``, as lists of ``(index, epoch)`` (or ``fixed_epoch``)."""
+        tag = int(epoch if self.fixed_epoch is None else self.fixed_epoch)
+        return [[(int(index), tag) for index in batch] for batch in self.make_batches(dataset, epoch)]
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The ``mel_hubert_pretraining`` task: fbank manifests + k-means labels -> FbankLabelDataset."""
 
 import contextlib
+import inspect
 import logging
 import os
 import sys
@@ -206,17 +207,29 @@ class MelHubertPretrainingTask(FairseqTask):
             raise ValueError(f"model predicts {final_proj.out_features} classes, task has {self.num_classes}")
         return model
 
-    def get_batch_iterator(self, dataset, **kwargs):
+    def get_batch_iterator(self, dataset, *args, **kwargs):
         """fairseq's epoch iterator, with each index carried together with its epoch.
 
         fairseq builds the batches of every epoch with ``make_batches(dataset, epoch)``
         (``rebuild_batches``, seeded by seed + epoch); wrapping that builder tags every
         index with the epoch, so crops drawn in persistent DataLoader workers follow the
-        epoch too (see :class:`EpochTaggedBatches`).
+        epoch too (see :class:`EpochTaggedBatches`). A dataset that is not shuffled (a
+        valid split) keeps the epoch the iterator was created for: the same crops at
+        every validation.
         """
-        epoch_iter = super().get_batch_iterator(dataset, **kwargs)
+        call = inspect.signature(FairseqTask.get_batch_iterator).bind(self, dataset, *args, **kwargs)
+        call.apply_defaults()
+        if isinstance(dataset, FbankLabelDataset) and dataset.shuffle and isinstance(self.cfg.seed, int):
+            if call.arguments["seed"] != self.cfg.seed:
+                raise ValueError(
+                    "dataset.update_ordered_indices_seed=true is not supported: the batches are already rebuilt "
+                    "every epoch from common.seed + epoch, and fairseq would keep the seed of the epoch a run was "
+                    "(re)started in, so a resumed run would train on other batches"
+                )
+        epoch_iter = super().get_batch_iterator(dataset, *args, **kwargs)
         if isinstance(dataset, FbankLabelDataset) and not isinstance(epoch_iter.batch_sampler, EpochTaggedBatches):
-            epoch_iter.batch_sampler = EpochTaggedBatches(epoch_iter.batch_sampler)
+            fixed_epoch = None if dataset.shuffle else int(call.arguments["epoch"])
+            epoch_iter.batch_sampler = EpochTaggedBatches(epoch_iter.batch_sampler, fixed_epoch)
         return epoch_iter
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
