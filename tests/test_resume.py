@@ -194,7 +194,7 @@ def test_killing_training_during_checkpoint_saves_never_breaks_resume(tmp_path):
     """SIGKILL while fairseq writes or copies a checkpoint, again and again: rerunning the same
     command always resumes, and the run ends bit for bit where an uninterrupted one ends."""
     data = make_fbank_corpus(tmp_path / "data", num_utts=10)
-    total = 12
+    total = 30  # more than 8 killed runs can reach (each is killed within its first 3 saves, one per update)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     command = training_command(data, killed, total, save_interval_updates=1)
     rng = random.Random(0)
