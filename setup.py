@@ -63,6 +63,7 @@ setup(
             "melhubert-export-original = melhubert_fairseq.tools.export_original_checkpoint:main",
             "melhubert-extract-features = melhubert_fairseq.tools.extract_features:main",
             "melhubert-average-checkpoints = melhubert_fairseq.tools.average_checkpoints:main",
+            "melhubert-user-dir = melhubert_fairseq.tools.user_dir:main",
         ]
     },
 )

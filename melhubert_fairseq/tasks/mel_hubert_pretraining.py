@@ -216,9 +216,20 @@ class MelHubertPretrainingTask(FairseqTask):
         epoch too (see :class:`EpochTaggedBatches`). A dataset that is not shuffled (a
         valid split) keeps the epoch the iterator was created for: the same crops at
         every validation.
+
+        ``required_batch_size_multiple`` is always 1: with N > 1 fairseq's ``batch_by_size``
+        drops the utterances that do not fill a multiple of N (``fairseq-validate``'s default
+        of 8 scores 8 of 12 utterances), silently, at every epoch.
         """
         call = inspect.signature(FairseqTask.get_batch_iterator).bind(self, dataset, *args, **kwargs)
         call.apply_defaults()
+        multiple = call.arguments["required_batch_size_multiple"]
+        if isinstance(dataset, FbankLabelDataset) and multiple != 1:
+            logger.warning(
+                f"required_batch_size_multiple={multiple} would make fairseq drop the utterances that do not "
+                "fill a multiple of it; using 1, so every utterance is used"
+            )
+            call.arguments["required_batch_size_multiple"] = 1
         if isinstance(dataset, FbankLabelDataset) and dataset.shuffle and isinstance(self.cfg.seed, int):
             if call.arguments["seed"] != self.cfg.seed:
                 raise ValueError(
@@ -226,7 +237,7 @@ class MelHubertPretrainingTask(FairseqTask):
                     "every epoch from common.seed + epoch, and fairseq would keep the seed of the epoch a run was "
                     "(re)started in, so a resumed run would train on other batches"
                 )
-        epoch_iter = super().get_batch_iterator(dataset, *args, **kwargs)
+        epoch_iter = super().get_batch_iterator(*call.args[1:], **call.kwargs)
         if isinstance(dataset, FbankLabelDataset) and not isinstance(epoch_iter.batch_sampler, EpochTaggedBatches):
             fixed_epoch = None if dataset.shuffle else int(call.arguments["epoch"])
             epoch_iter.batch_sampler = EpochTaggedBatches(epoch_iter.batch_sampler, fixed_epoch)

@@ -1,0 +1,57 @@
+"""fairseq's own command lines, run the way users run them: from any directory, with fairseq's defaults."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO_ROOT, hydra_train_command, make_fbank_corpus
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def user_dir() -> str:
+    """What ``melhubert-user-dir`` prints (the README's ``common.user_dir=$(melhubert-user-dir)``)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "melhubert_fairseq.tools.user_dir"], capture_output=True, text=True, check=True
+    )
+    return result.stdout.strip()
+
+
+def test_user_dir_is_the_installed_package():
+    import melhubert_fairseq
+
+    assert Path(user_dir()) == Path(melhubert_fairseq.__file__).parent
+    assert (Path(user_dir()) / "tasks" / "mel_hubert_pretraining.py").is_file()
+
+
+def test_training_runs_from_any_directory_and_under_a_config_that_changes_directory(tmp_path):
+    data_dir = make_fbank_corpus(tmp_path / "data")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    command = hydra_train_command(data_dir, tmp_path / "ckpt", max_update=1)
+    command[command.index("config")] = str(REPO_ROOT / "config")
+    command[command.index("common.user_dir=melhubert_fairseq")] = f"common.user_dir={user_dir()}"
+    # fairseq's own configs run in the hydra run directory (hydra's chdir), ours keep the cwd.
+    command.append("hydra.job.chdir=true")
+    result = subprocess.run(command, cwd=elsewhere, capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "ckpt" / "checkpoint_last.pt").is_file()
+
+
+def test_fairseq_validate_scores_every_utterance_with_fairseqs_defaults(tiny_checkpoint, tmp_path):
+    # Data and labels in a folder the checkpoint has never seen; fairseq-validate's default
+    # --required-batch-size-multiple is 8, which made fairseq drop the utterances past a multiple of 8.
+    valid_dir = make_fbank_corpus(tmp_path / "moved", num_utts=12, split="valid", seed=5, min_frames=330, max_frames=600)
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "fairseq_cli.validate", str(valid_dir),
+            "--user-dir", user_dir(), "--task", "mel_hubert_pretraining", "--label-dir", str(valid_dir),
+            "--path", str(tiny_checkpoint), "--valid-subset", "valid", "--max-tokens", "1200",
+        ],
+        cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = re.search(r"valid on 'valid' subset .*\| bsz (\d+)", result.stdout + result.stderr)
+    assert summary, (result.stdout + result.stderr)[-3000:]
+    assert int(summary.group(1)) == 12  # bsz: the number of utterances scored
