@@ -55,3 +55,24 @@ def test_fairseq_validate_scores_every_utterance_with_fairseqs_defaults(tiny_che
     summary = re.search(r"valid on 'valid' subset .*\| bsz (\d+)", result.stdout + result.stderr)
     assert summary, (result.stdout + result.stderr)[-3000:]
     assert int(summary.group(1)) == 12  # bsz: the number of utterances scored
+
+
+def test_plain_name_resolves_from_anywhere_in_a_regular_install_layout(tmp_path):
+    # A regular install puts the package next to fairseq in site-packages; fairseq's
+    # import_user_module falls back to <fairseq>/../<user_dir>. Lay that out in tmp_path
+    # (the package linked in) and point fairseq's fallback at it, from a cwd without the package.
+    import melhubert_fairseq
+
+    site = tmp_path / "site-packages"
+    (site / "fairseq").mkdir(parents=True)
+    (site / "melhubert_fairseq").symlink_to(Path(melhubert_fairseq.__file__).parent)
+    code = (
+        "import argparse, fairseq.utils as u\n"
+        f"u.__file__ = {str(site / 'fairseq' / 'utils.py')!r}\n"
+        "u.import_user_module(argparse.Namespace(user_dir='melhubert_fairseq'))\n"
+        "from fairseq.tasks import TASK_REGISTRY; from fairseq.models import MODEL_REGISTRY\n"
+        "print('mel_hubert_pretraining' in TASK_REGISTRY, 'mel_hubert' in MODEL_REGISTRY)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["True", "True"]
