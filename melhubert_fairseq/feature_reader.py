@@ -26,6 +26,7 @@ from fairseq import checkpoint_utils
 from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, INT16_SCALE
 from melhubert_fairseq.data.features import MeanStd, read_feature_file, stack_frames
 from melhubert_fairseq.data.manifest import read_manifest
+from melhubert_fairseq.data.shards import shard_range
 from melhubert_fairseq.models.waveform_frontend import check_sample_rate, check_waveform, collate_waveforms
 
 Key = TypeVar("Key")
@@ -217,7 +218,7 @@ class MelHubertFeatureReader:
         bad = [layer for layer in layers if not 0 <= layer <= self.num_layers]
         if not layers or bad:
             raise ValueError(f"layer must be in 0..{self.num_layers} (0 = input of the first layer), got {list(layers)}")
-        rows = np.array_split(np.arange(len(manifest)), nshard)[rank]
+        rows = range(*shard_range(len(manifest), nshard, rank))
 
         def model_inputs():
             for row in rows:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from melhubert_fairseq.atomic_output import StagedOutputs, check_writable
+from melhubert_fairseq.errors import InputError, check_regular_file
 from melhubert_fairseq.data.features import (
     FBANK_FRAME_RATE_HZ,
     MeanStd,
@@ -36,46 +37,21 @@ from melhubert_fairseq.data.features import (
     read_feature_file,
 )
 from melhubert_fairseq.data.manifest import read_manifest, write_manifest
+from melhubert_fairseq.data.shards import shard_file_name, shard_range, split_name  # noqa: F401  (re-exported)
 
 KMEANS_FORMAT = "melhubert-kmeans-v1"
 SAMPLE_FORMAT = "melhubert-kmeans-sample-v1"
-#: faiss is the default: in benchmarks/bench_kmeans.py it fits faster than
-#: scikit-learn's MiniBatchKMeans and reaches a lower held-out inertia.
+#: faiss is the default when it is installed (the optional ``faiss`` extra): in
+#: benchmarks/bench_kmeans.py it fits faster than scikit-learn's MiniBatchKMeans
+#: and reaches a lower held-out inertia. Without faiss, scikit-learn fits.
 DEFAULT_BACKEND = "faiss"
+FALLBACK_BACKEND = "sklearn"
 BACKENDS = ("faiss", "sklearn")
 #: Lloyd iterations for faiss; epochs over the sample for MiniBatchKMeans
 #: (fairseq's simple_kmeans default, usually cut short by early stopping).
 DEFAULT_ITERATIONS = {"faiss": 25, "sklearn": 100}
 
 FeatureIterator = Iterator[Tuple[int, np.ndarray]]
-
-
-# --------------------------------------------------------------------------- shards
-def shard_range(total: int, nshard: int, rank: int) -> Tuple[int, int]:
-    """Rows ``[start, end)`` of shard ``rank`` of ``nshard``: ``np.array_split``'s contiguous split.
-
-    The same split as ``MelHubertFeatureReader.iter_manifest``, so fbank and
-    checkpoint sources shard a manifest identically.
-    """
-    if nshard < 1:
-        raise ValueError(f"--nshard must be >= 1, got {nshard}")
-    if not 0 <= rank < nshard:
-        raise ValueError(f"--rank must be in [0, {nshard - 1}], got {rank}")
-    if nshard > total:
-        raise ValueError(f"--nshard {nshard} is larger than the number of utterances ({total})")
-    base, extra = divmod(total, nshard)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
-
-
-def shard_file_name(split: str, rank: int, nshard: int, suffix: str) -> str:
-    """``{split}_{rank}_{nshard}{suffix}``, or ``{split}{suffix}`` when unsharded."""
-    return f"{split}{suffix}" if nshard == 1 else f"{split}_{rank}_{nshard}{suffix}"
-
-
-def split_name(manifest_path: str) -> str:
-    """The split a manifest holds: its file name without ``.tsv`` (``train.tsv`` -> ``train``)."""
-    return os.path.splitext(os.path.basename(manifest_path))[0]
 
 
 # --------------------------------------------------------------------------- feature sources
@@ -320,10 +296,36 @@ def sample_frames(
 
 
 # --------------------------------------------------------------------------- fitting
+def import_faiss():
+    """The ``faiss`` module, or None when it is not importable (it is an optional extra)."""
+    import logging
+
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs its CPU probing
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def resolve_backend(backend: Optional[str] = None) -> str:
+    """The k-means backend to fit with: ``backend``, or for None faiss when installed, else scikit-learn."""
+    if backend is None:
+        return DEFAULT_BACKEND if import_faiss() is not None else FALLBACK_BACKEND
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown k-means backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "faiss" and import_faiss() is None:
+        raise InputError(
+            "--backend faiss: faiss is not installed (pip install 'melhubert-fairseq[faiss]', or use an "
+            "installed faiss-gpu); pass --backend sklearn, or leave --backend out to fall back to it"
+        )
+    return backend
+
+
 def fit_kmeans(
     frames: np.ndarray,
     num_clusters: int,
-    backend: str = DEFAULT_BACKEND,
+    backend: Optional[str] = None,
     seed: int = 0,
     iterations: Optional[int] = None,
     init: str = "k-means++",
@@ -332,6 +334,7 @@ def fit_kmeans(
 ) -> np.ndarray:
     """Fit k-means on ``frames`` (n, dim); return float32 centroids (num_clusters, dim).
 
+    ``backend`` is ``"faiss"``, ``"sklearn"`` or None (:func:`resolve_backend`);
     ``init`` is ``"k-means++"`` (both backends) or ``"random"`` (faiss' own
     initialisation: random frames, which can leave clusters merged).
     ``threads`` caps the OpenMP/BLAS threads of faiss and scikit-learn.
@@ -346,8 +349,7 @@ def fit_kmeans(
             f"--num-clusters {num_clusters} is larger than the {frames.shape[0]} sampled frames; "
             "raise --sample-frac/--max-frames or lower --num-clusters"
         )
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown k-means backend {backend!r}; choose one of {BACKENDS}")
+    backend = resolve_backend(backend)
     iterations = DEFAULT_ITERATIONS[backend] if iterations is None else iterations
     if init not in ("k-means++", "random"):
         raise ValueError(f"unknown k-means init {init!r}; choose 'k-means++' or 'random'")
@@ -361,11 +363,7 @@ def fit_kmeans(
 
 def _fit_faiss(frames, num_clusters, seed, iterations, init, batch_size) -> np.ndarray:
     """faiss Lloyd iterations over all of ``frames`` (``batch_size`` is unused)."""
-    import logging
-
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs its CPU probing
-    import faiss
-
+    faiss = import_faiss()
     kmeans = faiss.Kmeans(
         frames.shape[1],
         num_clusters,
@@ -625,6 +623,12 @@ def save_kmeans(path: str, model: KMeansModel, overwrite: bool = False) -> None:
 
 def load_kmeans(path: str) -> KMeansModel:
     """Load centroids saved by :func:`save_kmeans` (never unpickles anything)."""
+    if not path.endswith(".npy"):
+        check_regular_file(path, what="k-means model")
+        raise InputError(
+            f"{path}: not a k-means model of melhubert-learn-kmeans (NAME.npy centroids with a NAME.json "
+            "sidecar); for a fairseq simple_kmeans (joblib) model, run melhubert-import-kmeans --trust-pickle first"
+        )
     centroids, metadata = load_array_with_sidecar(path, KMEANS_FORMAT)
     if metadata.get("num_clusters") != centroids.shape[0] or metadata.get("dim") != centroids.shape[1]:
         raise ValueError(
@@ -653,3 +657,71 @@ def load_sample(path: str) -> Tuple[FrameSample, Dict]:
     """Read one shard's sampled frames written by :func:`save_sample`."""
     frames, metadata = load_array_with_sidecar(path, SAMPLE_FORMAT)
     return FrameSample(frames, int(metadata["utterances"]), int(metadata["source_frames"])), metadata
+
+
+# --------------------------------------------------------------------------- fairseq's k-means models
+#: ``feature_source.kind`` of a model imported from fairseq: what it clustered is not recorded.
+IMPORTED_SOURCE_KIND = "fairseq_simple_kmeans"
+
+
+def read_simple_kmeans_joblib(path: str) -> Tuple[KMeansModel, List[str]]:
+    """Unpickle a fairseq ``simple_kmeans`` model (a joblib-dumped scikit-learn (MiniBatch)KMeans) into a
+    :class:`KMeansModel` of its float32 centres; also return notes for the user.
+
+    Unpickling runs whatever code the file holds: only for files the user
+    said they trust (``melhubert-import-kmeans --trust-pickle``).
+    """
+    import warnings
+
+    import joblib
+    from sklearn import __version__ as sklearn_version
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+    from sklearn.exceptions import InconsistentVersionWarning
+
+    check_regular_file(path, what="joblib k-means model")
+    with open(path, "rb") as handle:
+        file_sha256 = hashlib.sha256(handle.read()).hexdigest()
+    notes = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            model = joblib.load(path)
+        except Exception as err:  # unpickling arbitrary bytes can raise anything
+            raise InputError(f"{path}: cannot unpickle it as a joblib file ({type(err).__name__}: {err})") from None
+    pickled_with = None
+    for caught_warning in caught:
+        if isinstance(caught_warning.message, InconsistentVersionWarning):
+            pickled_with = caught_warning.message.original_sklearn_version
+            notes.append(f"{path} was pickled with scikit-learn {pickled_with}, read with {sklearn_version}; "
+                         "only its cluster centres are used")
+    kind = f"{type(model).__module__}.{type(model).__qualname__}"
+    if not isinstance(model, (KMeans, MiniBatchKMeans)):
+        raise InputError(
+            f"{path}: holds a {kind}, not a scikit-learn MiniBatchKMeans/KMeans model "
+            "(what fairseq's simple_kmeans/learn_kmeans.py writes)"
+        )
+    centres = getattr(model, "cluster_centers_", None)
+    if centres is None:
+        raise InputError(f"{path}: the {type(model).__name__} was never fitted (it has no cluster_centers_)")
+    centres = np.asarray(centres)
+    if centres.ndim != 2 or centres.shape[0] == 0 or centres.dtype.kind != "f":
+        raise InputError(f"{path}: cluster_centers_ is a {centres.dtype} array of shape {centres.shape}, "
+                         "expected float (K, dim)")
+    if not np.isfinite(centres).all():
+        raise InputError(f"{path}: cluster_centers_ contain NaN or Inf")
+    centroids = np.ascontiguousarray(centres, dtype=np.float32)
+    if centres.dtype != np.float32:
+        change = float(np.abs(centroids.astype(np.float64) - centres).max())
+        notes.append(f"{centres.dtype} centres stored as float32 (largest change {change:.3g})")
+    params = {key: value for key, value in model.get_params().items()
+              if isinstance(value, (bool, int, float, str, type(None)))}
+    metadata = {
+        "feature_source": {"kind": IMPORTED_SOURCE_KIND},
+        "imported_from": {
+            "path": os.path.abspath(path), "sha256": file_sha256, "class": kind,
+            "sklearn_version": pickled_with or sklearn_version, "params": params,
+            # scikit-learn's inertia_: the sum over the frames it was fitted on (not per frame)
+            "inertia_": float(model.inertia_) if getattr(model, "inertia_", None) is not None else None,
+        },
+    }
+    return KMeansModel(centroids, metadata), notes

@@ -319,13 +319,19 @@ def test_label_utterances_batches_but_keeps_utterances_apart():
         assert np.array_equal(labels, assigner.assign(feats))
 
 
-def test_shard_range_is_the_feature_readers_array_split():
-    for total, nshard in [(10, 3), (24, 5), (7, 7)]:
-        expected = np.array_split(np.arange(total), nshard)
-        for rank in range(nshard):
-            assert np.array_equal(np.arange(*shard_range(total, nshard, rank)), expected[rank])
-    with pytest.raises(ValueError, match="--rank must be in"):
-        shard_range(10, 3, 3)
+def test_without_faiss_learning_falls_back_to_sklearn(corpus, monkeypatch, capsys):
+    manifest, truth, tmp = corpus
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` now fails as if it were not installed
+    with pytest.raises(ValueError, match=r"--backend faiss: faiss is not installed \(pip install 'melhubert-fairseq\[faiss\]'"):
+        learn(manifest, str(tmp / "faiss.npy"), "--backend", "faiss")
+    assert not (tmp / "faiss.npy").exists()
+    learn(manifest, str(tmp / "km.npy"))
+    assert "note: faiss is not installed, fitting with sklearn" in capsys.readouterr().err
+    model = load_kmeans(str(tmp / "km.npy"))
+    assert (model.metadata["backend"], model.metadata["iterations"]) == ("sklearn", 100)
+    dump(manifest, str(tmp / "km.npy"), str(tmp / "lab"))
+    labels = np.concatenate(list(load_km_labels(str(tmp / "lab" / "train.km"))))
+    assert purity(np.concatenate(truth), labels) > 0.99
 
 
 # ----------------------------------------------------------------------------- stage 2

@@ -18,15 +18,14 @@ from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import atomic_output, check_writable
 from melhubert_fairseq.data.manifest import read_dictionary_size, write_dictionary
+from melhubert_fairseq.data.shards import shard_file_name, shard_range, split_name
 from melhubert_fairseq.kmeans import (
     add_feature_source_arguments,
+    IMPORTED_SOURCE_KIND,
     KMeansAssigner,
     LabelLineFormatter,
     load_kmeans,
     open_feature_source,
-    shard_file_name,
-    shard_range,
-    split_name,
 )
 from melhubert_fairseq.cli import console_main
 
@@ -35,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of dump_km_labels."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", required=True, help="{split}.tsv manifest of fbank .npy files to label")
-    parser.add_argument("--km-path", required=True, help="centroids .npy written by learn_kmeans (with its .json sidecar)")
+    parser.add_argument("--km-path", required=True, help="centroids .npy written by learn_kmeans or import_kmeans (with its .json sidecar)")
     parser.add_argument("--out-dir", required=True, help="directory for {split}.km (or its shard) and dict.km.txt")
     parser.add_argument("--split", help="split name of the output file (default: manifest file name)")
     add_feature_source_arguments(parser)
@@ -81,7 +80,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.manifest, args.mean_std, args.checkpoint, args.layer, args.device, args.max_batch_frames
     )
     trained_on = model.metadata.get("feature_source", {})
-    if trained_on.get("kind") != source.kind or trained_on.get("layer") != getattr(source, "layer", None):
+    known = trained_on.get("kind") != IMPORTED_SOURCE_KIND  # fairseq's models do not say what they clustered
+    if known and (trained_on.get("kind") != source.kind or trained_on.get("layer") != getattr(source, "layer", None)):
         print(f"warning: {args.km_path} was learned on {trained_on}, labelling {source.describe()}", file=sys.stderr)
     start, end = shard_range(len(source.manifest), args.nshard, args.rank)
     assigner = KMeansAssigner(

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from melhubert_fairseq.atomic_output import atomic_output, check_writable
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, num_stacked_frames
 from melhubert_fairseq.data.manifest import index_label_file, read_manifest
-from melhubert_fairseq.kmeans import shard_file_name, shard_range, split_name
+from melhubert_fairseq.data.shards import shard_file_name, shard_range, split_name
 from melhubert_fairseq.cli import console_main
 
 
