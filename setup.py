@@ -9,6 +9,7 @@ setup(
     packages=[
         "melhubert_fairseq",
         "melhubert_fairseq.data",
+        "melhubert_fairseq.kmeans",
         "melhubert_fairseq.models",
         "melhubert_fairseq.tasks",
         "melhubert_fairseq.criterions",

@@ -16,7 +16,6 @@ from melhubert_fairseq.kmeans import (
     KMeansModel,
     load_kmeans,
     save_kmeans,
-    shard_range,
     sidecar_path,
 )
 from melhubert_fairseq.tools import dump_km_labels, learn_kmeans, merge_km_shards
@@ -345,13 +344,12 @@ class StackingReader:
     def __init__(self, checkpoint_path, device="cpu", max_batch_frames=20000):
         self.checkpoint_path = checkpoint_path
 
-    def iter_manifest(self, manifest_path, layer, nshard=1, rank=0):
-        """Yield (row, (ceil(T/2), 80)) for the rows of the shard."""
-        manifest = read_manifest(manifest_path)
-        StackingReader.calls.append((manifest_path, layer, nshard, rank, len(manifest)))
-        start, end = shard_range(len(manifest), nshard, rank)
-        for row in range(start, end):
-            yield row, stack_frames(np.load(manifest.full_path(row)).astype(np.float32), 2)
+    def iter_manifest_rows(self, manifest, rows, layers):
+        """Yield (row, [(ceil(T/2), 80)]) for ``rows`` of the read manifest."""
+        rows = list(rows)
+        StackingReader.calls.append((manifest.path, list(layers), rows))
+        for row in rows:
+            yield row, [stack_frames(np.load(manifest.full_path(row)).astype(np.float32), 2)]
 
 
 @pytest.fixture
@@ -369,8 +367,8 @@ def test_stage2_labels_one_per_model_frame_via_reader_api(corpus, stacking_reade
     ckpt = str(tmp / "checkpoint_best.pt")
     km = str(tmp / "km_l8.npy")
     learn(manifest, km, "--checkpoint", ckpt, "--layer", "8")
-    # Sampling forwards only the sampled utterances (a sub-manifest), not the whole corpus.
-    assert stacking_reader.calls[0][1] == 8 and stacking_reader.calls[0][4] < len(truth)
+    # Sampling forwards only the sampled utterances, not the whole corpus.
+    assert stacking_reader.calls[0][1] == [8] and 0 < len(stacking_reader.calls[0][2]) < len(truth)
     meta = load_kmeans(km).metadata
     assert meta["dim"] == 2 * DIM
     assert meta["feature_source"]["kind"] == "mel_hubert_layer"
@@ -387,18 +385,18 @@ def test_stage2_labels_one_per_model_frame_via_reader_api(corpus, stacking_reade
     with pytest.raises(SystemExit):
         merge_km_shards.main(["--manifest", manifest, "--label-dir", str(tmp / "lab2"), "--nshard", "2",
                               "--label-rate-hz", "30", "--no-progress", "--out", str(tmp / "x.km")])
-    assert "--label-rate-hz must be 100 / an integer" in capsys.readouterr().err
+    assert "--label-rate-hz: label rate 30 Hz is not 100 Hz divided by an integer" in capsys.readouterr().err
 
 
 def test_stage2_reader_output_not_matching_manifest_is_an_error(corpus, stacking_reader, monkeypatch):
     manifest, _, tmp = corpus
-    full_length = StackingReader.iter_manifest
+    full_length = StackingReader.iter_manifest_rows
 
-    def short_by_one(self, manifest_path, layer, nshard=1, rank=0):
-        for row, feats in full_length(self, manifest_path, layer, nshard, rank):
-            yield row, feats[:-1]
+    def short_by_one(self, manifest, rows, layers):
+        for row, states in full_length(self, manifest, rows, layers):
+            yield row, [states[0][:-1]]
 
-    monkeypatch.setattr(StackingReader, "iter_manifest", short_by_one)
+    monkeypatch.setattr(StackingReader, "iter_manifest_rows", short_by_one)
     with pytest.raises(ValueError, match=r"layer 8 of .*utt\d+.*frames but \d+ were expected"):
         learn(manifest, str(tmp / "km.npy"), "--checkpoint", str(tmp / "ck.pt"), "--layer", "8")
 

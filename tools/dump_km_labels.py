@@ -17,15 +17,16 @@ import torch
 from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import atomic_output, check_writable
+from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ
 from melhubert_fairseq.data.manifest import read_dictionary_size, write_dictionary
 from melhubert_fairseq.data.shards import shard_file_name, shard_range, split_name
 from melhubert_fairseq.kmeans import (
-    add_feature_source_arguments,
     IMPORTED_SOURCE_KIND,
     KMeansAssigner,
     LabelLineFormatter,
+    add_feature_source_arguments,
+    feature_source_from_args,
     load_kmeans,
-    open_feature_source,
 )
 from melhubert_fairseq.cli import console_main
 
@@ -76,9 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     model = load_kmeans(args.km_path)
     dict_path = os.path.join(args.out_dir, "dict.km.txt")
     write_dict = check_dictionary(dict_path, model.num_clusters, args.overwrite)  # fail before labelling
-    source = open_feature_source(
-        args.manifest, args.mean_std, args.checkpoint, args.layer, args.device, args.max_batch_frames
-    )
+    source = feature_source_from_args(args)
     trained_on = model.metadata.get("feature_source", {})
     known = trained_on.get("kind") != IMPORTED_SOURCE_KIND  # fairseq's models do not say what they clustered
     if known and (trained_on.get("kind") != source.kind or trained_on.get("layer") != getattr(source, "layer", None)):
@@ -104,7 +103,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     seconds = time.perf_counter() - started
     audio_frames = int(source.manifest.num_frames[start:end].sum())
     print(
-        f"labelled {end - start} utterances ({audio_frames / 100 / 3600:.2f} h, {audio_frames} fbank frames): "
+        f"labelled {end - start} utterances ({audio_frames / FBANK_FRAME_RATE_HZ / 3600:.2f} h, {audio_frames} fbank frames): "
         f"{labels_written} labels at {source.frame_rate_hz:g} Hz, K={model.num_clusters}, in {seconds:.1f} s "
         f"({labels_written / max(seconds, 1e-9):.0f} frames/s) -> {out_path}"
     )

@@ -27,17 +27,17 @@ import torch
 from melhubert_fairseq.atomic_output import check_writable
 from melhubert_fairseq.data.shards import split_name
 from melhubert_fairseq.kmeans import (
-    add_feature_source_arguments,
     BACKENDS,
     DEFAULT_BACKEND,
-    FALLBACK_BACKEND,
     DEFAULT_ITERATIONS,
+    FALLBACK_BACKEND,
     FrameSample,
     KMeansAssigner,
     KMeansModel,
+    add_feature_source_arguments,
+    feature_source_from_args,
     fit_kmeans,
     load_sample,
-    open_feature_source,
     resolve_backend,
     sample_frames,
     save_kmeans,
@@ -160,9 +160,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         source = shard_meta["feature_source"]
         sampling = {key: shard_meta[key] for key in sampling}  # how the shards were drawn
     else:
-        feature_source = open_feature_source(
-            args.manifest, args.mean_std, args.checkpoint, args.layer, args.device, args.max_batch_frames
-        )
+        feature_source = feature_source_from_args(args)
         source = feature_source.describe()
         rank = args.rank if sample_only else 0
         sample = sample_frames(
