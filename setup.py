@@ -9,6 +9,7 @@ setup(
     packages=[
         "melhubert_fairseq",
         "melhubert_fairseq.data",
+        "melhubert_fairseq.kmeans",
         "melhubert_fairseq.models",
         "melhubert_fairseq.tasks",
         "melhubert_fairseq.criterions",
@@ -25,7 +26,8 @@ setup(
         "torch>=2.1",
         # ve-fairseq is a build of fairseq main that imports on Python 3.11/3.12
         # (fairseq==0.12.2 does not). It pulls torchaudio, which we never import.
-        "ve-fairseq>=0.12.3",
+        # Pinned: the version every test runs against.
+        "ve-fairseq==0.12.3",
         "numpy",
         "omegaconf",
         "hydra-core",
@@ -34,9 +36,11 @@ setup(
         "kaldiio",
         # >= 1.18: MelBanks.compute and FeatureWindowFunction, which the torch front end reads its constants from.
         "kaldi-native-fbank>=1.18",
-        "scikit-learn",
+        # >= 1.3: InconsistentVersionWarning, which melhubert-import-kmeans reports as a note.
+        "scikit-learn>=1.3",
+        # fairseq simple_kmeans' model format, read by melhubert-import-kmeans (scikit-learn needs it too).
+        "joblib",
         "scipy",
-        "faiss-cpu",
         "tensorboardX",
         # fairseq's ctc criterion imports it to score every validation of CTC fine-tuning
         # (criterions/ctc.py), but ve-fairseq does not declare it.
@@ -47,6 +51,9 @@ setup(
         # s3prl's Featurizer for tests/test_s3prl_upstream.py (tested: 0.4.18 next to torch 2.13). Its runner
         # also needs a torchaudio that loads; `pip install --no-deps s3prl==0.4.18` is enough for the test.
         "s3prl": ["s3prl>=0.4.18"],
+        # The faster k-means backend of melhubert-learn-kmeans; without it scikit-learn fits. An extra, so an
+        # installed faiss-gpu is not replaced by (or clashes with) faiss-cpu.
+        "faiss": ["faiss-cpu"],
     },
     entry_points={
         "console_scripts": [
@@ -59,6 +66,7 @@ setup(
             "melhubert-learn-kmeans = melhubert_fairseq.tools.learn_kmeans:main",
             "melhubert-dump-km-labels = melhubert_fairseq.tools.dump_km_labels:main",
             "melhubert-merge-km-shards = melhubert_fairseq.tools.merge_km_shards:main",
+            "melhubert-import-kmeans = melhubert_fairseq.tools.import_kmeans:main",
             "melhubert-convert-original = melhubert_fairseq.tools.convert_original_checkpoint:main",
             "melhubert-export-original = melhubert_fairseq.tools.export_original_checkpoint:main",
             "melhubert-extract-features = melhubert_fairseq.tools.extract_features:main",

@@ -24,8 +24,9 @@ import torch
 from fairseq import checkpoint_utils
 
 from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, INT16_SCALE
-from melhubert_fairseq.data.features import MeanStd, read_feature_file, stack_frames
-from melhubert_fairseq.data.manifest import read_manifest
+from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, MeanStd, read_feature_file, stack_frames
+from melhubert_fairseq.data.manifest import FeatureManifest, read_manifest
+from melhubert_fairseq.data.shards import shard_range
 from melhubert_fairseq.models.waveform_frontend import check_sample_rate, check_waveform, collate_waveforms
 
 Key = TypeVar("Key")
@@ -73,7 +74,7 @@ class MelHubertFeatureReader:
         self.max_batch_frames = max_batch_frames
         self.stack = int(self.task_cfg.stack_frames)
         self.feat_dim = int(self.task_cfg.feat_dim)
-        self.frame_rate_hz = 100.0 / self.stack
+        self.frame_rate_hz = FBANK_FRAME_RATE_HZ / self.stack
         self.num_layers = len(self.model.encoder.layers)
         stats = self.model.fbank_stats()
         #: Corpus mean/std the model was trained with (None: the checkpoint does not know them).
@@ -209,15 +210,13 @@ class MelHubertFeatureReader:
         if pending:
             yield from flush()
 
-    def iter_manifest_layers(
-        self, manifest_path: str, layers: Sequence[int], nshard: int = 1, rank: int = 0
+    def iter_manifest_rows(
+        self, manifest: FeatureManifest, rows: Iterable[int], layers: Sequence[int]
     ) -> Iterator[Tuple[int, List[np.ndarray]]]:
-        """Yield (manifest row, [states of each of ``layers``]) for rows of shard ``rank``/``nshard``."""
-        manifest = read_manifest(manifest_path)
+        """Yield (row, [states of each of ``layers``]) for the ``rows`` of a read manifest, in their order."""
         bad = [layer for layer in layers if not 0 <= layer <= self.num_layers]
         if not layers or bad:
             raise ValueError(f"layer must be in 0..{self.num_layers} (0 = input of the first layer), got {list(layers)}")
-        rows = np.array_split(np.arange(len(manifest)), nshard)[rank]
 
         def model_inputs():
             for row in rows:
@@ -227,6 +226,13 @@ class MelHubertFeatureReader:
                 yield int(row), self.prepare(fbank)
 
         return self.iter_batched(model_inputs(), layers)
+
+    def iter_manifest_layers(
+        self, manifest_path: str, layers: Sequence[int], nshard: int = 1, rank: int = 0
+    ) -> Iterator[Tuple[int, List[np.ndarray]]]:
+        """Yield (manifest row, [states of each of ``layers``]) for rows of shard ``rank``/``nshard``."""
+        manifest = read_manifest(manifest_path)
+        return self.iter_manifest_rows(manifest, range(*shard_range(len(manifest), nshard, rank)), layers)
 
     def iter_manifest(
         self, manifest_path: str, layer: int, nshard: int = 1, rank: int = 0

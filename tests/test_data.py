@@ -8,7 +8,7 @@ import pytest
 
 from conftest import write_indexed_corpus
 from melhubert_fairseq.data.fbank_label_dataset import FbankLabelDataset, FrameRates
-from melhubert_fairseq.data.features import load_mean_std, stack_frames, subsample_labels
+from melhubert_fairseq.data.features import label_stride, load_mean_std, stack_frames, subsample_labels
 from melhubert_fairseq.data.manifest import index_label_file, parse_label_line, read_manifest, write_manifest
 from melhubert_fairseq.tasks.mel_hubert_pretraining import (
     MelHubertPretrainingConfig,
@@ -122,6 +122,14 @@ def test_frame_rates_validation():
         FrameRates.from_config(1, 50)  # 20 ms labels cannot feed a 10 ms model
     with pytest.raises(ValueError, match="label_rate=30"):
         FrameRates.from_config(2, 30)
+
+
+def test_label_stride_accepts_100_hz_over_an_integer_only():
+    # 100 / 11 Hz (a model stacking 11 frames) is 11 although 100 / (100 / 11) is not exactly 11.0 in floats.
+    assert [label_stride(rate) for rate in (100, 50, 25, 100 / 3, 100 / 11)] == [1, 2, 4, 3, 11]
+    for rate in (30, 33.3, 200, 0, -50):
+        with pytest.raises(ValueError, match="not 100 Hz divided by an integer"):
+            label_stride(rate)
 
 
 # --- the dataset: alignment, cropping, padding -----------------------------------------------

@@ -16,7 +16,6 @@ from melhubert_fairseq.kmeans import (
     KMeansModel,
     load_kmeans,
     save_kmeans,
-    shard_range,
     sidecar_path,
 )
 from melhubert_fairseq.tools import dump_km_labels, learn_kmeans, merge_km_shards
@@ -319,13 +318,19 @@ def test_label_utterances_batches_but_keeps_utterances_apart():
         assert np.array_equal(labels, assigner.assign(feats))
 
 
-def test_shard_range_is_the_feature_readers_array_split():
-    for total, nshard in [(10, 3), (24, 5), (7, 7)]:
-        expected = np.array_split(np.arange(total), nshard)
-        for rank in range(nshard):
-            assert np.array_equal(np.arange(*shard_range(total, nshard, rank)), expected[rank])
-    with pytest.raises(ValueError, match="--rank must be in"):
-        shard_range(10, 3, 3)
+def test_without_faiss_learning_falls_back_to_sklearn(corpus, monkeypatch, capsys):
+    manifest, truth, tmp = corpus
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` now fails as if it were not installed
+    with pytest.raises(ValueError, match=r"--backend faiss: faiss is not installed \(pip install 'melhubert-fairseq\[faiss\]'"):
+        learn(manifest, str(tmp / "faiss.npy"), "--backend", "faiss")
+    assert not (tmp / "faiss.npy").exists()
+    learn(manifest, str(tmp / "km.npy"))
+    assert "note: faiss is not installed, fitting with sklearn" in capsys.readouterr().err
+    model = load_kmeans(str(tmp / "km.npy"))
+    assert (model.metadata["backend"], model.metadata["iterations"]) == ("sklearn", 100)
+    dump(manifest, str(tmp / "km.npy"), str(tmp / "lab"))
+    labels = np.concatenate(list(load_km_labels(str(tmp / "lab" / "train.km"))))
+    assert purity(np.concatenate(truth), labels) > 0.99
 
 
 # ----------------------------------------------------------------------------- stage 2
@@ -339,13 +344,12 @@ class StackingReader:
     def __init__(self, checkpoint_path, device="cpu", max_batch_frames=20000):
         self.checkpoint_path = checkpoint_path
 
-    def iter_manifest(self, manifest_path, layer, nshard=1, rank=0):
-        """Yield (row, (ceil(T/2), 80)) for the rows of the shard."""
-        manifest = read_manifest(manifest_path)
-        StackingReader.calls.append((manifest_path, layer, nshard, rank, len(manifest)))
-        start, end = shard_range(len(manifest), nshard, rank)
-        for row in range(start, end):
-            yield row, stack_frames(np.load(manifest.full_path(row)).astype(np.float32), 2)
+    def iter_manifest_rows(self, manifest, rows, layers):
+        """Yield (row, [(ceil(T/2), 80)]) for ``rows`` of the read manifest."""
+        rows = list(rows)
+        StackingReader.calls.append((manifest.path, list(layers), rows))
+        for row in rows:
+            yield row, [stack_frames(np.load(manifest.full_path(row)).astype(np.float32), 2)]
 
 
 @pytest.fixture
@@ -363,8 +367,8 @@ def test_stage2_labels_one_per_model_frame_via_reader_api(corpus, stacking_reade
     ckpt = str(tmp / "checkpoint_best.pt")
     km = str(tmp / "km_l8.npy")
     learn(manifest, km, "--checkpoint", ckpt, "--layer", "8")
-    # Sampling forwards only the sampled utterances (a sub-manifest), not the whole corpus.
-    assert stacking_reader.calls[0][1] == 8 and stacking_reader.calls[0][4] < len(truth)
+    # Sampling forwards only the sampled utterances, not the whole corpus.
+    assert stacking_reader.calls[0][1] == [8] and 0 < len(stacking_reader.calls[0][2]) < len(truth)
     meta = load_kmeans(km).metadata
     assert meta["dim"] == 2 * DIM
     assert meta["feature_source"]["kind"] == "mel_hubert_layer"
@@ -381,18 +385,18 @@ def test_stage2_labels_one_per_model_frame_via_reader_api(corpus, stacking_reade
     with pytest.raises(SystemExit):
         merge_km_shards.main(["--manifest", manifest, "--label-dir", str(tmp / "lab2"), "--nshard", "2",
                               "--label-rate-hz", "30", "--no-progress", "--out", str(tmp / "x.km")])
-    assert "--label-rate-hz must be 100 / an integer" in capsys.readouterr().err
+    assert "--label-rate-hz: label rate 30 Hz is not 100 Hz divided by an integer" in capsys.readouterr().err
 
 
 def test_stage2_reader_output_not_matching_manifest_is_an_error(corpus, stacking_reader, monkeypatch):
     manifest, _, tmp = corpus
-    full_length = StackingReader.iter_manifest
+    full_length = StackingReader.iter_manifest_rows
 
-    def short_by_one(self, manifest_path, layer, nshard=1, rank=0):
-        for row, feats in full_length(self, manifest_path, layer, nshard, rank):
-            yield row, feats[:-1]
+    def short_by_one(self, manifest, rows, layers):
+        for row, states in full_length(self, manifest, rows, layers):
+            yield row, [states[0][:-1]]
 
-    monkeypatch.setattr(StackingReader, "iter_manifest", short_by_one)
+    monkeypatch.setattr(StackingReader, "iter_manifest_rows", short_by_one)
     with pytest.raises(ValueError, match=r"layer 8 of .*utt\d+.*frames but \d+ were expected"):
         learn(manifest, str(tmp / "km.npy"), "--checkpoint", str(tmp / "ck.pt"), "--layer", "8")
 

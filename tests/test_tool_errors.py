@@ -104,6 +104,14 @@ def _dump_km_complex(case, ckpt):
     return ["--manifest", manifest, "--km-path", "in/km.npy", "--out-dir", "out", "--no-progress"]
 
 
+def _import_kmeans_not_kmeans(case, ckpt):
+    import joblib
+
+    (case / "in").mkdir()
+    joblib.dump({"cluster_centers_": np.zeros((4, 40))}, case / "in" / "km.bin")
+    return ["--joblib", "in/km.bin", "--km-path", "out/km.npy", "--trust-pickle"]
+
+
 def _merge_short_shard(case, ckpt):
     (case / "in").mkdir()
     (case / "in" / "train.tsv").write_text("/feats\nu1.npy\t3\nu2.npy\t2\n")
@@ -155,6 +163,7 @@ BAD_INPUTS = {
     "create-manifest int16": BadInput("create-manifest", _create_manifest_int16, "dtype int16"),
     "learn-kmeans pickled npy": BadInput("learn-kmeans", _learn_kmeans_pickle, "train.tsv:2 (u1): "),
     "dump-km-labels complex": BadInput("dump-km-labels", _dump_km_complex, "train.tsv:2 (u1): "),
+    "import-kmeans pickled dict": BadInput("import-kmeans", _import_kmeans_not_kmeans, "km.bin: holds a builtins.dict"),
     "merge-km-shards short shard": BadInput("merge-km-shards", _merge_short_shard, "train_1_2.km:1: 1 labels but 2"),
     # An input .npy must never be replaced by hidden states (it was, through these rows).
     "extract-features '..' row": BadInput("extract-features", _extract_rows("dotdot"), "rows.tsv:2 (u1): path '../in"),

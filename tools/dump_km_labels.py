@@ -17,16 +17,16 @@ import torch
 from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import atomic_output, check_writable
+from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ
 from melhubert_fairseq.data.manifest import read_dictionary_size, write_dictionary
+from melhubert_fairseq.data.shards import shard_file_name, shard_range, split_name
 from melhubert_fairseq.kmeans import (
-    add_feature_source_arguments,
+    IMPORTED_SOURCE_KIND,
     KMeansAssigner,
     LabelLineFormatter,
+    add_feature_source_arguments,
+    feature_source_from_args,
     load_kmeans,
-    open_feature_source,
-    shard_file_name,
-    shard_range,
-    split_name,
 )
 from melhubert_fairseq.cli import console_main
 
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of dump_km_labels."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--manifest", required=True, help="{split}.tsv manifest of fbank .npy files to label")
-    parser.add_argument("--km-path", required=True, help="centroids .npy written by learn_kmeans (with its .json sidecar)")
+    parser.add_argument("--km-path", required=True, help="centroids .npy written by learn_kmeans or import_kmeans (with its .json sidecar)")
     parser.add_argument("--out-dir", required=True, help="directory for {split}.km (or its shard) and dict.km.txt")
     parser.add_argument("--split", help="split name of the output file (default: manifest file name)")
     add_feature_source_arguments(parser)
@@ -77,11 +77,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     model = load_kmeans(args.km_path)
     dict_path = os.path.join(args.out_dir, "dict.km.txt")
     write_dict = check_dictionary(dict_path, model.num_clusters, args.overwrite)  # fail before labelling
-    source = open_feature_source(
-        args.manifest, args.mean_std, args.checkpoint, args.layer, args.device, args.max_batch_frames
-    )
+    source = feature_source_from_args(args)
     trained_on = model.metadata.get("feature_source", {})
-    if trained_on.get("kind") != source.kind or trained_on.get("layer") != getattr(source, "layer", None):
+    known = trained_on.get("kind") != IMPORTED_SOURCE_KIND  # fairseq's models do not say what they clustered
+    if known and (trained_on.get("kind") != source.kind or trained_on.get("layer") != getattr(source, "layer", None)):
         print(f"warning: {args.km_path} was learned on {trained_on}, labelling {source.describe()}", file=sys.stderr)
     start, end = shard_range(len(source.manifest), args.nshard, args.rank)
     assigner = KMeansAssigner(
@@ -104,7 +103,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     seconds = time.perf_counter() - started
     audio_frames = int(source.manifest.num_frames[start:end].sum())
     print(
-        f"labelled {end - start} utterances ({audio_frames / 100 / 3600:.2f} h, {audio_frames} fbank frames): "
+        f"labelled {end - start} utterances ({audio_frames / FBANK_FRAME_RATE_HZ / 3600:.2f} h, {audio_frames} fbank frames): "
         f"{labels_written} labels at {source.frame_rate_hz:g} Hz, K={model.num_clusters}, in {seconds:.1f} s "
         f"({labels_written / max(seconds, 1e-9):.0f} frames/s) -> {out_path}"
     )

@@ -25,22 +25,24 @@ import numpy as np
 import torch
 
 from melhubert_fairseq.atomic_output import check_writable
+from melhubert_fairseq.data.shards import split_name
 from melhubert_fairseq.kmeans import (
-    add_feature_source_arguments,
     BACKENDS,
     DEFAULT_BACKEND,
     DEFAULT_ITERATIONS,
+    FALLBACK_BACKEND,
     FrameSample,
     KMeansAssigner,
     KMeansModel,
+    add_feature_source_arguments,
+    feature_source_from_args,
     fit_kmeans,
     load_sample,
-    open_feature_source,
+    resolve_backend,
     sample_frames,
     save_kmeans,
     save_sample,
     sidecar_path,
-    split_name,
 )
 from melhubert_fairseq.cli import console_main
 
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample-frac", type=float, default=0.1, help="fraction of the frames to sample, as random whole utterances (1 = all)")
     parser.add_argument("--max-frames", type=int, default=2_000_000, help="at most this many frames are fitted (split evenly over shards); 0 = no cap")
     parser.add_argument("--seed", type=int, default=0, help="seed for sampling and k-means initialisation")
-    parser.add_argument("--backend", choices=BACKENDS, default=DEFAULT_BACKEND, help="k-means implementation (faiss measured faster and better, see benchmarks/bench_kmeans.py)")
+    parser.add_argument("--backend", choices=BACKENDS, help=f"k-means implementation (default: {DEFAULT_BACKEND} when installed, the [faiss] extra, else {FALLBACK_BACKEND}; faiss measured faster and better, see benchmarks/bench_kmeans.py)")
     parser.add_argument("--iterations", type=int, help=f"faiss: Lloyd iterations, sklearn: max epochs (default {DEFAULT_ITERATIONS})")
     parser.add_argument("--threads", type=int, help="CPU threads for fitting, the model and assignment (default: all; on a machine busy with other jobs 1 can be faster, see README)")
     parser.add_argument("--nshard", type=int, default=1, help="split the manifest into this many shards")
@@ -142,6 +144,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
         torch.set_num_threads(args.threads)
+    if not sample_only:
+        backend = resolve_backend(args.backend)  # before sampling: a missing faiss is known now
+        if args.backend is None and backend != DEFAULT_BACKEND:
+            print(f"note: {DEFAULT_BACKEND} is not installed, fitting with {backend} "
+                  f"(pip install 'melhubert-fairseq[faiss]' for the faster {DEFAULT_BACKEND})", file=sys.stderr)
     outputs = [sample_shard_path(args, split, args.rank)] if sample_only else [args.km_path]
     for path in outputs:  # fail before hours of sampling, not after
         check_writable(path, args.overwrite)
@@ -153,9 +160,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         source = shard_meta["feature_source"]
         sampling = {key: shard_meta[key] for key in sampling}  # how the shards were drawn
     else:
-        feature_source = open_feature_source(
-            args.manifest, args.mean_std, args.checkpoint, args.layer, args.device, args.max_batch_frames
-        )
+        feature_source = feature_source_from_args(args)
         source = feature_source.describe()
         rank = args.rank if sample_only else 0
         sample = sample_frames(
@@ -176,17 +181,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
 
     print(f"fitting k-means: K={args.num_clusters}, {frames.shape[0]} frames x {frames.shape[1]} dims, "
-          f"backend={args.backend}", file=sys.stderr)
+          f"backend={backend}", file=sys.stderr)
     fit_started = time.perf_counter()
     centroids = fit_kmeans(
-        frames, args.num_clusters, args.backend, args.seed, args.iterations, threads=args.threads
+        frames, args.num_clusters, backend, args.seed, args.iterations, threads=args.threads
     )
     fit_seconds = time.perf_counter() - fit_started
     inertia = KMeansAssigner(centroids, threads=args.threads).inertia_per_frame(frames)
     model = KMeansModel(centroids, {
         "feature_source": source,
-        "backend": args.backend,
-        "iterations": args.iterations if args.iterations is not None else DEFAULT_ITERATIONS[args.backend],
+        "backend": backend,
+        "iterations": args.iterations if args.iterations is not None else DEFAULT_ITERATIONS[backend],
         "seed": args.seed,  # k-means initialisation
         **sampling,
         "nshard": args.nshard,
@@ -197,7 +202,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     })
     save_kmeans(args.km_path, model, overwrite=args.overwrite)
     print(
-        f"k-means K={args.num_clusters} dim={frames.shape[1]} ({args.backend}): {utterances} utterances "
+        f"k-means K={args.num_clusters} dim={frames.shape[1]} ({backend}): {utterances} utterances "
         f"({hours(source_frames, source['frame_rate_hz']):.2f} h) sampled, {frames.shape[0]} frames fitted, "
         f"inertia/frame {inertia:.4f}, fit {fit_seconds:.1f} s, total {time.perf_counter() - started:.1f} s "
         f"-> {args.km_path}"

@@ -18,9 +18,9 @@ import numpy as np
 from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import atomic_output, check_writable
-from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, num_stacked_frames
+from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, expected_label_count, label_stride
 from melhubert_fairseq.data.manifest import index_label_file, read_manifest
-from melhubert_fairseq.kmeans import shard_file_name, shard_range, split_name
+from melhubert_fairseq.data.shards import shard_file_name, shard_range, split_name
 from melhubert_fairseq.cli import console_main
 
 
@@ -61,11 +61,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     split = args.split or split_name(args.manifest)
     out_path = args.out or os.path.join(args.label_dir, f"{split}.km")
     check_writable(out_path, args.overwrite)
-    stack = FBANK_FRAME_RATE_HZ / args.label_rate_hz
-    if abs(stack - round(stack)) > 1e-6 or round(stack) < 1:
-        parser.error(f"--label-rate-hz must be 100 / an integer, got {args.label_rate_hz}")
+    try:
+        stride = label_stride(args.label_rate_hz)
+    except ValueError as err:
+        parser.error(f"--label-rate-hz: {err}")
     manifest = read_manifest(args.manifest)
-    expected = np.asarray([num_stacked_frames(int(n), int(round(stack))) for n in manifest.num_frames])
+    expected = expected_label_count(manifest.num_frames, stride)
     shards = [os.path.join(args.label_dir, shard_file_name(split, r, args.nshard, ".km")) for r in range(args.nshard)]
     missing = [p for p in shards if not os.path.isfile(p)]
     if missing:
@@ -83,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise RuntimeError(f"{out_path}: merged {len(merged)} lines but {args.manifest} has {len(manifest)} rows")
     frames = int(manifest.num_frames.sum())
     print(
-        f"merged {args.nshard} shards: {len(manifest)} utterances ({frames / 100 / 3600:.2f} h, {frames} fbank "
+        f"merged {args.nshard} shards: {len(manifest)} utterances ({frames / FBANK_FRAME_RATE_HZ / 3600:.2f} h, {frames} fbank "
         f"frames), {int(merged.counts.sum())} labels, in {time.perf_counter() - started:.1f} s -> {out_path}"
     )
     return 0
