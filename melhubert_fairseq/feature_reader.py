@@ -24,7 +24,7 @@ import torch
 from fairseq import checkpoint_utils
 
 from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, INT16_SCALE
-from melhubert_fairseq.data.features import MeanStd, read_feature_file, stack_frames
+from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, MeanStd, read_feature_file, stack_frames
 from melhubert_fairseq.data.manifest import read_manifest
 from melhubert_fairseq.models.waveform_frontend import check_sample_rate, check_waveform, collate_waveforms
 
@@ -73,7 +73,7 @@ class MelHubertFeatureReader:
         self.max_batch_frames = max_batch_frames
         self.stack = int(self.task_cfg.stack_frames)
         self.feat_dim = int(self.task_cfg.feat_dim)
-        self.frame_rate_hz = 100.0 / self.stack
+        self.frame_rate_hz = FBANK_FRAME_RATE_HZ / self.stack
         self.num_layers = len(self.model.encoder.layers)
         stats = self.model.fbank_stats()
         #: Corpus mean/std the model was trained with (None: the checkpoint does not know them).

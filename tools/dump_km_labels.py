@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import atomic_output, check_writable
+from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ
 from melhubert_fairseq.data.manifest import read_dictionary_size, write_dictionary
 from melhubert_fairseq.kmeans import (
     add_feature_source_arguments,
@@ -104,7 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     seconds = time.perf_counter() - started
     audio_frames = int(source.manifest.num_frames[start:end].sum())
     print(
-        f"labelled {end - start} utterances ({audio_frames / 100 / 3600:.2f} h, {audio_frames} fbank frames): "
+        f"labelled {end - start} utterances ({audio_frames / FBANK_FRAME_RATE_HZ / 3600:.2f} h, {audio_frames} fbank frames): "
         f"{labels_written} labels at {source.frame_rate_hz:g} Hz, K={model.num_clusters}, in {seconds:.1f} s "
         f"({labels_written / max(seconds, 1e-9):.0f} frames/s) -> {out_path}"
     )

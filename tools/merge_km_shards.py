@@ -83,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise RuntimeError(f"{out_path}: merged {len(merged)} lines but {args.manifest} has {len(manifest)} rows")
     frames = int(manifest.num_frames.sum())
     print(
-        f"merged {args.nshard} shards: {len(manifest)} utterances ({frames / 100 / 3600:.2f} h, {frames} fbank "
+        f"merged {args.nshard} shards: {len(manifest)} utterances ({frames / FBANK_FRAME_RATE_HZ / 3600:.2f} h, {frames} fbank "
         f"frames), {int(merged.counts.sum())} labels, in {time.perf_counter() - started:.1f} s -> {out_path}"
     )
     return 0
