@@ -17,7 +17,9 @@ setup(
         "melhubert_fairseq.tools",
     ],
     # The data tools live in tools/ (where users look for them) but install as
-    # melhubert_fairseq.tools so console scripts and tests can import them.
+    # melhubert_fairseq.tools so console scripts and tests can import them: a
+    # top-level "tools" package would collide with any other in site-packages.
+    # demo/ and config/ are not installed; the demo finds them in a checkout.
     package_dir={"melhubert_fairseq.tools": "tools"},
     install_requires=[
         # torch is deliberately unpinned and listed first: install it yourself

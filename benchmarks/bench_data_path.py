@@ -37,11 +37,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from speed_common import RESULTS_DIR, build_mel_hubert, make_optimizer, mel_hubert_train_step, save_text  # noqa: E402
 
 from melhubert_fairseq.data.fbank_label_dataset import FbankLabelDataset, FrameRates  # noqa: E402
-from melhubert_fairseq.data.features import stack_frames  # noqa: E402
+from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, FBANK_NUM_MEL_BINS, stack_frames  # noqa: E402
 from melhubert_fairseq.data.manifest import index_label_file, read_manifest, write_km, write_manifest  # noqa: E402
 
 LIBRISPEECH_960_UTTERANCES = 281241
-FEAT_DIM = 40
 NUM_CLASSES = 512
 STACK = 2  # 20 ms Base
 MAX_SAMPLE_SIZE = 750
@@ -53,8 +52,8 @@ def open_dataset(manifest_path: str, km_path: str) -> FbankLabelDataset:
     return FbankLabelDataset(
         read_manifest(manifest_path),
         index_label_file(km_path),
-        feat_dim=FEAT_DIM,
-        rates=FrameRates.from_config(STACK, 100),
+        feat_dim=FBANK_NUM_MEL_BINS,
+        rates=FrameRates.from_config(STACK, FBANK_FRAME_RATE_HZ),
         num_classes=NUM_CLASSES,
         max_sample_size=MAX_SAMPLE_SIZE,
         min_sample_size=MIN_SAMPLE_SIZE,
@@ -74,7 +73,7 @@ def write_feature_corpus(root: str, count: int, seed: int) -> tuple:
         frames = int(rng.integers(2 * MAX_SAMPLE_SIZE, 3000))
         rel = f"spk{index % 8}/utt{index:05d}.npy"
         os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
-        np.save(os.path.join(root, rel), rng.standard_normal((frames, FEAT_DIM)).astype(np.float32))
+        np.save(os.path.join(root, rel), rng.standard_normal((frames, FBANK_NUM_MEL_BINS)).astype(np.float32))
         rows.append((rel, frames))
         labels.append(rng.integers(0, NUM_CLASSES, frames))
     tsv, km = os.path.join(root, "train.tsv"), os.path.join(root, "train.km")
@@ -87,7 +86,7 @@ def whole_file_collate(dataset: FbankLabelDataset, ids) -> dict:
     """Baseline assembly: load each whole .npy and whole label line, then crop, stack and pad."""
     sizes = [int(dataset.sizes[i]) for i in ids]
     target = min(min(sizes), MAX_SAMPLE_SIZE)
-    source = torch.zeros(len(ids), target, FEAT_DIM * STACK)
+    source = torch.zeros(len(ids), target, FBANK_NUM_MEL_BINS * STACK)
     labels = torch.full((len(ids), target), -100, dtype=torch.long)
     for row, (index, size) in enumerate(zip(ids, sizes)):
         feats = np.load(dataset.manifest.full_path(index))
@@ -116,7 +115,7 @@ def time_batches(function, batches) -> float:
 def write_index_corpus(root: str, count: int, mean_seconds: float, seed: int) -> tuple:
     """LibriSpeech-shaped train.tsv / train.km text files of ``count`` rows (one real .npy, for row 0)."""
     rng = np.random.default_rng(seed)
-    frames = np.clip(rng.normal(mean_seconds * 100, 350, count), MIN_SAMPLE_SIZE * STACK + 40, 3500).astype(np.int64)
+    frames = np.clip(rng.normal(mean_seconds * FBANK_FRAME_RATE_HZ, 350, count), MIN_SAMPLE_SIZE * STACK + 40, 3500).astype(np.int64)
     rows = []
     for index in range(count):
         speaker, chapter = 100 + index % 2338, 1000 + (index // 37) % 9000
@@ -125,7 +124,7 @@ def write_index_corpus(root: str, count: int, mean_seconds: float, seed: int) ->
     write_manifest(tsv, root, rows)
     first = os.path.join(root, rows[0][0])
     os.makedirs(os.path.dirname(first), exist_ok=True)
-    np.save(first, rng.standard_normal((int(frames[0]), FEAT_DIM)).astype(np.float32))
+    np.save(first, rng.standard_normal((int(frames[0]), FBANK_NUM_MEL_BINS)).astype(np.float32))
 
     # Label lines: prefixes of a few long random lines (content does not matter, size does).
     pool = []

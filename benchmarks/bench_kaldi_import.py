@@ -34,17 +34,16 @@ import numpy as np
 from kaldiio.compression_header import kSpeechFeature
 from kaldiio.matio import read_kaldi
 
-from melhubert_fairseq.data.features import MeanStdAccumulator
+from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS, MeanStdAccumulator
 from melhubert_fairseq.tools import import_kaldi_features
 
-DIM = 40
 WRITTEN_DIR = "/export/original-machine/fbank"
 
 
 def make_dump(folder: str, num_utts: int, num_arks: int, seed: int) -> tuple:
     """Write CM-compressed arks, a scp with foreign paths and a .mean-var; return (scp, mean-var, frames)."""
     rng = np.random.default_rng(seed)
-    acc = MeanStdAccumulator(DIM)
+    acc = MeanStdAccumulator(FBANK_NUM_MEL_BINS)
     scp_lines = []
     total_frames = 0
     per_ark = -(-num_utts // num_arks)
@@ -57,7 +56,7 @@ def make_dump(folder: str, num_utts: int, num_arks: int, seed: int) -> tuple:
             for i in range(ark_index * per_ark, min(num_utts, (ark_index + 1) * per_ark)):
                 # LibriSpeech utterances average ~12 s (1230 frames of 10 ms).
                 frames = int(np.clip(rng.normal(1230, 350), 200, 2400))
-                feats = (rng.normal(size=(frames, DIM)) * 2.5 + np.linspace(4, 14, DIM)).astype(np.float32)
+                feats = (rng.normal(size=(frames, FBANK_NUM_MEL_BINS)) * 2.5 + np.linspace(4, 14, FBANK_NUM_MEL_BINS)).astype(np.float32)
                 writer(f"{1000 + i}-{ark_index}-{i:04d}", feats)
                 acc.update(feats)
                 total_frames += frames
@@ -204,7 +203,7 @@ def main() -> None:
         dump_dir = os.path.join(work, "dump")
         os.makedirs(dump_dir)
         scp, mean_var, frames = make_dump(dump_dir, args.utterances, args.arks, args.seed)
-        print(f"corpus: {args.utterances} utterances, {frames} frames x {DIM} dims, CM-compressed, {args.arks} arks")
+        print(f"corpus: {args.utterances} utterances, {frames} frames x {FBANK_NUM_MEL_BINS} dims, CM-compressed, {args.arks} arks")
         outs = {name: os.path.join(work, name) for name in ("baseline", "per_utt", "ours", "ours_par")}
         for name in ("baseline", "per_utt"):
             os.makedirs(outs[name])

@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from melhubert_fairseq.data.features import MeanStdAccumulator, save_mean_std
+from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS, MeanStdAccumulator, save_mean_std
 from melhubert_fairseq.data.manifest import write_manifest
 from melhubert_fairseq.kmeans import (
     FbankSource,
@@ -65,10 +65,10 @@ def synthesise_corpus(out_dir: str, num_utterances: int, seed: int) -> str:
     opts = knf.FbankOptions()
     opts.frame_opts.dither = 0.0  # deterministic: we add seeded noise to the waveform instead
     opts.frame_opts.samp_freq = 16000
-    opts.mel_opts.num_bins = 40
+    opts.mel_opts.num_bins = FBANK_NUM_MEL_BINS
     raw_dir = os.path.join(out_dir, "raw")
     os.makedirs(raw_dir)
-    accumulator = MeanStdAccumulator(40)
+    accumulator = MeanStdAccumulator(FBANK_NUM_MEL_BINS)
     rows = []
     wav_path = os.path.join(out_dir, "tmp.wav")
     for index in range(num_utterances):

@@ -49,6 +49,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 OUTCOMES = ("clean", "repaired", "resumed", "finished", "corrupt")
@@ -336,13 +338,13 @@ def write_audio(folder: Path, num_utts: int = 150, seed: int = 0) -> None:
 
 
 def write_fbank_corpus(folder: Path, num_utts: int = 300, seed: int = 0) -> None:
-    """``feats/*.npy`` (frames, 40) float32 and ``train.tsv`` rooted at ``feats``."""
+    """``feats/*.npy`` (frames, 40 mel bins) float32 and ``train.tsv`` rooted at ``feats``."""
     rng = np.random.default_rng(seed)
     (folder / "feats").mkdir(parents=True, exist_ok=True)
     rows = []
     for index in range(num_utts):
         frames = int(rng.integers(100, 600))
-        np.save(folder / "feats" / f"utt{index:03d}.npy", rng.standard_normal((frames, 40)).astype(np.float32))
+        np.save(folder / "feats" / f"utt{index:03d}.npy", rng.standard_normal((frames, FBANK_NUM_MEL_BINS)).astype(np.float32))
         rows.append(f"utt{index:03d}.npy\t{frames}")
     (folder / "train.tsv").write_text(f"{folder / 'feats'}\n" + "\n".join(rows) + "\n")
 
@@ -353,10 +355,10 @@ def write_kaldi_dump(folder: Path, num_utts: int = 200, seed: int = 0) -> None:
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    total, total_sq, count = np.zeros(40), np.zeros(40), 0
+    total, total_sq, count = np.zeros(FBANK_NUM_MEL_BINS), np.zeros(FBANK_NUM_MEL_BINS), 0
     with kaldiio.WriteHelper(f"ark,scp:{folder / 'raw.ark'},{folder / 'train.scp'}") as writer:
         for index in range(num_utts):
-            feats = (rng.standard_normal((int(rng.integers(100, 500)), 40)) * 2 + 8).astype(np.float32)
+            feats = (rng.standard_normal((int(rng.integers(100, 500)), FBANK_NUM_MEL_BINS)) * 2 + 8).astype(np.float32)
             writer(f"utt{index:04d}", feats)
             total += feats.sum(0)
             total_sq += np.square(feats.astype(np.float64)).sum(0)

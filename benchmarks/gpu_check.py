@@ -232,17 +232,18 @@ def write_learnable_corpus(directory: Path, num_utts: int, num_frames: int, num_
     import numpy as np
 
     from melhubert_fairseq.atomic_output import atomic_save_npy
+    from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS
     from melhubert_fairseq.data.manifest import write_dictionary, write_km, write_manifest
 
     rng = np.random.default_rng(seed)
-    centroids = rng.standard_normal((num_classes, 40)).astype(np.float32)
+    centroids = rng.standard_normal((num_classes, FBANK_NUM_MEL_BINS)).astype(np.float32)
     feature_dir = directory / "feats"
     feature_dir.mkdir(parents=True, exist_ok=True)
     rows, labels = [], []
     for index in range(num_utts):
         lengths = rng.integers(8, 31, size=num_frames // 8 + 1)
         classes = np.repeat(rng.integers(0, num_classes, size=len(lengths)), lengths)[:num_frames]
-        features = centroids[classes] + 0.5 * rng.standard_normal((num_frames, 40)).astype(np.float32)
+        features = centroids[classes] + 0.5 * rng.standard_normal((num_frames, FBANK_NUM_MEL_BINS)).astype(np.float32)
         atomic_save_npy(str(feature_dir / f"utt{index:04d}.npy"), features.astype(np.float32))
         rows.append((f"utt{index:04d}.npy", num_frames))
         labels.append(classes)

@@ -98,9 +98,10 @@ def fbank_inputs(waves: Sequence[np.ndarray], stack: int) -> torch.Tensor:
 
 def mel_hubert_config(stack: int, **overrides) -> MelHubertConfig:
     """The Base model of config/stage1.yaml at ``stack`` fbank frames per model frame."""
-    model_section = OmegaConf.to_container(OmegaConf.load(STAGE1_CONFIG)["model"])
+    stage1 = OmegaConf.load(STAGE1_CONFIG)
+    model_section = OmegaConf.to_container(stage1["model"])
     model_section.pop("_name", None)
-    model_section.update(stack_frames=stack, num_classes=NUM_CLASSES, mask_seed=1)
+    model_section.update(feat_dim=stage1.task.feat_dim, stack_frames=stack, num_classes=NUM_CLASSES, mask_seed=1)
     model_section.update(overrides)
     return MelHubertConfig(**model_section)
 

@@ -37,20 +37,18 @@ from melhubert_fairseq.checkpoint_io import (  # noqa: F401  (re-exported)
     UnsafeCheckpointError,
     safe_torch_load,
 )
-from melhubert_fairseq.data.features import MeanStd, validate_mean_std
+from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS, MeanStd, validate_mean_std
 
 logger = logging.getLogger(__name__)
 
 #: Keys of ``Upstream_Config`` holding the model config: newer release first.
 CONFIG_SECTIONS = ("melhubert", "hubert")
-#: 10 ms fbank bins; ``feat_emb_dim`` is this times the number of stacked frames.
-FBANK_DIM = 40
 #: Stacked 10 ms frames per model frame that map between the formats: 10, 20 and 40 ms.
 STACK_CHOICES = (1, 2, 4)
 
 #: The original ``MelHuBERTConfig`` defaults (model.py), used for keys a file leaves out.
 ORIGINAL_DEFAULTS: Dict[str, Any] = {
-    "feat_emb_dim": 40,
+    "feat_emb_dim": FBANK_NUM_MEL_BINS,
     "pos_emb_type": "conv",
     "pos_conv_depth": 1,
     "conv_pos": 128,
@@ -195,7 +193,7 @@ def convert_config(
     cfg = {**ORIGINAL_DEFAULTS, **{k: v for k, v in original.items() if k not in ignore_keys}}
     notes: List[str] = []
     feat_emb_dim = int(cfg["feat_emb_dim"])
-    stack, remainder = divmod(feat_emb_dim, FBANK_DIM)
+    stack, remainder = divmod(feat_emb_dim, FBANK_NUM_MEL_BINS)
     if remainder or stack not in STACK_CHOICES:
         raise CheckpointFormatError(
             f"feat_emb_dim={feat_emb_dim} is not 40 (10 ms), 80 (20 ms) or 160 (40 ms) stacked 40-dim fbank"
@@ -224,7 +222,7 @@ def convert_config(
         # Our vectorised masking draws fixed-length spans only; fairseq's loop draws the others.
         model["mask_impl"] = "fairseq"
     model["require_same_masks"] = bool(old_mask)
-    task = {"stack_frames": stack, "feat_dim": FBANK_DIM, "num_classes": int(cfg["num_cluster"])}
+    task = {"stack_frames": stack, "feat_dim": FBANK_NUM_MEL_BINS, "num_classes": int(cfg["num_cluster"])}
     criterion = {
         "pred_masked_weight": 0.0 if bool(cfg["skip_masked"]) else float(cfg["pred_masked_weight"]),
         "pred_nomask_weight": 0.0 if bool(cfg["skip_nomask"]) else float(cfg["pred_nomask_weight"]),
@@ -440,8 +438,8 @@ def convert_original_checkpoint(
     model = build_model(fairseq_cfg)
     model_state = convert_state_dict(source.model_state, model.state_dict(), path)
     if mean_std is not None:
-        if mean_std.dim != FBANK_DIM:
-            raise ValueError(f"mean/std has {mean_std.dim} dims, the model reads {FBANK_DIM}-dim fbank")
+        if mean_std.dim != FBANK_NUM_MEL_BINS:
+            raise ValueError(f"mean/std has {mean_std.dim} dims, the model reads {FBANK_NUM_MEL_BINS}-dim fbank")
         model_state["fbank_mean_std"] = torch.from_numpy(mean_std.to_array())
     model.load_state_dict(model_state)  # final check: the converted dict builds our model
     optimizer = None
@@ -520,8 +518,8 @@ def original_incompatibilities(model_cfg: Dict[str, Any]) -> List[str]:
             "mask_before_proj=false: the original's masked forward after the projection uses an undefined "
             "teacher_mask_indices (model.py), so it cannot train the model"
         )
-    if int(model_cfg["feat_dim"]) != FBANK_DIM:
-        problems.append(f"feat_dim={model_cfg['feat_dim']}: the original reads {FBANK_DIM}-bin fbank frames")
+    if int(model_cfg["feat_dim"]) != FBANK_NUM_MEL_BINS:
+        problems.append(f"feat_dim={model_cfg['feat_dim']}: the original reads {FBANK_NUM_MEL_BINS}-bin fbank frames")
     if int(model_cfg["stack_frames"]) not in STACK_CHOICES:
         problems.append(
             f"stack_frames={model_cfg['stack_frames']}: only 10, 20 and 40 ms frames ({STACK_CHOICES} stacked) "
@@ -542,7 +540,7 @@ def export_config(cfg: Dict[str, Any], where: str) -> Tuple[Dict[str, Any], List
     nomask = float(criterion.get("pred_nomask_weight", ORIGINAL_DEFAULTS["pred_nomask_weight"]))
     exported = {key: cast(model[key]) for key, cast in MODEL_KEYS.items()}
     exported.update(
-        feat_emb_dim=FBANK_DIM * int(model["stack_frames"]),
+        feat_emb_dim=FBANK_NUM_MEL_BINS * int(model["stack_frames"]),
         num_cluster=int(model["num_classes"]),
         pos_emb_type="conv",
         attention_type="original",

@@ -1,6 +1,8 @@
-"""Test helpers for the original Mel-HuBERT format: an independent reference of the original model and its checkpoints.
+"""What the tests share besides fixtures (those are in conftest.py): this checkout's paths,
+synthetic fbank corpora, fairseq-hydra-train as the README runs it, and an independent
+reference of the original Mel-HuBERT model and checkpoint format.
 
-The reference model below is written from the published architecture
+The reference model (second half) is written from the published architecture
 (nervjack2/MelHuBERT model.py/module.py: fairseq wav2vec2's
 TransformerSentenceEncoderLayer, fairseq MultiheadAttention, HuBERT's
 convolutional positional embedding) without using this package's model code,
@@ -10,14 +12,150 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from fairseq import checkpoint_utils
 from torch import nn
 
 import melhubert_fairseq  # noqa: F401  (registers the plugin)
+from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS
+
+# --- this checkout, synthetic corpora, training runs --------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+#: The bundled real-speech corpus (120 espeak-ng utterances, FLAC, transcripts.tsv).
+DEMO_CORPUS = REPO_ROOT / "demo" / "corpus"
+
+#: Overrides that shrink the Base model to something a 2-core CPU trains in seconds.
+TINY_MODEL_OVERRIDES = [
+    "model.encoder_layers=2",
+    "model.encoder_embed_dim=64",
+    "model.encoder_ffn_embed_dim=128",
+    "model.encoder_attention_heads=4",
+    "model.conv_pos=16",
+    "model.conv_pos_groups=4",
+]
+
+
+def make_fbank_corpus(
+    directory: Path,
+    num_utts: int = 12,
+    min_frames: int = 180,
+    max_frames: int = 400,
+    num_classes: int = 32,
+    feat_dim: int = FBANK_NUM_MEL_BINS,
+    split: str = "train",
+    seed: int = 0,
+    dtype=np.float32,
+) -> Path:
+    """Write ``{split}.tsv``, ``{split}.km``, ``dict.km.txt`` and random normalised fbank .npy files."""
+    rng = np.random.default_rng(seed)
+    feat_dir = directory / "feats"
+    feat_dir.mkdir(parents=True, exist_ok=True)
+    rows: List[str] = []
+    label_lines: List[str] = []
+    for index in range(num_utts):
+        frames = int(rng.integers(min_frames, max_frames + 1))
+        np.save(feat_dir / f"utt{index:03d}.npy", rng.standard_normal((frames, feat_dim)).astype(dtype))
+        rows.append(f"utt{index:03d}.npy\t{frames}")
+        label_lines.append(" ".join(map(str, rng.integers(0, num_classes, frames))))
+    (directory / f"{split}.tsv").write_text(f"{feat_dir}\n" + "\n".join(rows) + "\n")
+    (directory / f"{split}.km").write_text("\n".join(label_lines) + "\n")
+    (directory / "dict.km.txt").write_text("".join(f"{k} 1\n" for k in range(num_classes)))
+    return directory
+
+
+def hydra_train_command(
+    data_dir: Path,
+    save_dir: Path,
+    overrides: Sequence[str] = (),
+    config_name: str = "stage1",
+    num_classes: int = 32,
+    max_update: int = 2,
+    tiny: bool = True,
+    num_workers: int = 0,
+    update_freq: int = 1,
+    max_tokens: int = 1200,
+) -> List[str]:
+    """``fairseq-hydra-train`` exactly as the README runs it (relative user_dir, from the repo root)."""
+    return [
+        sys.executable,
+        "-m",
+        "fairseq_cli.hydra_train",
+        "--config-dir",
+        "config",
+        "--config-name",
+        config_name,
+        "common.user_dir=melhubert_fairseq",
+        f"task.data={data_dir}",
+        f"task.label_dir={data_dir}",
+        f"task.num_classes={num_classes}",
+        f"optimization.max_update={max_update}",
+        f"optimization.update_freq=[{update_freq}]",
+        f"dataset.num_workers={num_workers}",
+        f"dataset.max_tokens={max_tokens}",
+        "common.log_interval=1",
+        "common.tensorboard_logdir=null",
+        "dataset.disable_validation=true",  # the synthetic corpora have no valid split
+        f"checkpoint.save_dir={save_dir}",
+        f"hydra.run.dir={save_dir}/hydra",
+        *(TINY_MODEL_OVERRIDES if tiny else []),
+        *overrides,
+    ]
+
+
+def run_hydra_train(
+    data_dir: Path, save_dir: Path, check: bool = True, env: Optional[dict] = None, **command_args
+) -> subprocess.CompletedProcess:
+    """Run :func:`hydra_train_command` (``command_args`` are its keywords) from the repo root, one thread;
+    raise with its output if it fails and ``check``."""
+    command = hydra_train_command(data_dir, save_dir, **command_args)
+    result = subprocess.run(
+        command,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"fairseq-hydra-train failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def write_indexed_corpus(directory: Path, lengths, dim: int = FBANK_NUM_MEL_BINS, label_stride: int = 1) -> Path:
+    """Features whose value is the frame index (plus dim/100), labels = frame index (mod 1000)."""
+    feat_dir = directory / "feats"
+    feat_dir.mkdir(parents=True)
+    rows, lines = [], []
+    for u, frames in enumerate(lengths):
+        feats = np.arange(frames, dtype=np.float32)[:, None] + np.arange(dim, dtype=np.float32)[None] / 100
+        np.save(feat_dir / f"u{u}.npy", feats)
+        rows.append(f"u{u}.npy\t{frames}")
+        labels = np.arange(0, frames, label_stride)
+        lines.append(" ".join(map(str, labels)))
+    (directory / "train.tsv").write_text(f"{feat_dir}\n" + "\n".join(rows) + "\n")
+    (directory / "train.km").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def checkpoint_without_stats(tiny_checkpoint: Path, tmp_path: Path) -> Path:
+    """A copy of the tiny checkpoint whose fbank stats are unknown (NaN)."""
+    state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    state["model"]["fbank_mean_std"].fill_(float("nan"))
+    torch.save(state, tmp_path / "no_stats.pt")
+    return tmp_path / "no_stats.pt"
+
+
+
+# --- the original Mel-HuBERT format ------------------------------------------------------------
 
 TINY_ORIGINAL_CONFIG = {
     "feat_emb_dim": 80,

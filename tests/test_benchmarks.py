@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO_ROOT
+import gpu_check  # stdlib-only at import: its preflight reports missing packages
+from helpers import REPO_ROOT
 
 SMALL = ["--seconds", "0.5", "--repeats", "1", "--warmup", "0", "--precisions", "fp32,bf16w"]
 
@@ -73,9 +74,6 @@ def test_waveform_frontend_benchmark_prints_accuracy_and_speed(tmp_path):
 
 
 # --- benchmarks/gpu_check.sh: the one-call GPU check, kept working by its CPU quick mode ------------
-
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-import gpu_check  # noqa: E402  (stdlib-only at import: its preflight reports missing packages)
 
 
 def test_gpu_check_quick_on_cpu_passes_and_writes_one_results_file(tmp_path):

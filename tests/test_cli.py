@@ -1,10 +1,13 @@
 """Tools as console scripts: exit codes and one-line error messages instead of tracebacks."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import numpy as np
+
+from helpers import REPO_ROOT
 
 
 def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -28,3 +31,36 @@ def test_success_exits_zero_and_user_errors_print_one_line(tmp_path):
 
     missing = run_tool("wav_to_fbank", "--manifest", str(tmp_path / "nope.tsv"), "--out-dir", str(tmp_path / "x"))
     assert missing.returncode == 2 and "nope.tsv" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_demo_of_a_regular_install_runs_in_a_checkout_and_refuses_elsewhere(tmp_path):
+    """pip's regular install holds the package (tools/ as melhubert_fairseq.tools) but not demo/corpus or config/:
+    from a folder outside any checkout the demo stops with one error line, inside a checkout it uses that one."""
+    site = tmp_path / "site"  # what a wheel installs: setup.py's build_py output
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "build", "--build-base", str(tmp_path / "build"), "--build-lib", str(site)],
+        cwd=REPO_ROOT, check=True, capture_output=True, timeout=300,
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    refused = subprocess.run(
+        [sys.executable, "-m", "melhubert_fairseq.tools.run_demo", "--out-dir", str(elsewhere / "run")],
+        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert refused.returncode == 2, refused.stderr
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the demo needs a melhubert-fairseq checkout: pip does not install"), lines
+    assert not (elsewhere / "run").exists()
+    # In a subfolder of a checkout, the installed demo (not this checkout's code) finds the checkout above it.
+    code = (
+        "from melhubert_fairseq.tools import run_demo; "
+        "print(run_demo.PLUGIN_DIR); print(run_demo.find_checkout()); print(run_demo.build_parser().format_help())"
+    )
+    found = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT / "demo", env=env, capture_output=True, text=True, timeout=300
+    )
+    assert found.returncode == 0, found.stderr
+    plugin_dir, checkout, usage = found.stdout.split("\n", 2)
+    assert (plugin_dir, checkout) == (str(site / "melhubert_fairseq"), str(REPO_ROOT))
+    assert "--out-dir" in usage and "default: demo_run in the checkout" in usage

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_indexed_corpus
+from helpers import write_indexed_corpus
 from melhubert_fairseq.data.fbank_label_dataset import FbankLabelDataset, FrameRates
 from melhubert_fairseq.data.features import label_stride, load_mean_std, stack_frames, subsample_labels
 from melhubert_fairseq.data.manifest import index_label_file, parse_label_line, read_manifest, write_manifest

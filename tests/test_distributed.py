@@ -20,7 +20,7 @@ import torch
 
 import melhubert_fairseq  # noqa: F401  (allow-lists fairseq checkpoint types for the safe loader)
 
-from conftest import REPO_ROOT, TINY_MODEL_OVERRIDES, make_fbank_corpus
+from helpers import REPO_ROOT, TINY_MODEL_OVERRIDES, make_fbank_corpus
 
 LAUNCHER = r'''
 """fairseq-hydra-train with per-rank records of sample ids (each step) and model hash (each save)."""

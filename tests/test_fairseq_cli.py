@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO_ROOT, hydra_train_command, make_fbank_corpus
+from helpers import REPO_ROOT, hydra_train_command, make_fbank_corpus
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

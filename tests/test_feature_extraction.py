@@ -14,20 +14,13 @@ from melhubert_fairseq.data.features import stack_frames
 from melhubert_fairseq.data.manifest import read_manifest
 from melhubert_fairseq.feature_reader import MelHubertFeatureReader, parse_layers
 from melhubert_fairseq.tools.extract_features import main as extract_main
+from helpers import checkpoint_without_stats
 
 
 @pytest.fixture(scope="module")
 def reader(tiny_checkpoint) -> MelHubertFeatureReader:
     """Reader of the session's tiny checkpoint (trained with mean 0.5 / std 2.0 recorded)."""
     return MelHubertFeatureReader(str(tiny_checkpoint))
-
-
-def checkpoint_without_stats(tiny_checkpoint: Path, tmp_path: Path) -> Path:
-    """A copy of the tiny checkpoint whose fbank stats are unknown (NaN)."""
-    state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
-    state["model"]["fbank_mean_std"].fill_(float("nan"))
-    torch.save(state, tmp_path / "no_stats.pt")
-    return tmp_path / "no_stats.pt"
 
 
 def write_audio_dir(directory: Path, seconds=(0.61, 0.93), seed: int = 0):

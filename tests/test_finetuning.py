@@ -14,7 +14,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO_ROOT
+from helpers import DEMO_CORPUS, REPO_ROOT
 from melhubert_fairseq.checkpoint_io import CheckpointFormatError, safe_torch_load
 from melhubert_fairseq.finetuning import (
     check_finetuning_checkpoint,
@@ -24,19 +24,18 @@ from melhubert_fairseq.finetuning import (
 )
 from melhubert_fairseq.models.waveform_frontend import collate_waveforms
 
-CORPUS = REPO_ROOT / "demo" / "corpus"
 
 
 def small_corpus(directory: Path, train: int = 4, valid: int = 2) -> Path:
     """The first ``train``/``valid`` utterances of the bundled corpus in fairseq's audio_finetuning layout."""
     manifests = {}
     for split, count in (("train", train), ("valid", valid)):
-        lines = (CORPUS / f"{split}.tsv").read_text().splitlines()
+        lines = (DEMO_CORPUS / f"{split}.tsv").read_text().splitlines()
         path = directory / "manifests" / f"{split}.tsv"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{CORPUS}\n" + "\n".join(lines[1 : 1 + count]) + "\n")
+        path.write_text(f"{DEMO_CORPUS}\n" + "\n".join(lines[1 : 1 + count]) + "\n")
         manifests[split] = str(path)
-    write_finetuning_data(manifests, str(CORPUS / "transcripts.tsv"), str(directory / "data"))
+    write_finetuning_data(manifests, str(DEMO_CORPUS / "transcripts.tsv"), str(directory / "data"))
     return directory / "data"
 
 
@@ -54,7 +53,7 @@ def demo_waveforms():
     """Two bundled utterances of different lengths as a right-padded batch."""
     from melhubert_fairseq.data.fbank import load_audio
 
-    waves = [torch.from_numpy(load_audio(str(CORPUS / path))) for path in (
+    waves = [torch.from_numpy(load_audio(str(DEMO_CORPUS / path))) for path in (
         "spk01_en-us-nyc_m2/spk01-000.flac", "spk02_en-gb_m4/spk02-009.flac"
     )]
     return collate_waveforms(waves)
@@ -72,9 +71,9 @@ def test_finetuning_data_layout(tmp_path):
         "dict.ltr.txt", "train.ltr", "train.tsv", "train.wrd", "valid.ltr", "valid.tsv", "valid.wrd"
     ]
     rows = (data / "train.tsv").read_text().splitlines()
-    assert rows[0] == str(CORPUS) and len(rows) == 4  # absolute root: fairseq reads it against the cwd
+    assert rows[0] == str(DEMO_CORPUS) and len(rows) == 4  # absolute root: fairseq reads it against the cwd
     first_utt = Path(rows[1].split("\t")[0]).stem
-    text = next(line.split("\t")[-1] for line in (CORPUS / "transcripts.tsv").read_text().splitlines() if line.startswith(first_utt))
+    text = next(line.split("\t")[-1] for line in (DEMO_CORPUS / "transcripts.tsv").read_text().splitlines() if line.startswith(first_utt))
     assert (data / "train.wrd").read_text().splitlines()[0] == normalise_transcript(text)
     assert (data / "train.ltr").read_text().splitlines()[0] == letter_targets(normalise_transcript(text))
     symbols = [line.split()[0] for line in (data / "dict.ltr.txt").read_text().splitlines()]
@@ -84,9 +83,9 @@ def test_finetuning_data_layout(tmp_path):
 
 def test_finetuning_data_bad_input_is_named_and_nothing_is_written(tmp_path):
     manifest = tmp_path / "train.tsv"
-    manifest.write_text(f"{CORPUS}\nspk01_en-us-nyc_m2/spk01-000.flac\t47216\nnobody/unknown-utt.flac\t16000\n")
+    manifest.write_text(f"{DEMO_CORPUS}\nspk01_en-us-nyc_m2/spk01-000.flac\t47216\nnobody/unknown-utt.flac\t16000\n")
     with pytest.raises(ValueError, match=rf"{re.escape(str(manifest))}:3 \(unknown-utt\): no transcript"):
-        write_finetuning_data({"train": str(manifest)}, str(CORPUS / "transcripts.tsv"), str(tmp_path / "out"))
+        write_finetuning_data({"train": str(manifest)}, str(DEMO_CORPUS / "transcripts.tsv"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
 
 
@@ -133,7 +132,7 @@ def test_channel_masking_zeroes_whole_channel_spans():
 
     cfg = OmegaConf.merge(
         OmegaConf.structured(MelHubertConfig),
-        {"stack_frames": 2, "num_classes": 8, "mask_seed": 0, "encoder_layers": 1, "encoder_embed_dim": 32,
+        {"feat_dim": 40, "stack_frames": 2, "num_classes": 8, "mask_seed": 0, "encoder_layers": 1, "encoder_embed_dim": 32,
          "encoder_ffn_embed_dim": 64, "encoder_attention_heads": 4, "conv_pos": 8, "conv_pos_groups": 4,
          "mask_channel_prob": 0.5, "mask_channel_length": 4},
     )

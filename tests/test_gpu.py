@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import melhubert_fairseq  # noqa: F401  (registers the plugin and the checkpoint allow-list)
-from conftest import make_fbank_corpus, run_hydra_train
+from helpers import make_fbank_corpus, run_hydra_train
 from melhubert_fairseq.criterions.hard_label_masked_ce import HardLabelMaskedCe
 from melhubert_fairseq.feature_reader import MelHubertFeatureReader
 from melhubert_fairseq.models.components import dropout
@@ -82,7 +82,7 @@ def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
 def small_config(**overrides) -> MelHubertConfig:
     """A 2-layer model with Base's 64-dim heads, deterministic unless dropout is asked for."""
     settings = dict(
-        stack_frames=2, num_classes=32, mask_seed=7, encoder_layers=2, encoder_embed_dim=128,
+        feat_dim=40, stack_frames=2, num_classes=32, mask_seed=7, encoder_layers=2, encoder_embed_dim=128,
         encoder_ffn_embed_dim=256, encoder_attention_heads=2, conv_pos=16, conv_pos_groups=4,
         dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, mask_prob=0.5, mask_length=3,
     )

@@ -15,12 +15,11 @@ import torch
 from fairseq import checkpoint_utils
 
 import melhubert_fairseq  # noqa: F401  (registers the plugin and the checkpoint allow-list)
-from conftest import TINY_MODEL_OVERRIDES, make_fbank_corpus, run_hydra_train
 from melhubert_fairseq.models.mel_hubert import MelHubertConfig, MelHubertModel
 from melhubert_fairseq.tools.average_checkpoints import main as average_main
 from melhubert_fairseq.tools.average_checkpoints import newest_checkpoints
 from melhubert_fairseq.tools.convert_original_checkpoint import main as convert_main
-from helpers import TINY_ORIGINAL_CONFIG, make_reference, save_original
+from helpers import TINY_MODEL_OVERRIDES, TINY_ORIGINAL_CONFIG, make_fbank_corpus, make_reference, run_hydra_train, save_original
 
 FROZEN = ["optimization.lr=[0.0]"]  # one update that cannot move the weights
 
@@ -156,7 +155,7 @@ def causal_model(attention_type: str) -> MelHubertModel:
     torch.manual_seed(0)
     tiny = dict(override.split("=") for override in TINY_MODEL_OVERRIDES)
     cfg = MelHubertConfig(
-        stack_frames=2, num_classes=8, mask_seed=0, attention_type=attention_type,
+        feat_dim=40, stack_frames=2, num_classes=8, mask_seed=0, attention_type=attention_type,
         **{key.split(".")[1]: int(value) for key, value in tiny.items()},
     )
     return MelHubertModel(cfg).eval()

@@ -1,18 +1,25 @@
-"""Model shapes, padding invariance, masking statistics and the criterion value."""
+"""Model shapes, padding invariance, config wiring, masking statistics and the criterion value."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
+from fairseq.dataclass.configs import FairseqConfig
+from fairseq.dataclass.initialize import add_defaults
+from omegaconf import OmegaConf, open_dict
 
+from helpers import REPO_ROOT
 from melhubert_fairseq.criterions.hard_label_masked_ce import HardLabelMaskedCe
+from melhubert_fairseq.models import mel_hubert
 from melhubert_fairseq.models.masking import SpanMaskConfig, span_mask
 from melhubert_fairseq.models.mel_hubert import MelHubertConfig, MelHubertModel
 
 
 def tiny_config(**overrides) -> MelHubertConfig:
     base = dict(
+        feat_dim=40,
         stack_frames=2,
         num_classes=16,
         mask_seed=7,
@@ -134,7 +141,7 @@ def test_masks_are_reproducible_from_seed_update_and_sample_id():
 
 
 def test_min_masks_applies_to_short_utterances():
-    cfg = SpanMaskConfig(mask_prob=0.01, mask_length=2, min_masks=2)
+    cfg = SpanMaskConfig(mask_prob=0.01, mask_length=2, mask_min_masks=2)
     mask = span_mask(cfg, (8, 40), None, 1, 0, torch.arange(8))
     assert (mask.sum(1) >= 2).all()
 
@@ -142,6 +149,51 @@ def test_min_masks_applies_to_short_utterances():
 def test_unsupported_mask_options_fail_at_build():
     with pytest.raises(ValueError, match="no_mask_overlap"):
         MelHubertModel(tiny_config(no_mask_overlap=True))
+
+
+#: Masking fields the model itself applies, not a span masker: the seed and what a masked frame becomes.
+MODEL_SIDE_MASK_FIELDS = {"mask_seed", "learnable_mask_emb", "mask_before_proj"}
+#: A value other than the default for every other masking field of MelHubertConfig.
+CHANGED_MASK_FIELDS = {
+    "mask_prob": 0.55, "mask_length": 7, "mask_selection": "normal", "mask_other": 1.5, "no_mask_overlap": True,
+    "mask_min_space": 3, "mask_min_masks": 4, "require_same_masks": True, "mask_impl": "fairseq",
+    "mask_channel_prob": 0.25, "mask_channel_length": 6, "mask_channel_selection": "poisson",
+    "mask_channel_other": 2.5, "no_mask_channel_overlap": True, "mask_channel_min_space": 2,
+}
+
+
+def test_every_masking_field_of_the_model_config_reaches_its_masker(monkeypatch):
+    """Each masking field arrives in the frame masker's config, each mask_channel_* one in the channel masker's
+    (under the frame field's name); a masking field the model config gains must be added here and reach one."""
+    defaults = {item.name: item.default for item in dataclasses.fields(MelHubertConfig)}
+    assert {name for name in defaults if "mask" in name} - MODEL_SIDE_MASK_FIELDS == set(CHANGED_MASK_FIELDS)
+    assert all(defaults[name] != value for name, value in CHANGED_MASK_FIELDS.items())
+    # no_mask_overlap and normal spans are refused at build (the test above): let them through to look at them.
+    monkeypatch.setattr(mel_hubert, "check_span_mask_config", lambda cfg, what=None: None)
+    # As fairseq passes it: a DictConfig, whose choice fields hold enums.
+    model = MelHubertModel(OmegaConf.structured(tiny_config(**CHANGED_MASK_FIELDS)))
+    for name, value in CHANGED_MASK_FIELDS.items():
+        if "mask_channel" in name:
+            masker, masker_field = model.channel_mask_config, name.replace("mask_channel", "mask")
+        else:
+            masker, masker_field = model.mask_config, name
+        assert getattr(masker, masker_field) == value, name
+    # Channel spans as HuBERT draws them: the same count in every utterance, none required, fairseq's loop.
+    assert (model.channel_mask_config.require_same_masks, model.channel_mask_config.mask_min_masks) == (True, 0)
+    assert model.channel_mask_config.mask_impl == "fairseq"
+
+
+def test_model_input_dimensions_follow_the_task_in_the_recipe():
+    """model.feat_dim and model.stack_frames come from the task, as fairseq-hydra-train fills and resolves
+    config/stage1.yaml: task.feat_dim=20 alone makes a model for 20-bin frames."""
+    recipe = OmegaConf.load(REPO_ROOT / "config" / "stage1.yaml")
+    cfg = OmegaConf.structured(FairseqConfig)
+    with open_dict(cfg):
+        cfg.task = OmegaConf.merge(recipe.task, {"data": "/data", "label_dir": "/data", "feat_dim": 20, "stack_frames": 4})
+        cfg.model = recipe.model
+    add_defaults(cfg)  # what fairseq-hydra-train does first: the registered dataclasses' defaults under the yaml
+    model = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)["model"]
+    assert (model["feat_dim"], model["stack_frames"]) == (20, 4)
 
 
 # --- criterion -------------------------------------------------------------------------------

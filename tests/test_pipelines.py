@@ -7,7 +7,7 @@ import re
 import torch
 
 
-from conftest import make_fbank_corpus, run_hydra_train
+from helpers import make_fbank_corpus, run_hydra_train
 from melhubert_fairseq.checkpoint_io import safe_torch_load
 from melhubert_fairseq.data.manifest import load_km_labels, read_manifest
 from melhubert_fairseq.tools import dump_km_labels, learn_kmeans, run_demo

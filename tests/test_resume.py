@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO_ROOT, hydra_train_command, make_fbank_corpus, run_hydra_train, write_indexed_corpus
+from helpers import REPO_ROOT, hydra_train_command, make_fbank_corpus, run_hydra_train, write_indexed_corpus
 from melhubert_fairseq.checkpoint_io import checkpoint_load_problem, safe_torch_load
 from melhubert_fairseq.tasks.mel_hubert_pretraining import MelHubertPretrainingConfig, MelHubertPretrainingTask
 

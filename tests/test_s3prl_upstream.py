@@ -8,10 +8,9 @@ from melhubert_fairseq.data.fbank import load_audio
 from melhubert_fairseq.s3prl_upstream.expert import UpstreamExpert
 from melhubert_fairseq.s3prl_upstream.hubconf import melhubert_fairseq_local
 
-from conftest import REPO_ROOT
-from test_feature_extraction import checkpoint_without_stats
+from helpers import DEMO_CORPUS, checkpoint_without_stats
 
-SPEECH = sorted((REPO_ROOT / "demo" / "corpus").glob("*/*.flac"))[::40]  # 3 real utterances, 3 speakers
+SPEECH = sorted(DEMO_CORPUS.glob("*/*.flac"))[::40]  # 3 real utterances, 3 speakers
 
 
 @pytest.fixture

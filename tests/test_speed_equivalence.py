@@ -15,9 +15,7 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -29,13 +27,13 @@ from melhubert_fairseq.models.components import Dropout, SelfAttention, attentio
 from melhubert_fairseq.models.cpu_kernels import TimeMajorConv1d, keep_mask, softmax_attention, use_cpu_kernels
 from melhubert_fairseq.models.masking import SpanMaskConfig, check_span_mask_config, mix32, span_mask
 from melhubert_fairseq.models.mel_hubert import MelHubertConfig, MelHubertModel
-from conftest import REPO_ROOT
+import speed_common
 
 
 def tiny_model(**overrides) -> MelHubertModel:
     """2-layer, 64-dim Mel-HuBERT (20 ms) with the given config overrides."""
     settings = dict(
-        stack_frames=2, num_classes=16, mask_seed=1, encoder_layers=2, encoder_embed_dim=64,
+        feat_dim=40, stack_frames=2, num_classes=16, mask_seed=1, encoder_layers=2, encoder_embed_dim=64,
         encoder_ffn_embed_dim=128, encoder_attention_heads=4, conv_pos=16, conv_pos_groups=4,
         mask_prob=0.7, mask_length=5,
     )
@@ -192,17 +190,7 @@ def test_time_major_conv_equals_conv1d(causal, depth):
         torch.testing.assert_close(stack(x)[..., :30], stack(future)[..., :30])
 
 
-def load_speed_common():
-    """benchmarks/speed_common.py as a module (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("speed_common", REPO_ROOT / "benchmarks" / "speed_common.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("speed_common", module)  # its dataclasses look themselves up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_straightforward_model_is_the_same_function():
-    speed_common = load_speed_common()
     torch.manual_seed(0)
     ours = tiny_model().eval()
     plain = speed_common.straightforward_copy(ours).eval()
@@ -238,7 +226,7 @@ CASES = {
     # name: (lengths, frames, config, batch)
     "full_400_frames": ([400] * 1500, None, {}, None),
     "padded_mixed_lengths": (list(np.random.default_rng(0).integers(60, 300, 1500)), 300, {"mask_prob": 0.8, "mask_length": 10}, None),
-    "short_min_masks_clamped_range": ([14] * 3000, None, {"mask_prob": 0.3, "min_masks": 2}, None),
+    "short_min_masks_clamped_range": ([14] * 3000, None, {"mask_prob": 0.3, "mask_min_masks": 2}, None),
     "require_same_masks": ([400, 330, 250, 180] * 400, 400, {"require_same_masks": True}, 4),
 }
 
@@ -297,7 +285,7 @@ def test_fully_masked_utterance_is_an_error_in_both(impl):
 
 
 def test_min_masks_holds_for_tiny_mask_prob():
-    mask = masks("vectorized", [40] * 200, mask_prob=0.01, mask_length=2, min_masks=3)
+    mask = masks("vectorized", [40] * 200, mask_prob=0.01, mask_length=2, mask_min_masks=3)
     assert (mask.sum(1) >= 2).all()
     assert mask.sum(1).double().mean() > 4.5, "three spans of 2 (minus overlaps) per utterance"
 

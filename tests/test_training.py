@@ -11,7 +11,7 @@ import torch
 from fairseq import checkpoint_utils
 
 import melhubert_fairseq  # noqa: F401  (registers the plugin and the checkpoint allow-list)
-from conftest import make_fbank_corpus, run_hydra_train
+from helpers import make_fbank_corpus, run_hydra_train
 from melhubert_fairseq.checkpoint_io import safe_torch_load
 
 

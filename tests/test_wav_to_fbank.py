@@ -16,9 +16,7 @@ from melhubert_fairseq.data.features import load_mean_std
 from melhubert_fairseq.data.manifest import read_manifest
 from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.tools import make_demo_corpus, wav_to_fbank
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_CORPUS = os.path.join(REPO, "demo", "corpus")
+from helpers import DEMO_CORPUS
 
 
 def kaldi_fbank_numpy(waveform):
@@ -258,7 +256,7 @@ def test_demo_corpus_manifests_match_the_committed_audio():
 def test_demo_corpus_to_features(tmp_path):
     rows = open(os.path.join(DEMO_CORPUS, "train.tsv")).read().splitlines()[1:4]
     manifest = tmp_path / "demo.tsv"
-    manifest.write_text(DEMO_CORPUS + "\n" + "\n".join(rows) + "\n")
+    manifest.write_text(f"{DEMO_CORPUS}\n" + "\n".join(rows) + "\n")
     out = str(tmp_path / "feats")
     wav_to_fbank.main(["--manifest", str(manifest), "--out-dir", out])
     written, feats = load_split(out, "demo")

@@ -14,9 +14,8 @@ from melhubert_fairseq.models.waveform_frontend import KaldiFbank, collate_wavef
 from melhubert_fairseq.tools.wav_to_fbank import list_audio_dir
 from melhubert_fairseq.tools.wav_to_fbank import main as wav_to_fbank_main
 
-from conftest import REPO_ROOT
+from helpers import DEMO_CORPUS
 
-CORPUS = REPO_ROOT / "demo" / "corpus"
 
 
 @pytest.fixture(scope="module")
@@ -24,13 +23,13 @@ def corpus_features(tmp_path_factory):
     """melhubert-wav-to-fbank run on the bundled corpus: raw and normalised features and the audio items."""
     root = tmp_path_factory.mktemp("demo_fbank")
     for name, extra in (("raw", ["--no-normalize"]), ("normalised", [])):
-        wav_to_fbank_main(["--audio-dir", str(CORPUS), "--out-dir", str(root / name), *extra])
-    return root, list_audio_dir(str(CORPUS))
+        wav_to_fbank_main(["--audio-dir", str(DEMO_CORPUS), "--out-dir", str(root / name), *extra])
+    return root, list_audio_dir(str(DEMO_CORPUS))
 
 
 def tiny_model(stack: int = 2, **overrides) -> MelHubertModel:
     """A 2-layer, 32-dim mel_hubert (random weights)."""
-    cfg = dict(stack_frames=stack, num_classes=8, mask_seed=3, encoder_layers=2, encoder_embed_dim=32,
+    cfg = dict(feat_dim=40, stack_frames=stack, num_classes=8, mask_seed=3, encoder_layers=2, encoder_embed_dim=32,
                encoder_ffn_embed_dim=64, encoder_attention_heads=4, conv_pos=16, conv_pos_groups=4)
     cfg.update(overrides)
     return MelHubertModel(MelHubertConfig(**cfg))

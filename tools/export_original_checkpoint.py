@@ -28,12 +28,8 @@ from tqdm import tqdm
 from melhubert_fairseq.atomic_output import check_writable
 from melhubert_fairseq.checkpoint_io import atomic_torch_save
 from melhubert_fairseq.cli import console_main
-from melhubert_fairseq.data.features import save_mean_std
-from melhubert_fairseq.original_checkpoint import (
-    FBANK_DIM,
-    export_original_checkpoint,
-    is_old_mask_checkpoint,
-)
+from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, FBANK_NUM_MEL_BINS, save_mean_std
+from melhubert_fairseq.original_checkpoint import export_original_checkpoint, is_old_mask_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(
         f"exported {args.checkpoint} (update {result.state['Step']}): "
         f"{config['encoder_layers']} x {config['encoder_embed_dim']} {'pre' if config['layer_norm_first'] else 'post'}-LN, "
-        f"{10 * config['feat_emb_dim'] // FBANK_DIM} ms frames, K={config['num_cluster']}, {num_params} parameters, "
+        f"{config['feat_emb_dim'] // FBANK_NUM_MEL_BINS * 1000 // FBANK_FRAME_RATE_HZ} ms frames, K={config['num_cluster']}, {num_params} parameters, "
         f"optimizer {'exported' if args.with_optimizer else 'left out'}, fbank stats {stats}, "
         f"in {time.perf_counter() - started:.1f} s -> {os.path.abspath(args.output)}"
     )

@@ -6,6 +6,10 @@ with chance. Then the transcripts in fairseq's audio_finetuning layout -> fairse
 with config/finetune_demo.yaml (fairseq's wav2vec_ctc on the pretrained model) twice: from
 the pretrained weights and from a random initialisation of the same network
 (model.no_pretrained_weights=true) -> the valid character error rate of both.
+
+The corpus and the configs are files of a melhubert-fairseq checkout, which pip does not
+install: the demo runs in the checkout this package is imported from (an editable install)
+or in the one the current directory is in, and otherwise says so.
 """
 import argparse
 import json
@@ -17,13 +21,25 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import melhubert_fairseq
 from melhubert_fairseq.cli import console_main
+from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.finetuning import check_finetuning_checkpoint, write_finetuning_data
 from melhubert_fairseq.tools import dump_km_labels, learn_kmeans, wav_to_fbank
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CORPUS_DIR = REPO_ROOT / "demo" / "corpus"
+#: The installed plugin: fairseq-hydra-train's common.user_dir.
+PLUGIN_DIR = Path(melhubert_fairseq.__file__).resolve().parent
+#: The bundled corpus, relative to a checkout's root.
+CORPUS = Path("demo", "corpus")
+#: The fairseq-hydra-train configs, relative to a checkout's root.
+CONFIG_DIR = Path("config")
 SPLITS = ("train", "valid")
+#: Files the demo reads from a checkout; a folder holding them all is one.
+CHECKOUT_FILES = (
+    *(CORPUS / name for name in ("train.tsv", "valid.tsv", "transcripts.tsv")),
+    CONFIG_DIR / "demo.yaml",
+    CONFIG_DIR / "finetune_demo.yaml",
+)
 #: The two fine-tunings the demo compares: name -> extra overrides.
 FINETUNE_INITS = {"pretrained": [], "random init": ["model.no_pretrained_weights=true"]}
 
@@ -31,7 +47,7 @@ FINETUNE_INITS = {"pretrained": [], "random init": ["model.no_pretrained_weights
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags of the demo."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out-dir", default=str(REPO_ROOT / "demo_run"), help="where features, labels, checkpoints and logs go")
+    parser.add_argument("--out-dir", help="where features, labels, checkpoints and logs go (default: demo_run in the checkout)")
     parser.add_argument("--num-clusters", type=int, default=100, help="K of the stage-1 k-means on fbank")
     parser.add_argument("--max-update", type=int, help="override config/demo.yaml's optimization.max_update")
     parser.add_argument("--min-accuracy-ratio", type=float, default=5.0, help="fail unless final masked accuracy exceeds this many times chance (0 = no check)")
@@ -63,12 +79,27 @@ def last_metrics(log_path: Path, tag: str) -> Optional[Dict[str, str]]:
     return found
 
 
-def make_features(out: Path, workers: int) -> Path:
+def find_checkout() -> Path:
+    """The melhubert-fairseq checkout holding the demo's corpus and configs: the one this package is imported
+    from (an editable install), else the current directory or a folder above it; an InputError if neither is."""
+    cwd = Path.cwd().resolve()
+    for candidate in (PLUGIN_DIR.parent, cwd, *cwd.parents):
+        if all((candidate / name).is_file() for name in CHECKOUT_FILES):
+            return candidate
+    raise InputError(
+        f"the demo needs a melhubert-fairseq checkout: pip does not install its {CORPUS}/ and {CONFIG_DIR}/, and "
+        f"neither {PLUGIN_DIR.parent} (where melhubert_fairseq is installed) nor {cwd} or a folder above it holds "
+        "them; run it from inside a clone of the repository (or install the clone with pip install -e .)"
+    )
+
+
+def make_features(checkout: Path, out: Path, workers: int) -> Path:
     """fbank for both splits; valid is normalised with the train statistics."""
     feature_dir = out / "features"
-    wav_to_fbank.main(["--manifest", str(CORPUS_DIR / "train.tsv"), "--out-dir", str(feature_dir), "--workers", str(workers)])
+    corpus = checkout / CORPUS
+    wav_to_fbank.main(["--manifest", str(corpus / "train.tsv"), "--out-dir", str(feature_dir), "--workers", str(workers)])
     wav_to_fbank.main([
-        "--manifest", str(CORPUS_DIR / "valid.tsv"), "--out-dir", str(feature_dir),
+        "--manifest", str(corpus / "valid.tsv"), "--out-dir", str(feature_dir),
         "--mean-std", str(feature_dir / "mean-std.npy"),
     ])
     return feature_dir
@@ -89,20 +120,25 @@ def make_labels(out: Path, feature_dir: Path, num_clusters: int) -> Path:
     return label_dir
 
 
-def hydra_train(config_name: str, hydra_dir: Path, overrides: List[str]) -> Path:
-    """Run fairseq-hydra-train with config/``config_name``.yaml from the repo root; return its log file."""
+def hydra_train(checkout: Path, config_name: str, hydra_dir: Path, overrides: List[str]) -> Path:
+    """Run fairseq-hydra-train with the checkout's config/``config_name``.yaml, from the checkout, training this
+    installed plugin; return its log file."""
     command = [
-        sys.executable, "-m", "fairseq_cli.hydra_train", "--config-dir", "config", "--config-name", config_name,
-        "common.user_dir=melhubert_fairseq", f"hydra.run.dir={hydra_dir}", *overrides,
+        sys.executable, "-m", "fairseq_cli.hydra_train", "--config-dir", str(checkout / CONFIG_DIR),
+        "--config-name", config_name, f"common.user_dir={PLUGIN_DIR}",
+        f"hydra.run.dir={hydra_dir}", *overrides,
     ]
     print("+ " + " ".join(command), flush=True)
-    subprocess.run(command, cwd=REPO_ROOT, check=True)
+    subprocess.run(command, cwd=checkout, check=True)
     return hydra_dir / "hydra_train.log"
 
 
-def train(out: Path, feature_dir: Path, label_dir: Path, num_clusters: int, max_update: Optional[int], overrides: List[str]) -> Path:
+def train(
+    checkout: Path, out: Path, feature_dir: Path, label_dir: Path, num_clusters: int, max_update: Optional[int],
+    overrides: List[str],
+) -> Path:
     """Pretrain with config/demo.yaml; return the log file."""
-    return hydra_train("demo", out / "hydra", [
+    return hydra_train(checkout, "demo", out / "hydra", [
         f"task.data={feature_dir}", f"task.label_dir={label_dir}", f"task.num_classes={num_clusters}",
         f"checkpoint.save_dir={out / 'checkpoints'}",
         *([f"optimization.max_update={max_update}"] if max_update else []),
@@ -110,17 +146,20 @@ def train(out: Path, feature_dir: Path, label_dir: Path, num_clusters: int, max_
     ])
 
 
-def finetune(out: Path, checkpoint: Path, max_update: Optional[int], overrides: List[str]) -> Tuple[Dict[str, Dict[str, str]], str]:
+def finetune(
+    checkout: Path, out: Path, checkpoint: Path, max_update: Optional[int], overrides: List[str]
+) -> Tuple[Dict[str, Dict[str, str]], str]:
     """CTC fine-tuning of ``checkpoint`` with config/finetune_demo.yaml, from it and from a random init of it;
     return each one's last validation metrics and what the valid split holds."""
     data_dir = out / "finetune" / "data"
+    corpus = checkout / CORPUS
     splits = write_finetuning_data(
-        {split: str(CORPUS_DIR / f"{split}.tsv") for split in SPLITS}, str(CORPUS_DIR / "transcripts.tsv"), str(data_dir)
+        {split: str(corpus / f"{split}.tsv") for split in SPLITS}, str(corpus / "transcripts.tsv"), str(data_dir)
     )
     results = {}
     for name, init_overrides in FINETUNE_INITS.items():
         run_dir = out / "finetune" / name.replace(" ", "_")
-        log_path = hydra_train("finetune_demo", run_dir / "hydra", [
+        log_path = hydra_train(checkout, "finetune_demo", run_dir / "hydra", [
             f"task.data={data_dir}", f"model.w2v_path={checkpoint}", f"checkpoint.save_dir={run_dir / 'checkpoints'}",
             *([f"optimization.max_update={max_update}"] if max_update else []),
             *init_overrides,
@@ -151,12 +190,12 @@ def finetune_summary(results: Dict[str, Dict[str, str]], valid_size: str) -> str
     )
 
 
-def pretrain(args: argparse.Namespace, out: Path) -> Tuple[Path, bool]:
+def pretrain(args: argparse.Namespace, checkout: Path, out: Path) -> Tuple[Path, bool]:
     """Features, labels and pretraining; print its summary; return (checkpoint, whether the model learned)."""
     start = time.time()
-    feature_dir = make_features(out, args.workers)
+    feature_dir = make_features(checkout, out, args.workers)
     label_dir = make_labels(out, feature_dir, args.num_clusters)
-    log_path = train(out, feature_dir, label_dir, args.num_clusters, args.max_update, args.overrides)
+    log_path = train(checkout, out, feature_dir, label_dir, args.num_clusters, args.max_update, args.overrides)
 
     chance = 1.0 / args.num_clusters
     train_metrics = last_metrics(log_path, "train") or {}
@@ -183,7 +222,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise SystemExit("--pretrained fine-tunes a given checkpoint; it makes no sense with --no-finetune")
     if args.pretrained:
         check_finetuning_checkpoint(args.pretrained)  # before anything is written
-    out = Path(args.out_dir).resolve()
+    checkout = find_checkout()
+    out = Path(args.out_dir).resolve() if args.out_dir else checkout / "demo_run"
     if out.exists():
         if not args.overwrite:
             raise SystemExit(f"{out} already exists: pass --overwrite to start the demo again from scratch")
@@ -193,10 +233,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.pretrained:
         checkpoint = Path(args.pretrained).resolve()
     else:
-        checkpoint, learned = pretrain(args, out)
+        checkpoint, learned = pretrain(args, checkout, out)
     if not args.no_finetune:
         finetune_start = time.time()
-        results, valid_size = finetune(out, checkpoint, args.finetune_max_update, args.finetune_override)
+        results, valid_size = finetune(checkout, out, checkpoint, args.finetune_max_update, args.finetune_override)
         print(
             f"fine-tuning finished in {time.time() - finetune_start:.0f} s (demo: {time.time() - start:.0f} s in all); "
             + finetune_summary(results, valid_size)

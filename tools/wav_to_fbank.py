@@ -38,15 +38,10 @@ import numpy as np
 from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import StagedOutputs, check_writable, safe_relative_path
-from melhubert_fairseq.data.fbank import (
-    FBANK_NUM_MEL_BINS,
-    FBANK_SAMPLE_RATE,
-    FBANK_WINDOW_SAMPLES,
-    compute_fbank,
-    load_audio,
-)
+from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, FBANK_WINDOW_SAMPLES, compute_fbank, load_audio
 from melhubert_fairseq.data.features import (
     FBANK_FRAME_RATE_HZ,
+    FBANK_NUM_MEL_BINS,
     MeanStd,
     MeanStdAccumulator,
     load_mean_std,

@@ -20,16 +20,15 @@ import kaldi_native_fbank as knf
 import numpy as np
 import soundfile
 
+from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, FBANK_NUM_MEL_BINS
 from melhubert_fairseq.errors import InputError, check_regular_file
 
 #: Sample rate every fbank feature in this project is computed at.
 FBANK_SAMPLE_RATE = 16000
-#: Mel bins per frame.
-FBANK_NUM_MEL_BINS = 40
 #: 25 ms analysis window at 16 kHz.
 FBANK_WINDOW_SAMPLES = 400
-#: 10 ms frame shift at 16 kHz.
-FBANK_SHIFT_SAMPLES = 160
+#: Frame shift at 16 kHz: 160 samples = 10 ms.
+FBANK_SHIFT_SAMPLES = FBANK_SAMPLE_RATE // FBANK_FRAME_RATE_HZ
 #: A line of libsndfile's header log where the file is shorter than a chunk's declared size.
 _TRUNCATED_CHUNK = re.compile(r"^(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)")
 #: torchaudio.load returns int16 audio divided by 2**15; the original multiplied it back.
@@ -41,8 +40,8 @@ def fbank_options(num_mel_bins: int = FBANK_NUM_MEL_BINS) -> knf.FbankOptions:
     opts = knf.FbankOptions()
     frame = opts.frame_opts
     frame.samp_freq = float(FBANK_SAMPLE_RATE)
-    frame.frame_shift_ms = 10.0
-    frame.frame_length_ms = 25.0
+    frame.frame_shift_ms = 1000.0 / FBANK_FRAME_RATE_HZ
+    frame.frame_length_ms = 1000.0 * FBANK_WINDOW_SAMPLES / FBANK_SAMPLE_RATE
     frame.dither = 0.0  # torchaudio's default; Kaldi's (and knf's) default adds noise
     frame.preemph_coeff = 0.97
     frame.remove_dc_offset = True

@@ -15,7 +15,9 @@ import numpy as np
 from melhubert_fairseq.atomic_output import atomic_save_npy
 from melhubert_fairseq.errors import InputError, check_regular_file
 
-#: Kaldi fbank frame shift used by every feature file in this project.
+#: Mel bins of one fbank frame, in every feature file of this project (the original's num_mel_bins=40).
+FBANK_NUM_MEL_BINS = 40
+#: fbank frames per second (a 10 ms Kaldi frame shift), in every feature file of this project.
 FBANK_FRAME_RATE_HZ = 100
 #: dtypes a feature matrix may have on disk (read as float32).
 FEATURE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))

@@ -7,7 +7,7 @@ the one HuBERT and the original Mel-HuBERT use):
   of the batch, run on the CPU and copied to the model's device.
 * ``vectorized``: whole-batch tensor ops on the model's device, no Python loop
   over utterances or frames. Same rule (number of spans, start range, clipping
-  at the utterance end, ``min_masks``, padding, ``require_same_masks``), drawn
+  at the utterance end, ``mask_min_masks``, padding, ``require_same_masks``), drawn
   from a counter-based hash of (seed, update, sample id, frame), so a mask
   depends only on those and not on the batch it is in or on the device.
   The random draws differ from fairseq's numpy generator: the two agree in
@@ -16,8 +16,9 @@ the one HuBERT and the original Mel-HuBERT use):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, fields
+from enum import Enum
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from fairseq.data.data_utils import compute_mask_indices
 
 @dataclass(frozen=True)
 class SpanMaskConfig:
-    """Arguments of fairseq's ``compute_mask_indices`` as Mel-HuBERT uses them."""
+    """Arguments of fairseq's ``compute_mask_indices`` as Mel-HuBERT uses them, named as the model config names them."""
 
     mask_prob: float
     mask_length: int
@@ -35,8 +36,20 @@ class SpanMaskConfig:
     no_mask_overlap: bool = False
     mask_min_space: int = 1
     require_same_masks: bool = False
-    min_masks: int = 2
+    mask_min_masks: int = 2
     mask_impl: str = "vectorized"
+
+    @classmethod
+    def from_model_config(cls, cfg: Any, prefix: str = "mask", **fixed: Any) -> "SpanMaskConfig":
+        """The masking fields of a model config, read by name: ``mask_prob``, ``no_mask_overlap``, ...;
+        ``prefix="mask_channel"`` reads ``mask_channel_prob``, ``no_mask_channel_overlap``, ... instead.
+        ``fixed`` gives the fields the config has no field for (a missing one is an error)."""
+        values = dict(fixed)
+        for item in fields(cls):
+            if item.name not in values:
+                value = getattr(cfg, item.name.replace("mask", prefix, 1))
+                values[item.name] = str(value) if isinstance(value, Enum) else value  # fairseq's ChoiceEnum values
+        return cls(**values)
 
 
 class SpanMaskError(ValueError):
@@ -131,7 +144,7 @@ def _fairseq_mask_indices(cfg, shape, padding_mask, seed, epoch, sample_ids, use
         cfg.mask_length,
         cfg.mask_selection,
         cfg.mask_other,
-        min_masks=cfg.min_masks,
+        min_masks=cfg.mask_min_masks,
         no_overlap=cfg.no_mask_overlap,
         min_space=cfg.mask_min_space,
         require_same_masks=cfg.require_same_masks,
@@ -227,10 +240,10 @@ def vectorized_span_mask(
 
     uniform = combine_hash(keys, _STREAM_ROUNDING).double() / 2.0**32
     num_spans = torch.floor(cfg.mask_prob * real.double() / float(length) + uniform).long()
-    num_spans = num_spans.clamp(min=cfg.min_masks)
+    num_spans = num_spans.clamp(min=cfg.mask_min_masks)
     start_range = torch.where(real - length <= num_spans, num_spans + 1, real - length)
     # num_spans <= max(min_masks, sz) so start_range <= max(min_masks, frames) + 1.
-    positions = max(frames, cfg.min_masks) + 1
+    positions = max(frames, cfg.mask_min_masks) + 1
     allowed = torch.arange(positions, device=device)[None, :] < start_range[:, None]
     starts = smallest_k(frame_keys(keys, _STREAM_STARTS, positions), allowed, num_spans)
 
@@ -244,7 +257,7 @@ def vectorized_span_mask(
         row = int(torch.nonzero(counts >= real)[0, 0])
         raise SpanMaskError(
             f"the entire sequence is masked: sz={int(real[row])}, index={int(sample_ids[row])} "
-            f"(mask_prob={cfg.mask_prob}, mask_length={length}, min_masks={cfg.min_masks})",
+            f"(mask_prob={cfg.mask_prob}, mask_length={length}, mask_min_masks={cfg.mask_min_masks})",
             row=row,
         )
     if cfg.require_same_masks:

@@ -26,7 +26,7 @@ ATTENTION_TYPE_CHOICES = ChoiceEnum(["original", "causal"])
 class MelHubertConfig(FairseqDataclass):
     """Architecture, masking and regularisation of Mel-HuBERT (defaults: Base, 20 ms)."""
 
-    feat_dim: int = field(default=40, metadata={"help": "dimension of one 10 ms fbank frame"})
+    feat_dim: int = field(default=II("task.feat_dim"), metadata={"help": "dimension of one 10 ms fbank frame"})
     stack_frames: int = field(
         default=II("task.stack_frames"),
         metadata={"help": "10 ms frames concatenated per model frame; input dim = feat_dim * stack_frames"},
@@ -135,29 +135,11 @@ class MelHubertModel(BaseFairseqModel):
         super().__init__()
         self.cfg = cfg
         self.input_dim = cfg.feat_dim * cfg.stack_frames
-        self.mask_config = SpanMaskConfig(
-            mask_prob=cfg.mask_prob,
-            mask_length=cfg.mask_length,
-            mask_selection=str(cfg.mask_selection),
-            mask_other=cfg.mask_other,
-            no_mask_overlap=cfg.no_mask_overlap,
-            mask_min_space=cfg.mask_min_space,
-            require_same_masks=cfg.require_same_masks,
-            min_masks=cfg.mask_min_masks,
-            mask_impl=str(cfg.mask_impl),
-        )
+        self.mask_config = SpanMaskConfig.from_model_config(cfg)
         check_span_mask_config(self.mask_config)
         # Channel spans: fairseq's compute_mask_indices on (batch, channels), as HuBERT's apply_mask calls it.
-        self.channel_mask_config = SpanMaskConfig(
-            mask_prob=cfg.mask_channel_prob,
-            mask_length=cfg.mask_channel_length,
-            mask_selection=str(cfg.mask_channel_selection),
-            mask_other=cfg.mask_channel_other,
-            no_mask_overlap=cfg.no_mask_channel_overlap,
-            mask_min_space=cfg.mask_channel_min_space,
-            require_same_masks=True,
-            min_masks=0,
-            mask_impl="fairseq",
+        self.channel_mask_config = SpanMaskConfig.from_model_config(
+            cfg, prefix="mask_channel", require_same_masks=True, mask_min_masks=0, mask_impl="fairseq"
         )
         check_span_mask_config(self.channel_mask_config, what="channel masking (mask_channel_*)")
         self.pre_extract_proj = nn.Linear(self.input_dim, cfg.encoder_embed_dim)

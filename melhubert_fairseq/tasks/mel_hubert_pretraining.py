@@ -14,7 +14,7 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING, open_dict
 
-from melhubert_fairseq.data.features import MeanStd, load_mean_std
+from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, FBANK_NUM_MEL_BINS, MeanStd, load_mean_std
 from melhubert_fairseq.data.fbank_label_dataset import EpochTaggedBatches, FbankLabelDataset, FrameRates
 from melhubert_fairseq.data.manifest import index_label_file, read_dictionary_size, read_manifest
 from melhubert_fairseq.models.masking import SpanMaskError
@@ -32,14 +32,16 @@ class MelHubertPretrainingConfig(FairseqDataclass):
     )
     labels: str = field(default="km", metadata={"help": "label file extension: {label_dir}/{split}.{labels}"})
     label_rate: float = field(
-        default=100.0,
+        default=float(FBANK_FRAME_RATE_HZ),
         metadata={"help": "labels per second: 100 = one per 10 ms fbank frame (stage 1), 50 = one per 20 ms model frame"},
     )
     num_classes: int = field(
         default=512,
         metadata={"help": "number of k-means clusters; labels are class ids 0..K-1; -1 = read dict.{labels}.txt"},
     )
-    feat_dim: int = field(default=40, metadata={"help": "dimension of one 10 ms fbank frame in the .npy files"})
+    feat_dim: int = field(
+        default=FBANK_NUM_MEL_BINS, metadata={"help": "dimension of one 10 ms fbank frame in the .npy files"}
+    )
     stack_frames: int = field(
         default=2, metadata={"help": "10 ms frames concatenated per model frame: 1 (10 ms), 2 (20 ms) or 4 (40 ms)"}
     )
