@@ -76,3 +76,18 @@ def test_plain_name_resolves_from_anywhere_in_a_regular_install_layout(tmp_path)
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["True", "True"]
+
+
+def test_readme_install_without_ve_fairseq_lists_every_other_dependency():
+    # The README's "keep your own fairseq" command must install what setup.py would, minus torch and ve-fairseq.
+    import ast
+    import shlex
+
+    tree = ast.parse((REPO_ROOT / "setup.py").read_text())
+    setup_call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
+    requires = next(k.value for k in setup_call.keywords if k.arg == "install_requires")
+    wanted = {ast.literal_eval(e) for e in requires.elts} - {"torch>=2.1"}
+    wanted = {r for r in wanted if not r.startswith("ve-fairseq")}
+    readme = (REPO_ROOT / "README.md").read_text()
+    command = re.search(r"`pip install (numpy [^`]*)`", readme).group(1)
+    assert set(shlex.split(command)) == wanted
