@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Tuple
 
 from melhubert_fairseq.atomic_output import atomic_output
-from melhubert_fairseq.checkpoint_io import CheckpointFormatError
 from melhubert_fairseq.data.manifest import iter_tsv_manifest
 
 #: fairseq's word boundary symbol in letter targets.
@@ -143,6 +142,7 @@ def check_finetuning_checkpoint(path: str) -> None:
     take audio (it records the fbank statistics its training features were normalised with)."""
     import torch
 
+    from melhubert_fairseq.checkpoint_io import CheckpointFormatError
     from melhubert_fairseq.original_checkpoint import read_mel_hubert_checkpoint
 
     state, _cfg = read_mel_hubert_checkpoint(path, purpose="this fine-tuning starts from a mel_hubert model")

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
 
 from melhubert_fairseq.atomic_output import StagedOutputs, check_writable
+from melhubert_fairseq.cli import with_progress
 from melhubert_fairseq.data.features import (
     FBANK_FRAME_RATE_HZ,
     MeanStd,
@@ -283,8 +283,6 @@ def sample_frames(
     progress: bool = True,
 ) -> FrameSample:
     """Sample frames of shard ``rank``: random whole utterances, then at most ``max_frames`` of their frames."""
-    from tqdm import tqdm
-
     start, end = shard_range(len(source.manifest), nshard, rank)
     rng = np.random.default_rng([seed, rank, nshard])
     rows = start + choose_sample_rows(source.manifest.num_frames[start:end], sample_frac, rng)
@@ -300,7 +298,7 @@ def sample_frames(
     kept: List[np.ndarray] = []
     dim = None
     seen = 0
-    for position, (row, feats) in enumerate(tqdm(
+    for position, (row, feats) in enumerate(with_progress(
         source.iter_rows(rows), total=len(rows), desc=f"sample shard {rank}/{nshard}",
         unit="utt", disable=not progress,
     )):
@@ -439,6 +437,8 @@ class KMeansAssigner:
         cpu_chunk_frames: int = 512,
         threads: Optional[int] = None,
     ) -> None:
+        import torch  # here, not at the top: the k-means tools' --help and sampling need no torch
+
         centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         self.num_clusters, self.dim = centroids.shape
         self.device = torch.device(device)
@@ -450,21 +450,23 @@ class KMeansAssigner:
         self.block_frames = cpu_chunk_frames if on_cpu else chunk_frames
         self.threads = (threads or torch.get_num_threads()) if on_cpu else 1
 
-    @torch.no_grad()
     def _assign_block(
         self, frames: np.ndarray, labels: np.ndarray, sq_dist: Optional[np.ndarray], start: int
     ) -> None:
         """Label rows ``[start, start + block_frames)`` into ``labels`` (and ``sq_dist``)."""
+        import torch
+
         end = min(start + self.block_frames, frames.shape[0])
-        x = torch.from_numpy(frames[start:end]).to(self.device)
-        # ||c||^2 - 2 x.c in one fused addmm; ||x||^2 does not change the argmin.
-        partial = torch.addmm(self.centroid_sq, x, self.centroids_t, alpha=-2.0)
-        if sq_dist is None:
-            labels[start:end] = partial.argmin(dim=1).cpu().numpy()
-            return
-        best, index = partial.min(dim=1)
-        labels[start:end] = index.cpu().numpy()
-        sq_dist[start:end] = (best + (x * x).sum(dim=1)).clamp_(min=0).cpu().numpy()
+        with torch.no_grad():
+            x = torch.from_numpy(frames[start:end]).to(self.device)
+            # ||c||^2 - 2 x.c in one fused addmm; ||x||^2 does not change the argmin.
+            partial = torch.addmm(self.centroid_sq, x, self.centroids_t, alpha=-2.0)
+            if sq_dist is None:
+                labels[start:end] = partial.argmin(dim=1).cpu().numpy()
+                return
+            best, index = partial.min(dim=1)
+            labels[start:end] = index.cpu().numpy()
+            sq_dist[start:end] = (best + (x * x).sum(dim=1)).clamp_(min=0).cpu().numpy()
 
     def _run(self, frames: np.ndarray, with_distance: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """Label all rows of ``frames``, block by block (in a thread pool on CPU)."""
@@ -479,6 +481,8 @@ class KMeansAssigner:
                 self._assign_block(frames, labels, sq_dist, start)
             return labels, sq_dist
         from concurrent.futures import ThreadPoolExecutor
+
+        import torch
 
         torch_threads = torch.get_num_threads()
         torch.set_num_threads(1)  # parallel over blocks, not inside each small matmul

@@ -30,19 +30,20 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
-from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import StagedOutputs, check_writable, safe_relative_path
 from melhubert_fairseq.data.fbank import load_audio, num_fbank_frames
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, read_feature_file
 from melhubert_fairseq.data.manifest import read_manifest
 from melhubert_fairseq.errors import InputError
-from melhubert_fairseq.feature_reader import MelHubertFeatureReader, parse_layers
 from melhubert_fairseq.tools.wav_to_fbank import list_audio_dir, read_audio_manifest
-from melhubert_fairseq.cli import console_main
+from melhubert_fairseq.cli import console_main, with_progress
+
+if TYPE_CHECKING:
+    from melhubert_fairseq.feature_reader import MelHubertFeatureReader
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,8 @@ def check_outputs(utterances: List[Utterance], out_dir: str, layers: List[int], 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run extract_features; return the exit status."""
     args = build_parser().parse_args(argv)
+    from melhubert_fairseq.feature_reader import MelHubertFeatureReader, parse_layers  # torch, fairseq: after parsing
+
     started = time.perf_counter()
     reader = MelHubertFeatureReader(args.checkpoint, device=args.device, max_batch_frames=args.max_batch_frames)
     layers = parse_layers(args.layers, reader.num_layers)
@@ -174,7 +177,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with StagedOutputs("extract_features", [out_dir], args.overwrite) as staged:
         # After the recovery on entry: files a killed run published are gone again.
         check_outputs(utterances, out_dir, layers, args.overwrite)
-        for index, states in tqdm(
+        for index, states in with_progress(
             reader.iter_batched(model_inputs(), layers), total=len(utterances),
             desc="extract", unit="utt", disable=args.no_progress,
         ):

@@ -22,7 +22,6 @@ import time
 from typing import List, Optional
 
 import numpy as np
-import torch
 
 from melhubert_fairseq.atomic_output import check_writable
 from melhubert_fairseq.kmeans import (
@@ -141,6 +140,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
+        import torch  # after parsing: --help and flag errors need no torch
+
         torch.set_num_threads(args.threads)
     outputs = [sample_shard_path(args, split, args.rank)] if sample_only else [args.km_path]
     for path in outputs:  # fail before hours of sampling, not after

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, List, Optional
 
 import numpy as np
-from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import StagedOutputs, check_writable, safe_relative_path
 from melhubert_fairseq.data.fbank import (
@@ -53,7 +52,7 @@ from melhubert_fairseq.data.features import (
     save_mean_std,
 )
 from melhubert_fairseq.data.manifest import iter_tsv_manifest, write_manifest
-from melhubert_fairseq.cli import console_main
+from melhubert_fairseq.cli import console_main, with_progress
 from melhubert_fairseq.errors import InputError
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
@@ -196,7 +195,7 @@ def run_parallel(func: Callable, tasks: Iterable, total: int, workers: int, desc
     pool = multiprocessing.Pool(workers) if workers > 1 else None
     with pool if pool is not None else contextlib.nullcontext():
         results = pool.imap(func, tasks, chunksize=4) if pool is not None else map(func, tasks)
-        yield from tqdm(results, total=total, desc=desc, unit="utt")
+        yield from with_progress(results, total=total, desc=desc, unit="utt")
 
 
 def _extract_task(task):
