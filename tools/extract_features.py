@@ -46,6 +46,10 @@ if TYPE_CHECKING:
     from melhubert_fairseq.feature_reader import MelHubertFeatureReader
 
 
+#: What to do with an audio manifest given as --manifest.
+AUDIO_MANIFEST_ADVICE = "pass it as --audio-manifest (the model computes the fbank itself) or run melhubert-wav-to-fbank first"
+
+
 @dataclass(frozen=True)
 class Utterance:
     """One input: where its output goes, how to name it in errors, and how to compute its model input."""
@@ -78,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def manifest_utterances(reader: MelHubertFeatureReader, manifest_path: str) -> List[Utterance]:
     """One Utterance per manifest row; its features are checked (dtype, shape, frames, finite) when read."""
-    manifest = read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path, audio_manifest_advice=AUDIO_MANIFEST_ADVICE)
 
     def loader(row: int) -> Callable[[], Tuple[np.ndarray, int]]:
         def load() -> Tuple[np.ndarray, int]:
@@ -101,7 +105,10 @@ def manifest_utterances(reader: MelHubertFeatureReader, manifest_path: str) -> L
 def audio_utterances(reader: MelHubertFeatureReader, args: argparse.Namespace) -> List[Utterance]:
     """One Utterance per audio file; fails at once if the checkpoint cannot normalise raw audio."""
     reader.require_corpus_stats()
-    items = read_audio_manifest(args.audio_manifest) if args.audio_manifest else list_audio_dir(args.audio_dir)
+    if args.audio_manifest:
+        items = read_audio_manifest(args.audio_manifest, feature_manifest_advice="pass it as --manifest")
+    else:
+        items = list_audio_dir(args.audio_dir)
 
     def loader(item) -> Callable[[], Tuple[np.ndarray, int]]:
         def load() -> Tuple[np.ndarray, int]:
