@@ -1,7 +1,8 @@
 """Checkpoint files: safe loading, crash-proof saving, and resuming without manual repair.
 
-Importing the plugin installs these into fairseq (:func:`install_fairseq_checkpoint_io`),
-because fairseq's own checkpoint code is what ``fairseq-hydra-train`` runs:
+Registering the plugin (``melhubert_fairseq.register_with_fairseq``, which runs once both the package
+and fairseq are imported) installs these into fairseq (:func:`install_fairseq_checkpoint_io`), because
+fairseq's own checkpoint code is what ``fairseq-hydra-train`` runs:
 
 * **Saving.** fairseq writes ``checkpoint_N_M.pt`` and then copies it onto
   ``checkpoint_last.pt`` / ``checkpoint_best.pt`` with a plain copy onto the live
@@ -14,7 +15,10 @@ because fairseq's own checkpoint code is what ``fairseq-hydra-train`` runs:
   ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` silently turns into a full unpickler. Every
   checkpoint fairseq reads here (training resume, ``load_model_ensemble_and_task``,
   fine-tuning's ``w2v_path``, EMA's ``ema_seed_model``) goes through ``torch.load(weights_only=True)`` passed
-  explicitly, with the allow-list of :func:`fairseq_checkpoint_safe_globals`.
+  explicitly, with the allow-list of :func:`fairseq_checkpoint_safe_globals`. A file ``torch.save``
+  cannot have written (a ``.npy``, a k-means model, a joblib pickle, text) is refused before torch reads
+  it, naming what it is (:func:`check_torch_file`), and so is an original Mel-HuBERT ``.ckpt`` given
+  where a fairseq checkpoint belongs (:func:`load_fairseq_state`).
 * **Resuming.** Before fairseq resumes from ``checkpoint_last.pt``, temporary files of
   a crashed save are removed; if ``checkpoint_last.pt`` cannot be loaded (written by
   an older fairseq, or damaged), training resumes from the newest checkpoint in the

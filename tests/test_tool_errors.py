@@ -1,7 +1,8 @@
-"""Every console script that reads user files, fed one bad file: exit 2, one ``error:`` line, nothing written.
+"""Every console script that reads user files, fed one bad file: exit 2, one ``error:`` line and nothing else on
+screen (no warning, no leftover progress bar), nothing written.
 
 The tools run as real subprocesses (the installed console scripts), from a
-temporary working folder, all at once (each start imports torch and fairseq).
+temporary working folder, all at once (the checkpoint tools import torch and fairseq).
 More bad audio (8 kHz, stereo, corrupt FLAC, a FIFO) goes through the same
 console entry point in-process, in ``test_bad_audio_through_the_console_entry_point``.
 """
