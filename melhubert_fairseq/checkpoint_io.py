@@ -1,7 +1,8 @@
 """Checkpoint files: safe loading, crash-proof saving, and resuming without manual repair.
 
-Importing the plugin installs these into fairseq (:func:`install_fairseq_checkpoint_io`),
-because fairseq's own checkpoint code is what ``fairseq-hydra-train`` runs:
+Registering the plugin (``melhubert_fairseq.register_with_fairseq``, which runs once both the package
+and fairseq are imported) installs these into fairseq (:func:`install_fairseq_checkpoint_io`), because
+fairseq's own checkpoint code is what ``fairseq-hydra-train`` runs:
 
 * **Saving.** fairseq writes ``checkpoint_N_M.pt`` and then copies it onto
   ``checkpoint_last.pt`` / ``checkpoint_best.pt`` with a plain copy onto the live
@@ -14,7 +15,10 @@ because fairseq's own checkpoint code is what ``fairseq-hydra-train`` runs:
   ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` silently turns into a full unpickler. Every
   checkpoint fairseq reads here (training resume, ``load_model_ensemble_and_task``,
   fine-tuning's ``w2v_path``, EMA's ``ema_seed_model``) goes through ``torch.load(weights_only=True)`` passed
-  explicitly, with the allow-list of :func:`fairseq_checkpoint_safe_globals`.
+  explicitly, with the allow-list of :func:`fairseq_checkpoint_safe_globals`. A file ``torch.save``
+  cannot have written (a ``.npy``, a k-means model, a joblib pickle, text) is refused before torch reads
+  it, naming what it is (:func:`check_torch_file`), and so is an original Mel-HuBERT ``.ckpt`` given
+  where a fairseq checkpoint belongs (:func:`load_fairseq_state`).
 * **Resuming.** Before fairseq resumes from ``checkpoint_last.pt``, temporary files of
   a crashed save are removed; if ``checkpoint_last.pt`` cannot be loaded (written by
   an older fairseq, or damaged), training resumes from the newest checkpoint in the
@@ -25,6 +29,7 @@ because fairseq's own checkpoint code is what ``fairseq-hydra-train`` runs:
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import copy
 import logging
@@ -41,6 +46,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 import torch
 
 from melhubert_fairseq.atomic_output import atomic_output
+from melhubert_fairseq.errors import check_regular_file
 
 logger = logging.getLogger(__name__)
 
@@ -97,17 +103,74 @@ def register_fairseq_safe_globals() -> None:
     torch.serialization.add_safe_globals(fairseq_checkpoint_safe_globals())
 
 
-def check_torch_file(path: str) -> None:
-    """Refuse a file that ``torch.save`` cannot have written (a ``.npy``, a text file, an empty file)."""
+#: How a torch.save file before torch 1.6 (not a zip archive) starts: pickle protocol 2, then torch's magic number.
+LEGACY_TORCH_HEADER = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def describe_file(path: str) -> Optional[str]:
+    """None for a file ``torch.save`` can have written, else what the file is instead (for the error)."""
     with open(path, "rb") as handle:
-        head = handle.read(8)
-    # torch >= 1.6 writes a zip archive; older torch a pickle (protocol 2: first byte 0x80).
-    if zipfile.is_zipfile(path) or head.startswith(b"\x80"):
-        return
+        head = handle.read(64)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(name.endswith("/data.pkl") for name in names):
+            return None  # torch >= 1.6 writes a zip archive holding <name>/data.pkl
+        if names and all(name.endswith(".npy") for name in names):
+            return "a NumPy .npz archive"
+        return "a zip archive without torch's data.pkl"
+    if head.startswith(LEGACY_TORCH_HEADER):
+        return None
     if head.startswith(b"PK\x03\x04"):
-        raise CheckpointFormatError(f"{path}: truncated or damaged (a zip archive without its central directory)")
-    kind = "a NumPy .npy array" if head.startswith(b"\x93NUMPY") else "empty" if not head else f"starts with {head!r}"
-    raise CheckpointFormatError(f"{path}: not a torch checkpoint ({kind})")
+        return "a truncated or damaged zip archive (no central directory)"
+    if head.startswith(b"\x93NUMPY"):
+        return describe_npy(path)
+    if head.startswith(b"\x80"):
+        return "a Python pickle (pickle.dump / joblib output, e.g. a scikit-learn k-means model), not torch.save's format"
+    if not head:
+        return "an empty file"
+    text = head.decode("utf-8", errors="replace").rstrip("\ufffd")  # the 64 bytes may cut a character
+    if all(char.isprintable() or char in "\t\n\r" for char in text) and text.strip():
+        first_line = text.strip().splitlines()[0]
+        if is_kmeans_sidecar(path):
+            return "the JSON sidecar of a k-means model (written by melhubert-learn-kmeans)"
+        kind = "a JSON file" if first_line.startswith(("{", "[")) else "a text file"
+        return f"{kind} (it starts with {first_line[:40]!r})"
+    return f"not a format torch writes (it starts with {head[:8]!r})"
+
+
+def describe_npy(path: str) -> str:
+    """``a NumPy .npy array of shape ...``, naming a k-means model when its learn_kmeans sidecar is beside it."""
+    import numpy as np
+
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)  # the header only; no data is read
+    except ValueError:
+        return "a NumPy .npy file"
+    shape = tuple(array.shape)
+    what = f"a NumPy .npy array of shape {shape}, {array.dtype}"
+    if is_kmeans_sidecar(os.path.splitext(path)[0] + ".json"):
+        what = f"a k-means model (centroids {shape}, written by melhubert-learn-kmeans)"
+    return what
+
+
+def is_kmeans_sidecar(path: str) -> bool:
+    """Whether ``path`` is the JSON sidecar melhubert-learn-kmeans writes next to its centroids."""
+    from melhubert_fairseq.kmeans import KMEANS_FORMAT  # only to name what a wrong file is
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return f'"{KMEANS_FORMAT}"' in handle.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def check_torch_file(path: str) -> None:
+    """Refuse a file that ``torch.save`` cannot have written (a ``.npy``, a k-means model, a text file, a
+    plain pickle, an empty file) with one line saying what it is, before torch reads any of it."""
+    kind = describe_file(path)
+    if kind is not None:
+        raise CheckpointFormatError(f"{path}: not a torch checkpoint: it is {kind}")
 
 
 def safe_torch_load(path: str, extra_safe_globals: Sequence[Any] = (), mmap: bool = False) -> Any:
@@ -115,8 +178,7 @@ def safe_torch_load(path: str, extra_safe_globals: Sequence[Any] = (), mmap: boo
 
     ``mmap=True`` reads the structure and leaves tensor data on disk (cheap integrity check).
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    check_regular_file(path, what="checkpoint")
     check_torch_file(path)
     try:
         with torch.serialization.safe_globals(list(extra_safe_globals)):
@@ -129,11 +191,30 @@ def safe_torch_load(path: str, extra_safe_globals: Sequence[Any] = (), mmap: boo
         except Exception:  # legacy (non-zip) files cannot be scanned; the refusal still stands
             found = []
         offending = [name for name in found if name not in allowed_names]
-        detail = ", ".join(offending) if offending else str(err).splitlines()[0]
+        if not offending:  # a legacy file cannot be scanned: take the global torch's message names
+            offending = re.findall(r"GLOBAL ([\w.]+)", str(err))
+        # Not torch's message itself: it advises weights_only=False, which would run the file's code.
+        detail = ", ".join(offending) if offending else "objects the weights-only loader cannot read"
         raise UnsafeCheckpointError(
             f"{path}: refusing to load: it contains pickled objects outside the allow-list ({detail}). "
             "Loading it would let the file run code; nothing was executed."
         ) from None
+
+
+def load_fairseq_state(path: str) -> dict:
+    """A fairseq checkpoint's state dict through :func:`safe_torch_load`; an original Mel-HuBERT ``.ckpt``
+    or a file without fairseq's ``model`` and ``cfg`` (or pre-hydra ``args``) is refused naming what it is."""
+    # argparse.Namespace: fairseq before hydra kept its args in one (and the original release its Args).
+    state = safe_torch_load(path, [argparse.Namespace])
+    if isinstance(state, dict) and "Upstream_Config" in state:
+        raise CheckpointFormatError(
+            f"{path}: an original Mel-HuBERT checkpoint (it has Upstream_Config), not a fairseq one: "
+            "convert it with melhubert-convert-original first"
+        )
+    if not isinstance(state, dict) or "model" not in state or not ("cfg" in state or "args" in state):
+        holds = f"entries {sorted(map(str, state))[:8]}" if isinstance(state, dict) else f"a {type(state).__name__}"
+        raise CheckpointFormatError(f"{path}: not a fairseq checkpoint (no 'model' and 'cfg' entries; it holds {holds})")
+    return state
 
 
 # --- saving ---------------------------------------------------------------------------------------
@@ -214,7 +295,7 @@ def load_checkpoint_to_cpu(path: str, arg_overrides: Optional[dict] = None, load
         if load_on_all_ranks:
             torch.distributed.barrier()
         local_path = PathManager.get_local_path(path)
-    state = safe_torch_load(local_path)
+    state = load_fairseq_state(local_path)
     if "args" in state and state["args"] is not None and arg_overrides is not None:
         for arg_name, arg_val in arg_overrides.items():
             setattr(state["args"], arg_name, arg_val)

@@ -1,10 +1,15 @@
 """Console-script behaviour shared by every tool in tools/."""
+import contextlib
 import functools
 import pickle
 import sys
-from typing import Callable, List, Optional
+from typing import Callable, Iterable, Iterator, List, Optional, TypeVar
+
+from tqdm import tqdm
 
 from melhubert_fairseq.errors import InputError
+
+T = TypeVar("T")
 
 #: What bad input raises in this project: messages already name the file, utterance and problem.
 #: InputError is the project's own; ValueError/OSError stay for library errors that name a file.
@@ -15,6 +20,33 @@ def format_user_error(err: BaseException) -> str:
     """The one ``error: ...`` line for a user error (a multi-line message is joined into one line)."""
     message = " ".join(part.strip() for part in str(err).splitlines() if part.strip())
     return f"error: {message or type(err).__name__}"
+
+
+@contextlib.contextmanager
+def progress_bar(**tqdm_args) -> Iterator[tqdm]:
+    """``with tqdm(...) as bar`` whose bar is erased, not drawn once more, when the block raises: the
+    ``error:`` line then stands alone instead of following a half-drawn bar."""
+    bar = tqdm(**tqdm_args)
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()
+
+
+def with_progress(iterable: Iterable[T], **tqdm_args) -> Iterator[T]:
+    """``tqdm(iterable, ...)`` whose bar stays when the loop completes and is erased when it stops early
+    (bad input raised inside it, or the caller left the loop)."""
+    # Not tqdm's own iterator: the loop's unwinding closes that one, and so draws the bar once more,
+    # before any handler could ask for the bar to be erased.
+    if "total" not in tqdm_args and hasattr(iterable, "__len__"):
+        tqdm_args["total"] = len(iterable)
+    with progress_bar(**tqdm_args) as bar:
+        for item in iterable:
+            yield item
+            bar.update()
 
 
 def console_main(main: Callable) -> Callable:

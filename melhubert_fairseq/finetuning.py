@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Tuple
 
 from melhubert_fairseq.atomic_output import atomic_output
-from melhubert_fairseq.checkpoint_io import CheckpointFormatError
-from melhubert_fairseq.data.manifest import iter_tsv_manifest
+from melhubert_fairseq.data.manifest import AUDIO, iter_tsv_manifest
 
 #: fairseq's word boundary symbol in letter targets.
 WORD_BOUNDARY = "|"
@@ -79,7 +78,7 @@ def _split_rows(manifest: str, transcripts: Mapping[str, str], transcripts_path:
     """(absolute root, [(relative path, num_samples, words)]) of an audio manifest; errors name its line."""
     rows = []
     root = None
-    for root, line_no, rel_path, num_samples in iter_tsv_manifest(manifest, count_name="num_samples"):
+    for root, line_no, rel_path, num_samples in iter_tsv_manifest(manifest, AUDIO):
         utt_id = os.path.splitext(os.path.basename(rel_path))[0]
         where = f"{manifest}:{line_no} ({utt_id})"
         if "\t" in rel_path:
@@ -92,9 +91,9 @@ def _split_rows(manifest: str, transcripts: Mapping[str, str], transcripts_path:
         rows.append((rel_path, num_samples, words))
     if root is None:
         raise ValueError(f"{manifest}: no utterances after the root line")
-    # A relative root is relative to the manifest's folder (as melhubert-wav-to-fbank reads it); fairseq's
-    # FileAudioDataset would take it relative to the working directory, so the copy gets an absolute root.
-    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(manifest)), root)), rows
+    # iter_tsv_manifest resolves a relative root against the manifest's folder; fairseq's FileAudioDataset
+    # would take it relative to the working directory, so the copy gets this absolute root.
+    return root, rows
 
 
 def write_finetuning_data(
@@ -143,6 +142,7 @@ def check_finetuning_checkpoint(path: str) -> None:
     take audio (it records the fbank statistics its training features were normalised with)."""
     import torch
 
+    from melhubert_fairseq.checkpoint_io import CheckpointFormatError
     from melhubert_fairseq.original_checkpoint import read_mel_hubert_checkpoint
 
     state, _cfg = read_mel_hubert_checkpoint(path, purpose="this fine-tuning starts from a mel_hubert model")

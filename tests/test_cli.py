@@ -1,11 +1,15 @@
 """Tools as console scripts: exit codes and one-line error messages instead of tracebacks."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
+import pytest
+
 
 from helpers import REPO_ROOT
 
@@ -64,3 +68,62 @@ def test_demo_of_a_regular_install_runs_in_a_checkout_and_refuses_elsewhere(tmp_
     plugin_dir, checkout, usage = found.stdout.split("\n", 2)
     assert (plugin_dir, checkout) == (str(site / "melhubert_fairseq"), str(REPO_ROOT))
     assert "--out-dir" in usage and "default: demo_run in the checkout" in usage
+
+
+def console_scripts():
+    """(script, module, function) of every console script setup.py declares."""
+    return re.findall(r'"(melhubert-[\w-]+) = ([\w.]+):(\w+)"', (REPO_ROOT / "setup.py").read_text())
+
+
+#: Runs every tool's --help in one interpreter and prints, per tool, the heavy packages it pulled in.
+HELP_PROBE = """
+import contextlib, importlib, io, json, sys
+report = {}
+for script, module, function in json.loads(sys.argv[1]):
+    out = io.StringIO()
+    sys.argv = [script]  # argparse names the program after it, as the console script does
+    with contextlib.redirect_stdout(out):
+        try:
+            getattr(importlib.import_module(module), function)(["--help"])
+        except SystemExit:
+            pass
+    loaded = [name for name in ("fairseq", "torch", "sklearn", "faiss") if name in sys.modules]
+    report[script] = {"usage": out.getvalue().startswith("usage: " + script), "loaded": loaded}
+print(json.dumps(report))
+"""
+
+
+def test_help_of_every_tool_imports_neither_fairseq_nor_torch(tmp_path):
+    # Packages a tool imports stay in sys.modules, so the first tool listed as loading one is the culprit.
+    scripts = console_scripts()
+    assert len(scripts) >= 13
+    result = subprocess.run([sys.executable, "-c", HELP_PROBE, json.dumps(scripts)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    assert {script: entry["loaded"] for script, entry in report.items() if entry["loaded"]} == {}
+    assert all(entry["usage"] for entry in report.values()), report
+    assert result.stderr == ""  # no warnings either
+
+
+@pytest.mark.parametrize(
+    "imports",
+    [
+        "import melhubert_fairseq\nfrom fairseq import checkpoint_utils",
+        # fairseq's first import happens inside a plugin module, before that module is complete
+        "import melhubert_fairseq.models.components\nfrom fairseq import checkpoint_utils",
+    ],
+    ids=["package-then-fairseq", "plugin-module-pulls-fairseq"],
+)
+def test_the_plugin_registers_with_fairseq_whichever_is_imported_first(tiny_checkpoint, tmp_path, imports):
+    code = imports + f"""
+from fairseq.criterions import CRITERION_REGISTRY
+from fairseq.tasks import TASK_REGISTRY
+assert "hard_label_masked_ce" in CRITERION_REGISTRY and "mel_hubert_pretraining" in TASK_REGISTRY
+assert checkpoint_utils.load_checkpoint_to_cpu.__module__ == "melhubert_fairseq.checkpoint_io"
+models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([{str(tiny_checkpoint)!r}])
+print(type(models[0]).__name__, type(task).__name__)
+"""
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["MelHubertModel", "MelHubertPretrainingTask"]

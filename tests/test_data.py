@@ -6,10 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import write_indexed_corpus
+from helpers import make_fbank_corpus, write_indexed_corpus
 from melhubert_fairseq.data.fbank_label_dataset import FbankLabelDataset, FrameRates
 from melhubert_fairseq.data.features import label_stride, load_mean_std, stack_frames, subsample_labels
 from melhubert_fairseq.data.manifest import index_label_file, parse_label_line, read_manifest, write_manifest
+from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.tasks.mel_hubert_pretraining import (
     MelHubertPretrainingConfig,
     MelHubertPretrainingTask,
@@ -54,6 +55,26 @@ def test_read_manifest_rejects_bad_files(tmp_path, content, message):
     (tmp_path / "train.tsv").write_text(content)
     with pytest.raises(ValueError, match=message):
         read_manifest(str(tmp_path / "train.tsv"))
+
+
+def test_a_relative_root_is_relative_to_the_manifest_folder_for_both_kinds(tmp_path, monkeypatch):
+    from melhubert_fairseq.tools.wav_to_fbank import read_audio_manifest
+
+    data = tmp_path / "corpus"
+    data.mkdir()
+    (data / "train.tsv").write_text("feats\nu1.npy\t12\n")
+    (data / "audio.tsv").write_text("wav\nu1.flac\t16000\n")
+    monkeypatch.chdir(tmp_path)  # anywhere but the manifests' folder: the working directory plays no part
+    assert read_manifest("corpus/train.tsv").full_path(0) == str(data / "feats" / "u1.npy")
+    assert read_audio_manifest("corpus/audio.tsv")[0].full_path == str(data / "wav" / "u1.flac")
+
+
+def test_training_refuses_an_audio_manifest_naming_the_tool_to_run(tmp_path):
+    make_fbank_corpus(tmp_path, num_utts=2, num_classes=1000)
+    (tmp_path / "train.tsv").write_text(".\nspk1/u1.flac\t16000\n")  # fairseq's wav2vec manifest layout
+    with pytest.raises(InputError, match=r"train\.tsv:2 \(u1\): this is an audio manifest \(spk1/u1\.flac is audio and "
+                       r"16000 its num_samples\): run melhubert-wav-to-fbank first"):
+        load(tmp_path)
 
 
 def test_write_manifest_refuses_to_overwrite_and_is_atomic(tmp_path):

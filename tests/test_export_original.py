@@ -210,7 +210,7 @@ def write_original(path: Path) -> None:
     [
         (write_hubert, "a fairseq 'hubert' checkpoint, not 'mel_hubert'"),
         (write_wav2vec, "a fairseq 'wav2vec2' checkpoint, not 'mel_hubert'"),
-        (write_npy, "not a torch checkpoint (a NumPy .npy array)"),
+        (write_npy, "not a torch checkpoint: it is a NumPy .npy array of shape (2, 40), float32"),
         (write_original, "already in the original Mel-HuBERT format"),
     ],
     ids=["fairseq-hubert", "fairseq-wav2vec2", "npy", "original-ckpt"],

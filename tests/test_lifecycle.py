@@ -7,6 +7,7 @@ exactly what was loaded; Adam's step counter shows whether its state was kept.
 """
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -66,9 +67,20 @@ def test_average_of_update_checkpoints_is_their_mean_and_initialises_training(ba
         expected = (tensor.double() + second["model"][name].double()) / 2
         torch.testing.assert_close(averaged["model"][name], expected.float(), rtol=0, atol=0, equal_nan=True, msg=name)
     assert not torch.equal(first["model"]["final_proj.weight"], second["model"]["final_proj.weight"])
-    assert "last_optimizer_state" not in averaged and updates(averaged) == 2
+    # The rest is the newest input's, as fairseq's scripts/average_checkpoints.py keeps it.
+    assert updates(averaged) == 2 and adam_steps(averaged) == adam_steps(second) == {2}
+    assert averaged["extra_state"]["train_iterator"] == second["extra_state"]["train_iterator"]
     models, _cfg, _task = checkpoint_utils.load_model_ensemble_and_task([str(tmp_path / "avg.pt")])
     assert type(models[0]).__name__ == "MelHubertModel"
+
+    # restore_file continues the newest input's schedule at its update: 3 more updates, not a new run of 5.
+    restored = run_hydra_train(base_run / "data", tmp_path / "restored", max_update=5, overrides=[
+        f"checkpoint.restore_file={tmp_path / 'avg.pt'}", "dataset.max_tokens=400",
+    ])
+    log = restored.stdout + restored.stderr
+    assert f"Loaded checkpoint {tmp_path / 'avg.pt'} (epoch 1 @ 2 updates)" in log
+    assert re.findall(r'\[train_inner\]\[INFO\] - .*"num_updates": "(\d+)"', log) == ["3", "4", "5"]  # one per update
+    assert updates(load_state(tmp_path / "restored" / "checkpoint_last.pt")) == 5
 
     # Initialise from the averaged weights (fresh optimizer): checkpoint.finetune_from_model.
     run_hydra_train(base_run / "data", tmp_path / "init", max_update=1,
@@ -93,7 +105,9 @@ def test_epoch_checkpoint_selection_takes_the_newest(tmp_path):
         (tmp_path / name).touch()
     assert newest_checkpoints(str(tmp_path), 2, update_based=False) == [str(tmp_path / "checkpoint10.pt"),
                                                                         str(tmp_path / "checkpoint9.pt")]
-    with pytest.raises(ValueError, match="has 1"):
+    # Too few: the error lists what the folder holds and which names are averaged.
+    with pytest.raises(ValueError, match=r"it has 1; its \.pt files: checkpoint10\.pt, checkpoint2\.pt, checkpoint9\.pt, "
+                       r"checkpoint_3_100\.pt, checkpoint_last\.pt\. --num-update-checkpoints averages checkpoint_<epoch>_<update>\.pt"):
         newest_checkpoints(str(tmp_path), 2, update_based=True)
 
 

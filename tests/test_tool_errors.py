@@ -1,7 +1,8 @@
-"""Every console script that reads user files, fed one bad file: exit 2, one ``error:`` line, nothing written.
+"""Every console script that reads user files, fed one bad file: exit 2, one ``error:`` line and nothing else on
+screen (no warning, no leftover progress bar), nothing written.
 
 The tools run as real subprocesses (the installed console scripts), from a
-temporary working folder, all at once (each start imports torch and fairseq).
+temporary working folder, all at once (the checkpoint tools import torch and fairseq).
 More bad audio (8 kHz, stereo, corrupt FLAC, a FIFO) goes through the same
 console entry point in-process, in ``test_bad_audio_through_the_console_entry_point``.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
+import pickle
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -156,6 +159,70 @@ def _average_garbage(case, ckpt):
     return ["--inputs", "in/a.pt", "in/b.pt", "--output", "out/avg.pt"]
 
 
+def _audio_manifest(case: Path) -> str:
+    """``in/train.tsv``: fairseq's audio manifest layout (relative root, one .wav row)."""
+    write_wav(case / "in" / "audio" / "u1.wav")
+    (case / "in" / "train.tsv").write_text("audio\nu1.wav\t8000\n")
+    return "in/train.tsv"
+
+
+def _write_kmeans(path: Path) -> None:
+    centroids = np.random.default_rng(0).standard_normal((4, 40)).astype(np.float32)
+    save_kmeans(str(path), KMeansModel(centroids, {"feature_source": {"kind": "fbank"}}))
+
+
+def _learn_kmeans_audio_manifest(case, ckpt):
+    return ["--manifest", _audio_manifest(case), "--km-path", "out/km.npy", "--num-clusters", "2", "--no-progress"]
+
+
+def _dump_km_audio_manifest(case, ckpt):
+    manifest = _audio_manifest(case)
+    _write_kmeans(case / "in" / "km.npy")
+    return ["--manifest", manifest, "--km-path", "in/km.npy", "--out-dir", "out", "--no-progress"]
+
+
+def _extract_audio_manifest(case, ckpt):
+    return ["--checkpoint", str(ckpt), "--manifest", _audio_manifest(case), "--out-dir", "out", "--no-progress"]
+
+
+def _wav_to_fbank_feature_manifest(case, ckpt):
+    return ["--manifest", feature_manifest(case, np.zeros((10, 40), np.float32)), "--out-dir", "out"]
+
+
+def _extract_kmeans_checkpoint(case, ckpt):
+    manifest = feature_manifest(case, np.zeros((10, 40), np.float32))
+    _write_kmeans(case / "in" / "km.npy")
+    return ["--checkpoint", "in/km.npy", "--manifest", manifest, "--out-dir", "out", "--no-progress"]
+
+
+def _export_pickle(case, ckpt):
+    # What fairseq's simple_kmeans writes with joblib: a plain pickle, which torch.load would refuse
+    # with advice to unpickle it unsafely.
+    (case / "in").mkdir()
+    (case / "in" / "km.pt").write_bytes(pickle.dumps({"cluster_centers_": np.zeros((4, 40))}, protocol=4))
+    return ["in/km.pt", "out/model.ckpt"]
+
+
+def _average_npy(case, ckpt):
+    (case / "in").mkdir()
+    for name in ("a.npy", "b.npy"):
+        np.save(case / "in" / name, np.zeros((3, 40), np.float32))
+    return ["--inputs", "in/a.npy", "in/b.npy", "--output", "out/avg.pt"]
+
+
+def _convert_text(case, ckpt):
+    (case / "in").mkdir()
+    (case / "in" / "model.ckpt").write_text("https://example.org/melhubert.ckpt\n")
+    return ["in/model.ckpt", "out/model.pt"]
+
+
+def _average_last_and_best_only(case, ckpt):
+    (case / "in" / "run").mkdir(parents=True)
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt"):
+        shutil.copy(ckpt, case / "in" / "run" / name)
+    return ["--inputs", "in/run", "--num-update-checkpoints", "2", "--output", "out/avg.pt"]
+
+
 BAD_INPUTS = {
     "wav-to-fbank truncated wav": BadInput("wav-to-fbank", _truncated_wav, "cut.wav: truncated audio file"),
     "import-kaldi-features std 1e-40": BadInput("import-kaldi-features", _kaldi_tiny_std, "std must be positive"),
@@ -175,7 +242,41 @@ BAD_INPUTS = {
     ),
     "convert-original garbage": BadInput("convert-original", _garbage_checkpoint, "model.ckpt"),
     "average-checkpoints garbage": BadInput("average-checkpoints", _average_garbage, "a.pt"),
+    # The wrong kind of manifest, either way: say which tool to run (data/manifest.py recognises it).
+    "learn-kmeans audio manifest": BadInput("learn-kmeans", _learn_kmeans_audio_manifest, "train.tsv:2 (u1): this is an "
+                                            "audio manifest (u1.wav is audio and 8000 its num_samples): run melhubert-wav-to-fbank first"),
+    "dump-km-labels audio manifest": BadInput("dump-km-labels", _dump_km_audio_manifest, "train.tsv:2 (u1): this is an "
+                                              "audio manifest (u1.wav is audio and 8000 its num_samples): run melhubert-wav-to-fbank first"),
+    "extract-features audio manifest as --manifest": BadInput(
+        "extract-features", _extract_audio_manifest, "this is an audio manifest (u1.wav is audio and 8000 its "
+        "num_samples): pass it as --audio-manifest (the model computes the fbank itself) or run melhubert-wav-to-fbank first"
+    ),
+    "wav-to-fbank feature manifest": BadInput("wav-to-fbank", _wav_to_fbank_feature_manifest, "train.tsv:2 (u1): this is a "
+                                              "feature manifest (u1.npy is a fbank .npy file and 10 its num_frames): it is "
+                                              "what melhubert-wav-to-fbank writes"),
+    # Files that are not checkpoints, named for what they are (checkpoint_io.check_torch_file).
+    "extract-features k-means model as --checkpoint": BadInput(
+        "extract-features", _extract_kmeans_checkpoint,
+        "in/km.npy: not a torch checkpoint: it is a k-means model (centroids (4, 40), written by melhubert-learn-kmeans)",
+    ),
+    "export-original plain pickle": BadInput("export-original", _export_pickle,
+                                             "in/km.pt: not a torch checkpoint: it is a Python pickle"),
+    "average-checkpoints .npy": BadInput("average-checkpoints", _average_npy,
+                                         "in/a.npy: not a torch checkpoint: it is a NumPy .npy array of shape (3, 40)"),
+    "convert-original text file": BadInput("convert-original", _convert_text, "in/model.ckpt: not a torch checkpoint: "
+                                           "it is a text file (it starts with 'https://example.org/melhubert.ckpt')"),
+    "average-checkpoints only last and best": BadInput(
+        "average-checkpoints", _average_last_and_best_only,
+        "in/run: asked for the newest 2 update checkpoints, it has 0; its .pt files: checkpoint_best.pt, "
+        "checkpoint_last.pt. --num-update-checkpoints averages checkpoint_<epoch>_<update>.pt",
+    ),
 }
+
+
+def terminal_lines(stderr: str) -> List[str]:
+    """The non-blank lines a terminal shows for ``stderr`` (text after a carriage return overwrites the line)."""
+    lines = (line.rsplit("\r", 1)[-1] for line in stderr.split("\n"))
+    return [line for line in lines if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +293,10 @@ def tool_runs(tmp_path_factory, tiny_checkpoint):
     def run(name):
         case, command, _ = prepared[name]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        return subprocess.run(command, cwd=case, capture_output=True, text=True, timeout=300, env=env)
+        result = subprocess.run(command, cwd=case, capture_output=True, timeout=300, env=env)
+        # Decoded by hand: text=True would turn the carriage returns of progress bars into newlines.
+        result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+        return result
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         results = dict(zip(prepared, pool.map(run, prepared)))
@@ -207,6 +311,9 @@ def test_bad_input_gives_one_error_line_exit_2_and_writes_nothing(tool_runs, cas
     assert len(errors) == 1, result.stderr[-3000:]
     assert BAD_INPUTS[case].message in errors[0], errors[0]
     assert "Traceback" not in result.stderr
+    # Nothing else on screen: no warning, no half-drawn progress bar, no advice to load with weights_only=False.
+    assert terminal_lines(result.stderr) == errors, result.stderr[-3000:]
+    assert "weights_only" not in result.stderr
     assert sorted(p.name for p in folder.iterdir()) == ["in"]  # no output (nor an empty output folder)
     assert inputs_after == inputs_before  # byte-identical inputs
 

@@ -3,15 +3,18 @@
 Pick the inputs explicitly (``--inputs a.pt b.pt``) or give a run directory and
 take its newest N update checkpoints (``checkpoint_{epoch}_{update}.pt``,
 ``--num-update-checkpoints N``) or epoch checkpoints (``checkpoint{epoch}.pt``,
-``--num-epoch-checkpoints N``).
+``--num-epoch-checkpoints N``); ``checkpoint_last.pt`` and ``checkpoint_best.pt``
+are only averaged when named with ``--inputs``.
 
 Every input must hold the same parameter names, shapes and dtypes, and the
-same fbank statistics. Floating-point tensors are averaged in float64; the
-result keeps the config, update count and data-iterator state of the newest
-input but no optimizer state (the averaged weights are a new point: start
-training from them with ``checkpoint.finetune_from_model=AVERAGED.pt``).
-Inputs are read with ``torch.load(weights_only=True)``; the output is written
-atomically.
+same fbank statistics. Floating-point tensors are averaged in float64. As
+fairseq's ``scripts/average_checkpoints.py`` does, everything else comes from
+the newest input (most updates): config, optimizer state, update count, epoch
+and data-iterator position, so ``checkpoint.restore_file=AVERAGED.pt``
+continues that run's schedule at its update, while
+``checkpoint.finetune_from_model=AVERAGED.pt`` starts a new one from the
+averaged weights. Inputs are read with ``torch.load(weights_only=True)``; the
+output is written atomically.
 """
 from __future__ import annotations
 
@@ -19,17 +22,15 @@ import argparse
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
-import torch
-from fairseq import checkpoint_utils
-from tqdm import tqdm
 
-# Importing the package (as any melhubert_fairseq.tools module does) allow-lists
-# fairseq's checkpoint types for the weights-only loader used below.
 from melhubert_fairseq.atomic_output import check_writable
-from melhubert_fairseq.checkpoint_io import atomic_torch_save, safe_torch_load
-from melhubert_fairseq.cli import console_main
+from melhubert_fairseq.cli import console_main, with_progress
+from melhubert_fairseq.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 UPDATE_CHECKPOINT_PATTERN = r"checkpoint_\d+_(\d+)\.pt"
 EPOCH_CHECKPOINT_PATTERN = r"checkpoint(\d+)\.pt"
@@ -50,18 +51,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def newest_checkpoints(directory: str, count: int, update_based: bool) -> List[str]:
-    """The ``count`` newest update (or epoch) checkpoints of a run directory, newest first."""
+    """The ``count`` newest update (or epoch) checkpoints of a run directory, newest first; too few is an
+    error listing the folder's checkpoint files and the names averaged."""
+    from fairseq.checkpoint_utils import checkpoint_paths
+
     if not os.path.isdir(directory):
         raise NotADirectoryError(f"--num-*-checkpoints needs one run directory as --inputs, got {directory}")
+    if count < 1:
+        raise InputError(f"--num-*-checkpoints must be at least 1, got {count}")
     pattern = UPDATE_CHECKPOINT_PATTERN if update_based else EPOCH_CHECKPOINT_PATTERN
-    paths = checkpoint_utils.checkpoint_paths(directory, pattern=pattern)
-    if count < 1 or len(paths) < count:
-        kind = "update (checkpoint_E_U.pt)" if update_based else "epoch (checkpointE.pt)"
-        raise ValueError(
-            f"asked for {count} {kind} checkpoints, {directory} has {len(paths)}: "
-            f"{[os.path.basename(p) for p in paths]}"
-        )
-    return paths[:count]
+    paths = checkpoint_paths(directory, pattern=pattern)
+    if len(paths) >= count:
+        return paths[:count]
+    if update_based:
+        kind, names = "update", "checkpoint_<epoch>_<update>.pt (saved every checkpoint.save_interval_updates)"
+    else:
+        kind, names = "epoch", "checkpoint<epoch>.pt (saved at the end of every checkpoint.save_interval epochs)"
+    found = sorted(name for name in os.listdir(directory) if name.endswith(".pt"))
+    raise InputError(
+        f"{directory}: asked for the newest {count} {kind} checkpoints, it has {len(paths)}; its .pt files: "
+        f"{name_list(found)}. --num-{kind}-checkpoints averages {names}; checkpoint_last.pt and "
+        "checkpoint_best.pt are only averaged when named: --inputs A.pt B.pt"
+    )
+
+
+def name_list(names: Sequence[str], limit: int = 10) -> str:
+    """``a, b, c`` (the first ``limit`` names, then how many more), or ``none``."""
+    if not names:
+        return "none"
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
 
 
 def num_updates(state: Dict[str, Any]) -> int:
@@ -72,6 +91,8 @@ def num_updates(state: Dict[str, Any]) -> int:
 
 def check_compatible(reference: Dict[str, torch.Tensor], other: Dict[str, torch.Tensor], where: str, first: str) -> None:
     """Same keys, shapes, dtypes; equal data-describing tensors; errors name both files."""
+    import torch
+
     missing, extra = sorted(set(reference) - set(other)), sorted(set(other) - set(reference))
     if missing or extra:
         raise ValueError(f"{where} and {first} hold different parameters: missing {missing}, extra {extra}")
@@ -86,17 +107,24 @@ def check_compatible(reference: Dict[str, torch.Tensor], other: Dict[str, torch.
             raise ValueError(f"{where}: {name} differs from {first}; it cannot be averaged")
 
 
+def epoch_of(state: Dict[str, Any]) -> Optional[int]:
+    """The epoch a fairseq checkpoint's data iterator was in, if it records one."""
+    iterator = (state.get("extra_state") or {}).get("train_iterator") or {}
+    return iterator.get("epoch")
+
+
 def average_checkpoints(paths: Sequence[str]) -> Dict[str, Any]:
-    """Load ``paths`` safely and return the newest one's state with the mean of all models' weights."""
+    """Load ``paths`` safely and return the newest one's state (optimizer, update count, epoch and
+    iterator position included) with the mean of all models' weights."""
+    from melhubert_fairseq.checkpoint_io import load_fairseq_state
+
     if len(paths) < 2:
         raise ValueError(f"averaging needs at least 2 checkpoints, got {list(paths)}")
     sums: Dict[str, torch.Tensor] = {}
     template: Optional[Dict[str, Any]] = None
     reference: Dict[str, torch.Tensor] = {}
-    for path in tqdm(paths, desc="average", unit="ckpt"):
-        state = safe_torch_load(path)
-        if not isinstance(state, dict) or "model" not in state:
-            raise ValueError(f"{path}: not a fairseq checkpoint (no 'model' entry)")
+    for path in with_progress(paths, desc="average", unit="ckpt"):
+        state = load_fairseq_state(path)
         model = state["model"]
         if not sums:
             reference = {name: tensor.clone() for name, tensor in model.items()}
@@ -115,7 +143,6 @@ def average_checkpoints(paths: Sequence[str]) -> Dict[str, Any]:
     }
     result = dict(template)
     result["model"] = averaged
-    result.pop("last_optimizer_state", None)
     result["extra_state"] = {**template.get("extra_state", {}), "averaged_checkpoints": [os.path.basename(p) for p in paths]}
     return result
 
@@ -124,22 +151,34 @@ def average_checkpoints(paths: Sequence[str]) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run average_checkpoints; return the exit status."""
     args = build_parser().parse_args(argv)
+    from melhubert_fairseq.checkpoint_io import atomic_torch_save  # after parsing: --help needs no torch
+
     started = time.perf_counter()
     check_writable(args.output, args.overwrite)
-    if args.num_update_checkpoints or args.num_epoch_checkpoints:
+    update_based = args.num_update_checkpoints is not None
+    count = args.num_update_checkpoints if update_based else args.num_epoch_checkpoints
+    if count is not None:
         if len(args.inputs) != 1:
             raise ValueError("--num-*-checkpoints takes exactly one run directory as --inputs")
-        count = args.num_update_checkpoints or args.num_epoch_checkpoints
-        paths = newest_checkpoints(args.inputs[0], count, update_based=bool(args.num_update_checkpoints))
+        paths = newest_checkpoints(args.inputs[0], count, update_based=update_based)
     else:
         paths = list(args.inputs)
+        folder = next((path for path in paths if os.path.isdir(path)), None)
+        if folder is not None:
+            found = sorted(name for name in os.listdir(folder) if name.endswith(".pt"))
+            raise InputError(
+                f"{folder} is a folder: add --num-update-checkpoints N or --num-epoch-checkpoints N to average its "
+                f"newest checkpoints, or name the files; its .pt files: {name_list(found)}"
+            )
     state = average_checkpoints(paths)
     atomic_torch_save(state, args.output, overwrite=args.overwrite)
     num_params = sum(t.numel() for t in state["model"].values())
+    optimizer = "optimizer state, " if state.get("last_optimizer_state") is not None else ""
     print(
         f"averaged {len(paths)} checkpoints ({', '.join(os.path.basename(p) for p in paths)}), "
-        f"{len(state['model'])} tensors / {num_params} values, kept config and update count "
-        f"{num_updates(state)} of the newest, in {time.perf_counter() - started:.1f} s -> {os.path.abspath(args.output)}"
+        f"{len(state['model'])} tensors / {num_params} values; kept the newest one's config, {optimizer}"
+        f"update {num_updates(state)} and epoch {epoch_of(state)}, in {time.perf_counter() - started:.1f} s "
+        f"-> {os.path.abspath(args.output)}"
     )
     return 0
 

@@ -23,16 +23,10 @@ import sys
 import time
 from typing import List, Optional
 
-from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import check_writable
 from melhubert_fairseq.data.features import load_mean_std
-from melhubert_fairseq.original_checkpoint import (
-    convert_original_checkpoint,
-    training_overrides,
-)
-from melhubert_fairseq.checkpoint_io import atomic_torch_save
-from melhubert_fairseq.cli import console_main
+from melhubert_fairseq.cli import console_main, progress_bar
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,10 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the conversion; return the exit status."""
     args = build_parser().parse_args(argv)
+    # torch and the plugin's checkpoint code after parsing: --help needs neither.
+    from melhubert_fairseq.checkpoint_io import atomic_torch_save
+    from melhubert_fairseq.original_checkpoint import convert_original_checkpoint, training_overrides
+
     started = time.perf_counter()
     check_writable(args.output, args.overwrite)
     mean_std = load_mean_std(args.mean_std) if args.mean_std else None
-    with tqdm(total=2, desc="convert", unit="step") as progress:
+    with progress_bar(total=2, desc="convert", unit="step") as progress:
         result = convert_original_checkpoint(
             args.checkpoint,
             mean_std=mean_std,

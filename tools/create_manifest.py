@@ -21,7 +21,6 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import check_writable
 from melhubert_fairseq.data.features import label_stride, open_feature_file, open_npy
@@ -36,7 +35,7 @@ from melhubert_fairseq.tools.kaldi_dump import (
     summary_line,
     write_label_outputs,
 )
-from melhubert_fairseq.cli import console_main
+from melhubert_fairseq.cli import console_main, with_progress
 
 
 def find_npy_files(folder: str) -> List[Tuple[str, str]]:
@@ -63,7 +62,7 @@ def scan_features(folder: str, files: Sequence[Tuple[str, str]]) -> np.ndarray:
     least one frame, a regular file); every file must have the same dim."""
     frames = np.zeros(len(files), dtype=np.int64)
     first_dim: Optional[Tuple[int, str]] = None
-    for i, (rel_path, utt_id) in enumerate(tqdm(files, desc="feature headers", unit="file", mininterval=1.0)):
+    for i, (rel_path, utt_id) in enumerate(with_progress(files, desc="feature headers", unit="file", mininterval=1.0)):
         path = os.path.join(folder, rel_path)
         shape = open_feature_file(path, f"utterance {utt_id}").shape
         if first_dim is None:

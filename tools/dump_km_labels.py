@@ -13,8 +13,6 @@ import sys
 import time
 from typing import List, Optional
 
-import torch
-from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import atomic_output, check_writable
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ
@@ -28,7 +26,7 @@ from melhubert_fairseq.kmeans import (
     feature_source_from_args,
     load_kmeans,
 )
-from melhubert_fairseq.cli import console_main
+from melhubert_fairseq.cli import console_main, with_progress
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,6 +68,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
+        import torch  # after parsing: --help and flag errors need no torch
+
         torch.set_num_threads(args.threads)
     split = args.split or split_name(args.manifest)
     out_path = os.path.join(args.out_dir, shard_file_name(split, args.rank, args.nshard, ".km"))
@@ -90,7 +90,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     labels_written = 0
     with atomic_output(out_path, overwrite=args.overwrite) as handle:
         pairs = source.iter_shard(args.nshard, args.rank)
-        for row, labels in tqdm(
+        for row, labels in with_progress(
             assigner.label_utterances(pairs, source.where), total=end - start,
             desc=f"label {split} {args.rank}/{args.nshard}", unit="utt", disable=args.no_progress,
         ):

@@ -23,13 +23,10 @@ import sys
 import time
 from typing import List, Optional
 
-from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import check_writable
-from melhubert_fairseq.checkpoint_io import atomic_torch_save
-from melhubert_fairseq.cli import console_main
+from melhubert_fairseq.cli import console_main, progress_bar
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, FBANK_NUM_MEL_BINS, save_mean_std
-from melhubert_fairseq.original_checkpoint import export_original_checkpoint, is_old_mask_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,11 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the export; return the exit status."""
     args = build_parser().parse_args(argv)
+    # torch and the plugin's checkpoint code after parsing: --help needs neither.
+    from melhubert_fairseq.checkpoint_io import atomic_torch_save
+    from melhubert_fairseq.original_checkpoint import export_original_checkpoint, is_old_mask_checkpoint
+
     started = time.perf_counter()
     check_writable(args.output, args.overwrite)
     if args.mean_std_out:
         check_writable(args.mean_std_out, args.overwrite)
-    with tqdm(total=2, desc="export", unit="step") as progress:
+    with progress_bar(total=2, desc="export", unit="step") as progress:
         result = export_original_checkpoint(args.checkpoint, with_optimizer=args.with_optimizer)
         if args.mean_std_out and result.mean_std is None:
             raise ValueError(

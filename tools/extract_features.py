@@ -30,19 +30,24 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
-from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import StagedOutputs, check_writable, safe_relative_path
 from melhubert_fairseq.data.fbank import load_audio, num_fbank_frames
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, read_feature_file
 from melhubert_fairseq.data.manifest import read_manifest
 from melhubert_fairseq.errors import InputError
-from melhubert_fairseq.feature_reader import MelHubertFeatureReader, parse_layers
 from melhubert_fairseq.tools.wav_to_fbank import list_audio_dir, read_audio_manifest
-from melhubert_fairseq.cli import console_main
+from melhubert_fairseq.cli import console_main, with_progress
+
+if TYPE_CHECKING:
+    from melhubert_fairseq.feature_reader import MelHubertFeatureReader
+
+
+#: What to do with an audio manifest given as --manifest.
+AUDIO_MANIFEST_ADVICE = "pass it as --audio-manifest (the model computes the fbank itself) or run melhubert-wav-to-fbank first"
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def manifest_utterances(reader: MelHubertFeatureReader, manifest_path: str) -> List[Utterance]:
     """One Utterance per manifest row; its features are checked (dtype, shape, frames, finite) when read."""
-    manifest = read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path, audio_manifest_advice=AUDIO_MANIFEST_ADVICE)
 
     def loader(row: int) -> Callable[[], Tuple[np.ndarray, int]]:
         def load() -> Tuple[np.ndarray, int]:
@@ -100,7 +105,10 @@ def manifest_utterances(reader: MelHubertFeatureReader, manifest_path: str) -> L
 def audio_utterances(reader: MelHubertFeatureReader, args: argparse.Namespace) -> List[Utterance]:
     """One Utterance per audio file; fails at once if the checkpoint cannot normalise raw audio."""
     reader.require_corpus_stats()
-    items = read_audio_manifest(args.audio_manifest) if args.audio_manifest else list_audio_dir(args.audio_dir)
+    if args.audio_manifest:
+        items = read_audio_manifest(args.audio_manifest, feature_manifest_advice="pass it as --manifest")
+    else:
+        items = list_audio_dir(args.audio_dir)
 
     def loader(item) -> Callable[[], Tuple[np.ndarray, int]]:
         def load() -> Tuple[np.ndarray, int]:
@@ -151,6 +159,8 @@ def check_outputs(utterances: List[Utterance], out_dir: str, layers: List[int], 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run extract_features; return the exit status."""
     args = build_parser().parse_args(argv)
+    from melhubert_fairseq.feature_reader import MelHubertFeatureReader, parse_layers  # torch, fairseq: after parsing
+
     started = time.perf_counter()
     reader = MelHubertFeatureReader(args.checkpoint, device=args.device, max_batch_frames=args.max_batch_frames)
     layers = parse_layers(args.layers, reader.num_layers)
@@ -174,7 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with StagedOutputs("extract_features", [out_dir], args.overwrite) as staged:
         # After the recovery on entry: files a killed run published are gone again.
         check_outputs(utterances, out_dir, layers, args.overwrite)
-        for index, states in tqdm(
+        for index, states in with_progress(
             reader.iter_batched(model_inputs(), layers), total=len(utterances),
             desc="extract", unit="utt", disable=args.no_progress,
         ):

@@ -32,7 +32,6 @@ from typing import IO, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from kaldiio.matio import read_kaldi
-from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import StagedOutputs, check_writable
 from melhubert_fairseq.data.features import MeanStd, check_feature_array, load_mean_std, save_mean_std
@@ -46,7 +45,7 @@ from melhubert_fairseq.tools.kaldi_dump import (
     resolve_ark_paths,
     summary_line,
 )
-from melhubert_fairseq.cli import console_main
+from melhubert_fairseq.cli import console_main, progress_bar
 from melhubert_fairseq.errors import InputError
 
 #: Utterances per work unit: one ark handle, offsets read in increasing order.
@@ -140,7 +139,7 @@ def run_chunks(
 ) -> np.ndarray:
     """Run every chunk (in-process or on ``workers`` processes); return frames per scp index."""
     frames = np.zeros(num_utts, dtype=np.int64)
-    with tqdm(total=num_utts, desc="features", unit="utt", mininterval=1.0) as progress:
+    with progress_bar(total=num_utts, desc="features", unit="utt", mininterval=1.0) as progress:
         if workers <= 1:
             for ark_path, items in chunks:
                 for index, count in import_chunk(job, ark_path, items):

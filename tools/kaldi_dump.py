@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import IO, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
-from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import StagedOutputs, check_writable
+from melhubert_fairseq.cli import with_progress
 from melhubert_fairseq.errors import InputError, check_regular_file
 from melhubert_fairseq.data.features import (
     FBANK_FRAME_RATE_HZ,
@@ -433,7 +433,7 @@ def write_label_outputs(
         need_dict = check_dictionary_writable(dict_path, num_classes, overwrite)
 
         with open(staged.path(km_path), "w", encoding="utf-8") as handle:
-            for i in tqdm(range(len(rows.utt_ids)), desc=f"{split}.km", unit="utt", mininterval=1.0):
+            for i in with_progress(range(len(rows.utt_ids)), desc=f"{split}.km", unit="utt", mininterval=1.0):
                 labels = validate_labels(
                     read_labels(i), int(rows.num_frames[i]), num_classes, rows.utt_ids[i], label_source, stride
                 )

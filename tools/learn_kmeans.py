@@ -22,7 +22,6 @@ import time
 from typing import List, Optional
 
 import numpy as np
-import torch
 
 from melhubert_fairseq.atomic_output import check_writable
 from melhubert_fairseq.data.shards import split_name
@@ -143,6 +142,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.threads is not None:
         if args.threads < 1:
             parser.error("--threads must be >= 1")
+        import torch  # after parsing: --help and flag errors need no torch
+
         torch.set_num_threads(args.threads)
     if not sample_only:
         backend = resolve_backend(args.backend)  # before sampling: a missing faiss is known now

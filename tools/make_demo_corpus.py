@@ -35,11 +35,10 @@ from typing import List, Optional
 
 import numpy as np
 import soundfile
-from tqdm import tqdm
 
 from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, num_fbank_frames, resample_audio
 from melhubert_fairseq.atomic_output import StagedOutputs
-from melhubert_fairseq.cli import console_main
+from melhubert_fairseq.cli import console_main, with_progress
 
 SENTENCES = [
     "The morning train to the coast was delayed by almost an hour.",
@@ -267,7 +266,7 @@ def build_corpus(out_dir: str, num_speakers: int, seed: int, espeak: str) -> tup
     transcript_lines = ["utt_id\tvoice\tspeed_wpm\tpitch\tamplitude\tnum_samples\ttext"]
     total_samples = total_frames = 0
     noise_rng = np.random.default_rng(seed)
-    for position, utt in enumerate(tqdm(utterances, desc="synthesising", unit="utt")):
+    for position, utt in enumerate(with_progress(utterances, desc="synthesising", unit="utt")):
         audio = synthesize(utt, espeak, noise_rng)
         path = os.path.join(out_dir, utt.relative_path)
         os.makedirs(os.path.dirname(path), exist_ok=True)

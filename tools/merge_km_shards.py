@@ -15,13 +15,12 @@ import time
 from typing import List, Optional
 
 import numpy as np
-from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import atomic_output, check_writable
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, expected_label_count, label_stride
 from melhubert_fairseq.data.manifest import index_label_file, read_manifest
 from melhubert_fairseq.data.shards import shard_file_name, shard_range, split_name
-from melhubert_fairseq.cli import console_main
+from melhubert_fairseq.cli import console_main, with_progress
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,11 +70,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     missing = [p for p in shards if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {args.nshard} label shards are missing: {missing[:5]}")
-    for rank, path in enumerate(tqdm(shards, desc="check shards", unit="shard", disable=args.no_progress)):
+    for rank, path in enumerate(with_progress(shards, desc="check shards", unit="shard", disable=args.no_progress)):
         start, end = shard_range(len(manifest), args.nshard, rank)
         check_shard(path, expected[start:end], start, manifest)
     with atomic_output(out_path, overwrite=args.overwrite, mode="wb") as out:
-        for path in tqdm(shards, desc="merge", unit="shard", disable=args.no_progress):
+        for path in with_progress(shards, desc="merge", unit="shard", disable=args.no_progress):
             with open(path, "rb") as shard:
                 shutil.copyfileobj(shard, out, length=1 << 24)
     merged = index_label_file(out_path)  # re-read: the merged file is what training will index

@@ -2,7 +2,7 @@
 
 Input is either a fairseq audio manifest (first line the root directory, then
 ``relative/path.wav<TAB>num_samples``; a relative root is taken relative to the
-manifest's own directory) or ``--audio-dir`` (every .wav/.flac below it,
+manifest's own folder, as for every manifest) or ``--audio-dir`` (every .wav/.flac below it,
 sorted). Output, in ``--out-dir``:
 
 * ``<relative/path>.npy`` per utterance: (frames, 40) fbank, float32 (or
@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, List, Optional
 
 import numpy as np
-from tqdm import tqdm
 
 from melhubert_fairseq.atomic_output import StagedOutputs, check_writable, safe_relative_path
 from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, FBANK_WINDOW_SAMPLES, compute_fbank, load_audio
@@ -47,8 +46,8 @@ from melhubert_fairseq.data.features import (
     load_mean_std,
     save_mean_std,
 )
-from melhubert_fairseq.data.manifest import iter_tsv_manifest, write_manifest
-from melhubert_fairseq.cli import console_main
+from melhubert_fairseq.data.manifest import AUDIO, iter_tsv_manifest, write_manifest
+from melhubert_fairseq.cli import console_main, with_progress
 from melhubert_fairseq.errors import InputError
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
@@ -91,11 +90,11 @@ class ExtractResult:
     accumulator: Optional[MeanStdAccumulator]
 
 
-def read_audio_manifest(path: str) -> List[AudioItem]:
-    """Parse a fairseq audio manifest (a relative root is read against the manifest's folder)."""
+def read_audio_manifest(path: str, feature_manifest_advice: Optional[str] = None) -> List[AudioItem]:
+    """Parse a fairseq audio manifest (a relative root is read against the manifest's folder); a feature
+    manifest is refused with ``feature_manifest_advice`` (default: it needs no fbank extraction)."""
     items = []
-    for root, line_no, rel_path, num_samples in iter_tsv_manifest(path, count_name="num_samples"):
-        root = os.path.join(os.path.dirname(os.path.abspath(path)), root)
+    for root, line_no, rel_path, num_samples in iter_tsv_manifest(path, AUDIO, feature_manifest_advice):
         utt_id = os.path.splitext(os.path.basename(rel_path))[0]
         where = f"{path}:{line_no} ({utt_id})"
         # The feature file mirrors this path below --out-dir: it must stay there.
@@ -191,7 +190,7 @@ def run_parallel(func: Callable, tasks: Iterable, total: int, workers: int, desc
     pool = multiprocessing.Pool(workers) if workers > 1 else None
     with pool if pool is not None else contextlib.nullcontext():
         results = pool.imap(func, tasks, chunksize=4) if pool is not None else map(func, tasks)
-        yield from tqdm(results, total=total, desc=desc, unit="utt")
+        yield from with_progress(results, total=total, desc=desc, unit="utt")
 
 
 def _extract_task(task):

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
-import torch
 
 
 class KMeansAssigner:
@@ -24,6 +23,8 @@ class KMeansAssigner:
         cpu_chunk_frames: int = 512,
         threads: Optional[int] = None,
     ) -> None:
+        import torch  # here, not at the top: the k-means tools' --help and sampling need no torch
+
         centroids = np.ascontiguousarray(centroids, dtype=np.float32)
         self.num_clusters, self.dim = centroids.shape
         self.device = torch.device(device)
@@ -35,21 +36,23 @@ class KMeansAssigner:
         self.block_frames = cpu_chunk_frames if on_cpu else chunk_frames
         self.threads = (threads or torch.get_num_threads()) if on_cpu else 1
 
-    @torch.no_grad()
     def _assign_block(
         self, frames: np.ndarray, labels: np.ndarray, sq_dist: Optional[np.ndarray], start: int
     ) -> None:
         """Label rows ``[start, start + block_frames)`` into ``labels`` (and ``sq_dist``)."""
+        import torch
+
         end = min(start + self.block_frames, frames.shape[0])
-        x = torch.from_numpy(frames[start:end]).to(self.device)
-        # ||c||^2 - 2 x.c in one fused addmm; ||x||^2 does not change the argmin.
-        partial = torch.addmm(self.centroid_sq, x, self.centroids_t, alpha=-2.0)
-        if sq_dist is None:
-            labels[start:end] = partial.argmin(dim=1).cpu().numpy()
-            return
-        best, index = partial.min(dim=1)
-        labels[start:end] = index.cpu().numpy()
-        sq_dist[start:end] = (best + (x * x).sum(dim=1)).clamp_(min=0).cpu().numpy()
+        with torch.no_grad():
+            x = torch.from_numpy(frames[start:end]).to(self.device)
+            # ||c||^2 - 2 x.c in one fused addmm; ||x||^2 does not change the argmin.
+            partial = torch.addmm(self.centroid_sq, x, self.centroids_t, alpha=-2.0)
+            if sq_dist is None:
+                labels[start:end] = partial.argmin(dim=1).cpu().numpy()
+                return
+            best, index = partial.min(dim=1)
+            labels[start:end] = index.cpu().numpy()
+            sq_dist[start:end] = (best + (x * x).sum(dim=1)).clamp_(min=0).cpu().numpy()
 
     def _run(self, frames: np.ndarray, with_distance: bool) -> Tuple[np.ndarray, Optional[np.ndarray]]:
         """Label all rows of ``frames``, block by block (in a thread pool on CPU)."""
@@ -64,6 +67,8 @@ class KMeansAssigner:
                 self._assign_block(frames, labels, sq_dist, start)
             return labels, sq_dist
         from concurrent.futures import ThreadPoolExecutor
+
+        import torch
 
         torch_threads = torch.get_num_threads()
         torch.set_num_threads(1)  # parallel over blocks, not inside each small matmul

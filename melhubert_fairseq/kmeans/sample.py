@@ -6,6 +6,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from melhubert_fairseq.cli import with_progress
 from melhubert_fairseq.data.shards import shard_range
 from melhubert_fairseq.kmeans.sources import FeatureSource
 
@@ -44,8 +45,6 @@ def sample_frames(
     progress: bool = True,
 ) -> FrameSample:
     """Sample frames of shard ``rank``: random whole utterances, then at most ``max_frames`` of their frames."""
-    from tqdm import tqdm
-
     start, end = shard_range(len(source.manifest), nshard, rank)
     rng = np.random.default_rng([seed, rank, nshard])
     rows = start + choose_sample_rows(source.manifest.num_frames[start:end], sample_frac, rng)
@@ -61,7 +60,7 @@ def sample_frames(
     kept: List[np.ndarray] = []
     dim = None
     seen = 0
-    for position, (row, feats) in enumerate(tqdm(
+    for position, (row, feats) in enumerate(with_progress(
         source.iter_rows(rows), total=len(rows), desc=f"sample shard {rank}/{nshard}",
         unit="utt", disable=not progress,
     )):

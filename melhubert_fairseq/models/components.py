@@ -8,6 +8,7 @@ Faster CPU versions of some operations live apart, in :mod:`cpu_kernels`.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -26,7 +27,11 @@ def make_conv_pos(embed_dim: int, kernel_size: int, groups: int, causal: bool = 
     conv = cpu_kernels.TimeMajorConv1d(embed_dim, embed_dim, kernel_size=kernel_size, padding=padding, groups=groups)
     nn.init.normal_(conv.weight, mean=0, std=math.sqrt(4.0 / (kernel_size * embed_dim)))
     nn.init.constant_(conv.bias, 0)
-    conv = nn.utils.weight_norm(conv, name="weight", dim=2)
+    # The deprecated hook-based weight_norm on purpose: it keeps the parameter names weight_g / weight_v of
+    # fairseq's HuBERT and the original checkpoints (the parametrizations version renames them).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.nn\.utils\.weight_norm` is deprecated", category=FutureWarning)
+        conv = nn.utils.weight_norm(conv, name="weight", dim=2)
     return nn.Sequential(conv, SamePad(kernel_size, causal=causal), nn.GELU())
 
 
