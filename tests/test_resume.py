@@ -265,3 +265,33 @@ def run_and_kill_during_save(command, nth_save: int, delay: float) -> bool:
     while not lines.empty():
         finished |= "Saved checkpoint" in lines.get()
     return saves == nth_save and not finished
+
+
+def test_the_training_split_is_shuffled_whatever_its_name(tmp_path):
+    # dataset.train_subset=ls960: fairseq's trainer loads that split; it must get fresh crops every
+    # epoch like "train", while another split keeps its crops.
+    data = write_indexed_corpus(tmp_path, [400, 420, 440, 460, 480, 500])
+    for split in ("ls960", "dev"):
+        (tmp_path / f"{split}.tsv").write_text((tmp_path / "train.tsv").read_text())
+        (tmp_path / f"{split}.km").write_text((tmp_path / "train.km").read_text())
+    cfg = MelHubertPretrainingConfig(data=str(data), num_classes=1000, seed=3, max_sample_size=50, train_subset="ls960")
+    task = MelHubertPretrainingTask(cfg)
+
+    def crops(split, epoch):
+        task.load_dataset(split)
+        itr = task.get_batch_iterator(task.datasets[split], max_tokens=200, seed=3, epoch=epoch)
+        batches = itr.next_epoch_itr(shuffle=task.datasets[split].shuffle)
+        return sorted((int(i), int(b["net_input"]["source"][r, 0, 0])) for b in batches for r, i in enumerate(b["id"]))
+
+    assert sum(a != b for a, b in zip(crops("ls960", 1), crops("ls960", 2))) >= 5
+    task.load_dataset("dev")
+    assert task.datasets["ls960"].shuffle and not task.datasets["dev"].shuffle
+
+
+def test_fairseq_validate_can_score_the_training_split(tmp_path):
+    # fairseq-validate passes its own --seed (default 1), not the checkpoint's common.seed.
+    data = write_indexed_corpus(tmp_path, [400, 420])
+    task = MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), num_classes=1000, seed=1337))
+    task.load_dataset("train")
+    itr = task.get_batch_iterator(task.datasets["train"], max_tokens=1000, seed=1, epoch=1)
+    assert sum(len(b["id"]) for b in itr.next_epoch_itr(shuffle=False)) == 2

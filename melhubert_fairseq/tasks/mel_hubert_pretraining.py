@@ -77,6 +77,25 @@ class MelHubertPretrainingConfig(FairseqDataclass):
         },
     )
     seed: int = II("common.seed")
+    train_subset: str = field(
+        default=II("dataset.train_subset"),
+        metadata={
+            "help": "the split trained on (fairseq's dataset.train_subset, whatever its name): shuffled, its crops and "
+            "batches redrawn every epoch; every other split keeps fixed crops, so validations compare"
+        },
+    )
+
+
+def is_training_split(split: str, cfg) -> bool:
+    """Whether ``split`` is the one trained on: ``cfg.train_subset`` when it resolves (a task built from a
+    fairseq config or a checkpoint), else fairseq's default name (a task config built on its own)."""
+    try:
+        train_subset = cfg.train_subset
+    except Exception:  # omegaconf: an interpolation with no dataset group to resolve against
+        train_subset = None
+    if isinstance(train_subset, str) and train_subset and not train_subset.startswith("${"):
+        return split == train_subset
+    return split.startswith("train")
 
 
 @register_task("mel_hubert_pretraining", dataclass=MelHubertPretrainingConfig)
@@ -158,7 +177,7 @@ class MelHubertPretrainingTask(FairseqTask):
     def load_dataset(self, split: str, **kwargs) -> None:
         """Index ``{data}/{split}.tsv`` and ``{label_dir}/{split}.{labels}`` (labels stay on disk)."""
         manifest_path = os.path.join(self.cfg.data, f"{split}.tsv")
-        if not os.path.isfile(manifest_path) and not split.startswith("train"):
+        if not os.path.isfile(manifest_path) and not is_training_split(split, self.cfg):
             raise FileNotFoundError(
                 f"{manifest_path} not found: validation is on (dataset.valid_subset={split}); make that split with "
                 f"the same tools as train (e.g. melhubert-wav-to-fbank --split {split} --mean-std <train mean-std.npy>), "
@@ -178,7 +197,7 @@ class MelHubertPretrainingTask(FairseqTask):
             max_keep_size=self.cfg.max_keep_size,
             pad_audio=self.cfg.pad_audio,
             random_crop=self.cfg.random_crop,
-            shuffle=split.startswith("train"),
+            shuffle=is_training_split(split, self.cfg),
             seed=self.cfg.seed,
         )
         # Fail before training, not at the first batch: read one utterance fully.
@@ -233,7 +252,10 @@ class MelHubertPretrainingTask(FairseqTask):
             )
             call.arguments["required_batch_size_multiple"] = 1
         if isinstance(dataset, FbankLabelDataset) and dataset.shuffle and isinstance(self.cfg.seed, int):
-            if call.arguments["seed"] != self.cfg.seed:
+            # fairseq's trainer passes common.seed + epoch with update_ordered_indices_seed; other tools
+            # (fairseq-validate) pass their own command line's seed, which is theirs to choose.
+            seed, epoch = call.arguments["seed"], int(call.arguments["epoch"])
+            if seed != self.cfg.seed and seed == self.cfg.seed + epoch:
                 raise ValueError(
                     "dataset.update_ordered_indices_seed=true is not supported: the batches are already rebuilt "
                     "every epoch from common.seed + epoch, and fairseq would keep the seed of the epoch a run was "
