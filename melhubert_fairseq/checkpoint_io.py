@@ -205,7 +205,9 @@ def load_fairseq_state(path: str) -> dict:
     """A fairseq checkpoint's state dict through :func:`safe_torch_load`; an original Mel-HuBERT ``.ckpt``
     or a file without fairseq's ``model`` and ``cfg`` (or pre-hydra ``args``) is refused naming what it is."""
     # argparse.Namespace: fairseq before hydra kept its args in one (and the original release its Args).
-    state = safe_torch_load(path, [argparse.Namespace])
+    # The fairseq types are passed here, not only registered globally: a tool may load before the
+    # plugin registered with fairseq (registration waits for fairseq's import).
+    state = safe_torch_load(path, [argparse.Namespace, *fairseq_checkpoint_safe_globals()])
     if isinstance(state, dict) and "Upstream_Config" in state:
         raise CheckpointFormatError(
             f"{path}: an original Mel-HuBERT checkpoint (it has Upstream_Config), not a fairseq one: "
@@ -215,6 +217,24 @@ def load_fairseq_state(path: str) -> dict:
         holds = f"entries {sorted(map(str, state))[:8]}" if isinstance(state, dict) else f"a {type(state).__name__}"
         raise CheckpointFormatError(f"{path}: not a fairseq checkpoint (no 'model' and 'cfg' entries; it holds {holds})")
     return state
+
+
+def checkpoint_model_name(path: str) -> Optional[str]:
+    """The fairseq model name a checkpoint was saved with (``cfg.model._name``, or pre-hydra ``args.arch``);
+    tensors stay on disk where the file allows it."""
+    try:
+        state = safe_torch_load(path, [argparse.Namespace, *fairseq_checkpoint_safe_globals()], mmap=True)
+    except RuntimeError:  # mmap needs torch's zip format; an older file is read whole
+        state = None
+    if state is None:
+        state = load_fairseq_state(path)
+    if not isinstance(state, dict):
+        return None
+    cfg = state.get("cfg")
+    model = cfg.get("model") if hasattr(cfg, "get") else None
+    if model is not None and hasattr(model, "get"):
+        return model.get("_name")
+    return getattr(state.get("args"), "arch", None)
 
 
 # --- saving ---------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from omegaconf import OmegaConf, open_dict
 from melhubert_fairseq.checkpoint_io import (  # noqa: F401  (re-exported)
     CheckpointFormatError,
     UnsafeCheckpointError,
+    load_fairseq_state,
     safe_torch_load,
 )
 from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS, MeanStd, validate_mean_std
@@ -477,12 +478,12 @@ def read_mel_hubert_checkpoint(
 ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """Safely load a fairseq checkpoint holding a ``mel_hubert`` model -> (checkpoint dict, resolved cfg);
     ``purpose`` ends the error for another model."""
-    # Namespace is allowed so that pre-hydra fairseq files (``args``) are named, not refused as unsafe.
-    state = safe_torch_load(path, original_checkpoint_safe_globals())
-    if not isinstance(state, dict) or "model" not in state:
-        raise CheckpointFormatError(f"{path}: not a fairseq checkpoint (no 'model' entry)")
-    if "Upstream_Config" in state:
-        raise CheckpointFormatError(f"{path}: already in the original Mel-HuBERT format (it has Upstream_Config)")
+    try:
+        state = load_fairseq_state(path)
+    except CheckpointFormatError as err:
+        if "Upstream_Config" in str(err):  # the one loader says "convert it": here the point is it needs no export
+            raise CheckpointFormatError(f"{path}: already in the original Mel-HuBERT format (it has Upstream_Config)") from None
+        raise
     cfg = state.get("cfg")
     if OmegaConf.is_config(cfg):
         cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

@@ -113,3 +113,37 @@ def test_saves_work_where_the_file_system_cannot_lock(tmp_path, tiny_checkpoint,
     assert checkpoint_utils.PathManager.copy(str(target), str(tmp_path / "checkpoint_last.pt"), overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_1_2.pt", "checkpoint_last.pt"]
     assert safe_torch_load(str(tmp_path / "checkpoint_last.pt"))["model"].keys() == state["model"].keys()
+
+
+def test_every_tool_reads_a_checkpoint_resaved_after_fairseqs_loader(tiny_checkpoint, tmp_path):
+    # load_checkpoint_to_cpu + torch.save (the usual way to strip the optimizer before sharing) leaves
+    # cfg as an omegaconf DictConfig; tools that load before the plugin registers with fairseq
+    # (average-checkpoints, export-original) must allow the same types fairseq's loader does.
+    import subprocess
+    import sys
+
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(tiny_checkpoint))
+    state.pop("last_optimizer_state", None)
+    resaved = tmp_path / "shared.pt"
+    torch.save(state, resaved)
+    commands = {
+        "average": ["melhubert_fairseq.tools.average_checkpoints", "--inputs", str(resaved), str(tiny_checkpoint),
+                    "--output", str(tmp_path / "avg.pt")],
+        "export": ["melhubert_fairseq.tools.export_original_checkpoint", str(resaved), str(tmp_path / "orig.ckpt")],
+    }
+    for name, command in commands.items():
+        result = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{name}: {result.stderr[-2000:]}"
+    assert (tmp_path / "avg.pt").is_file() and (tmp_path / "orig.ckpt").is_file()
+
+
+def test_feature_reader_names_another_fairseq_model_before_building_it(tiny_checkpoint, tmp_path):
+    from melhubert_fairseq.checkpoint_io import CheckpointFormatError
+
+    state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    state["cfg"]["model"]["_name"] = "hubert"  # what a fairseq HuBERT checkpoint says
+    state["cfg"]["task"]["data"] = str(tmp_path / "nowhere")
+    other = tmp_path / "hubert.pt"
+    torch.save(state, other)
+    with pytest.raises(CheckpointFormatError, match="a fairseq 'hubert' checkpoint, not 'mel_hubert'"):
+        MelHubertFeatureReader(str(other))
