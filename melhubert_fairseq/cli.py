@@ -1,15 +1,20 @@
 """Console-script behaviour shared by every tool in tools/."""
+import argparse
 import contextlib
 import functools
 import pickle
 import sys
-from typing import Callable, Iterable, Iterator, List, Optional, TypeVar
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, TypeVar
 
 from tqdm import tqdm
 
+from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ
 from melhubert_fairseq.errors import InputError
 
 T = TypeVar("T")
+
+#: How many utterance ids an error or skip report spells out before "... and N more".
+LISTED_IDS = 20
 
 #: What bad input raises in this project: messages already name the file, utterance and problem.
 #: InputError is the project's own; ValueError/OSError stay for library errors that name a file.
@@ -49,6 +54,17 @@ def with_progress(iterable: Iterable[T], **tqdm_args) -> Iterator[T]:
             bar.update()
 
 
+def set_torch_threads(parser: argparse.ArgumentParser, threads: Optional[int], flag: str = "--threads") -> None:
+    """Check a tool's ``--threads`` value (>= 1, or None for torch's default) and give torch that many."""
+    if threads is None:
+        return
+    if threads < 1:
+        parser.error(f"{flag} must be >= 1")
+    import torch  # here: --help and flag errors need no torch
+
+    torch.set_num_threads(threads)
+
+
 def console_main(main: Callable) -> Callable:
     """Wrap a tool's ``main(argv)``: from the command line (argv None), user errors print as one
     ``error: ...`` line with exit code 2 instead of a traceback, and success exits 0 whatever
@@ -66,3 +82,16 @@ def console_main(main: Callable) -> Callable:
         return result if isinstance(result, int) else 0
 
     return wrapper
+
+
+def format_ids(ids: Sequence[str], limit: int = LISTED_IDS) -> str:
+    """``a, b, c, ... and N more`` for reports that must name utterances without flooding the terminal."""
+    shown = ", ".join(ids[:limit])
+    return shown + (f", ... and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def summary_line(action: str, utterances: int, frames: int, seconds: float, written: Dict[str, str]) -> str:
+    """Closing line of every import tool: utterances, hours, frames, time taken and the files written."""
+    hours = frames / FBANK_FRAME_RATE_HZ / 3600
+    outputs = "; ".join(f"{kind}: {path}" for kind, path in written.items())
+    return f"{action} {utterances} utterances, {hours:.2f} h ({frames} frames) in {seconds:.1f} s -> {outputs}"

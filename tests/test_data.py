@@ -9,7 +9,15 @@ import pytest
 from helpers import make_fbank_corpus, write_indexed_corpus
 from melhubert_fairseq.data.fbank_label_dataset import FbankLabelDataset, FrameRates
 from melhubert_fairseq.data.features import label_stride, load_mean_std, stack_frames, subsample_labels
-from melhubert_fairseq.data.manifest import index_label_file, parse_label_line, read_manifest, write_manifest
+from melhubert_fairseq.data.manifest import (
+    LabelLineFormatter,
+    index_label_file,
+    load_km_labels,
+    parse_label_line,
+    read_manifest,
+    write_km,
+    write_manifest,
+)
 from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.tasks.mel_hubert_pretraining import (
     MelHubertPretrainingConfig,
@@ -114,6 +122,21 @@ def test_parse_label_line(line, labels):
 def test_parse_label_line_names_the_bad_token(line, bad):
     with pytest.raises(ValueError, match=f"train.km:4: label {bad} is not an integer"):
         parse_label_line(line, "train.km:4")
+
+
+def test_write_km_lines_are_fairseqs_and_read_back_for_any_label_and_dtype(tmp_path):
+    # A K smaller than the labels (the string table grows), int32/uint16 rows and an empty row.
+    rows = [np.array([3, 0, 700], np.int32), np.array([], np.int64), np.array([9, 65535], np.uint16)]
+    path = tmp_path / "train.km"
+    assert write_km(str(path), rows, num_classes=4) == 3
+    assert path.read_bytes() == b"3 0 700\n\n9 65535\n"
+    assert [row.tolist() for row in load_km_labels(str(path))] == [row.tolist() for row in rows]
+
+
+def test_label_line_formatter_refuses_a_negative_label():
+    # Unchecked, -1 would index the string table from its end and write the largest label.
+    with pytest.raises(ValueError, match="negative label -1"):
+        LabelLineFormatter(8)(np.array([2, -1]))
 
 
 # --- stacking and label subsampling ----------------------------------------------------------

@@ -11,7 +11,8 @@ from kaldiio.compression_header import kOneByteAuto, kSpeechFeature, kTwoByteAut
 from melhubert_fairseq.data.features import load_mean_std, mean_std_from_sums
 from melhubert_fairseq.data.manifest import load_km_labels, read_manifest
 from melhubert_fairseq.tools import create_manifest, import_kaldi_features, import_kaldi_labels
-from melhubert_fairseq.tools.kaldi_dump import KaldiDumpError, read_mean_var
+from melhubert_fairseq.data.kaldi import read_mean_var
+from melhubert_fairseq.errors import InputError
 
 DIM = 40
 K = 512
@@ -260,7 +261,7 @@ def _bad_mean_var(dump):
 def test_bad_feature_dump_fails_naming_the_culprit_and_writes_nothing(dump, tmp_path, corrupt):
     expected = corrupt(dump)
     out = tmp_path / "out"
-    with pytest.raises(KaldiDumpError) as err:
+    with pytest.raises(InputError) as err:
         import_features(dump, out)
     for fragment in expected:
         assert fragment in str(err.value)
@@ -318,7 +319,7 @@ def test_stage2_labels_at_20ms_need_label_rate_50(dump, tmp_path):
     import_features(dump, out)
     halved = {utt: labels[::2] for utt, labels in dump.labels.items()}
     dump.write_labels(halved)
-    with pytest.raises(KaldiDumpError, match=r"labels but \d+ feature frames"):
+    with pytest.raises(InputError, match=r"labels but \d+ feature frames"):
         import_labels(out / "train-clean-360.tsv", dump)
     written = import_labels(out / "train-clean-360.tsv", dump, "--label-rate", "50", "--overwrite")
     for row, utt in zip(load_km_labels(written["labels"]), dump.utts):
@@ -367,7 +368,7 @@ def test_bad_labels_fail_naming_the_utterance_and_write_no_km(dump, tmp_path, co
     import_features(dump, out)
     expected = corrupt(dump)
     manifest_before = (out / "train-clean-360.tsv").read_text()
-    with pytest.raises(KaldiDumpError) as err:
+    with pytest.raises(InputError) as err:
         import_labels(out / "train-clean-360.tsv", dump)
     for fragment in expected:
         assert fragment in str(err.value)
@@ -422,11 +423,11 @@ def test_create_manifest_from_npy_folders(tmp_path):
 
     # A label with the wrong length and a missing label file: errors name the utterance, nothing written.
     np.save(label_dir / "a-1-0002.npy", labels["a-1-0002"][:-1])
-    with pytest.raises(KaldiDumpError, match=r"a-1-0002 has 44 labels but 45 feature frames"):
+    with pytest.raises(InputError, match=r"a-1-0002 has 44 labels but 45 feature frames"):
         create_manifest.main(["--feature-dir", str(feature_dir), "--label-dir", str(label_dir), "--out-dir", str(tmp_path / "bad")])
     assert_nothing_written(tmp_path / "bad")
     os.unlink(label_dir / "a-1-0002.npy")
-    with pytest.raises(KaldiDumpError, match=r"1 utterance\(s\) .* no labels .*: a-1-0002"):
+    with pytest.raises(InputError, match=r"1 utterance\(s\) .* no labels .*: a-1-0002"):
         create_manifest.main(["--feature-dir", str(feature_dir), "--label-dir", str(label_dir), "--out-dir", str(tmp_path / "bad")])
     assert_nothing_written(tmp_path / "bad")
     written = create_manifest.main(
@@ -441,7 +442,7 @@ def test_create_manifest_rejects_inconsistent_feature_dims(tmp_path):
     feature_dir.mkdir()
     np.save(feature_dir / "u1.npy", np.zeros((5, DIM), np.float32))
     np.save(feature_dir / "u2.npy", np.zeros((5, DIM + 1), np.float32))
-    with pytest.raises(KaldiDumpError, match=r"u2 has 41-dim features but u1.npy has 40"):
+    with pytest.raises(InputError, match=r"u2 has 41-dim features but u1.npy has 40"):
         create_manifest.main(["--feature-dir", str(feature_dir), "--out-dir", str(tmp_path / "out")])
     assert_nothing_written(tmp_path / "out")
 

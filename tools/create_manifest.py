@@ -24,18 +24,17 @@ import numpy as np
 
 from melhubert_fairseq.atomic_output import check_writable
 from melhubert_fairseq.data.features import label_stride, open_feature_file, open_npy
-from melhubert_fairseq.data.manifest import write_manifest
-from melhubert_fairseq.tools.kaldi_dump import (
+from melhubert_fairseq.data.manifest import (
+    ManifestRows,
     add_label_arguments,
     check_num_classes,
-    KaldiDumpError,
-    ManifestRows,
     check_unique_ids,
     match_ids,
-    summary_line,
     write_label_outputs,
+    write_manifest,
 )
-from melhubert_fairseq.cli import console_main, with_progress
+from melhubert_fairseq.cli import console_main, summary_line, with_progress
+from melhubert_fairseq.errors import InputError
 
 
 def find_npy_files(folder: str) -> List[Tuple[str, str]]:
@@ -52,7 +51,7 @@ def find_npy_files(folder: str) -> List[Tuple[str, str]]:
                 found.append((rel_path, name[: -len(".npy")]))
     found.sort()
     if not found:
-        raise KaldiDumpError(f"{folder}: no .npy files found")
+        raise InputError(f"{folder}: no .npy files found")
     check_unique_ids([utt for _, utt in found], folder)
     return found
 
@@ -68,7 +67,7 @@ def scan_features(folder: str, files: Sequence[Tuple[str, str]]) -> np.ndarray:
         if first_dim is None:
             first_dim = (shape[1], rel_path)
         elif shape[1] != first_dim[0]:
-            raise KaldiDumpError(
+            raise InputError(
                 f"{path}: utterance {utt_id} has {shape[1]}-dim features but {first_dim[1]} has {first_dim[0]}"
             )
         frames[i] = shape[0]

@@ -16,17 +16,16 @@ from typing import List, Optional
 
 from melhubert_fairseq.atomic_output import atomic_output, check_writable
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ
-from melhubert_fairseq.data.manifest import read_dictionary_size, write_dictionary
+from melhubert_fairseq.data.manifest import LabelLineFormatter, dictionary_needs_writing, write_dictionary
 from melhubert_fairseq.data.shards import shard_file_name, shard_range, split_name
 from melhubert_fairseq.kmeans import (
     IMPORTED_SOURCE_KIND,
     KMeansAssigner,
-    LabelLineFormatter,
     add_feature_source_arguments,
     feature_source_from_args,
     load_kmeans,
 )
-from melhubert_fairseq.cli import console_main, with_progress
+from melhubert_fairseq.cli import console_main, set_torch_threads, with_progress
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,37 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_dictionary(path: str, num_clusters: int, overwrite: bool) -> bool:
-    """Whether ``dict.km.txt`` must be (re)written; an existing one for another K is an error."""
-    existing = read_dictionary_size(path)
-    if existing == num_clusters:
-        return False
-    if existing is not None and not overwrite:
-        raise FileExistsError(
-            f"{path} lists {existing} clusters but the k-means model has {num_clusters}; "
-            "pass --overwrite to replace it"
-        )
-    return True
-
-
 @console_main
 def main(argv: Optional[List[str]] = None) -> int:
     """Run dump_km_labels; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be >= 1")
-        import torch  # after parsing: --help and flag errors need no torch
-
-        torch.set_num_threads(args.threads)
+    set_torch_threads(parser, args.threads)
     split = args.split or split_name(args.manifest)
     out_path = os.path.join(args.out_dir, shard_file_name(split, args.rank, args.nshard, ".km"))
     check_writable(out_path, args.overwrite)
     model = load_kmeans(args.km_path)
     dict_path = os.path.join(args.out_dir, "dict.km.txt")
-    write_dict = check_dictionary(dict_path, model.num_clusters, args.overwrite)  # fail before labelling
+    # Before labelling: a dictionary for another K fails now, not after the whole shard.
+    write_dict = dictionary_needs_writing(dict_path, model.num_clusters, args.overwrite, "the k-means model has")
     source = feature_source_from_args(args)
     trained_on = model.metadata.get("feature_source", {})
     known = trained_on.get("kind") != IMPORTED_SOURCE_KIND  # fairseq's models do not say what they clustered

@@ -25,27 +25,17 @@ import sys
 import argparse
 import concurrent.futures
 import os
-import struct
 import time
 from dataclasses import dataclass
-from typing import IO, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from kaldiio.matio import read_kaldi
 
 from melhubert_fairseq.atomic_output import StagedOutputs, check_writable
 from melhubert_fairseq.data.features import MeanStd, check_feature_array, load_mean_std, save_mean_std
+from melhubert_fairseq.data.kaldi import ScpEntry, load_normalization_stats, read_feature_matrix, read_scp, resolve_ark_paths
 from melhubert_fairseq.data.manifest import write_manifest
-from melhubert_fairseq.tools.kaldi_dump import (
-    KaldiDumpError,
-    ScpEntry,
-    check_ark_key,
-    load_normalization_stats,
-    read_scp,
-    resolve_ark_paths,
-    summary_line,
-)
-from melhubert_fairseq.cli import console_main, progress_bar
+from melhubert_fairseq.cli import console_main, progress_bar, summary_line
 from melhubert_fairseq.errors import InputError
 
 #: Utterances per work unit: one ark handle, offsets read in increasing order.
@@ -67,28 +57,6 @@ class FeatureJob:
     check_key: bool
 
 
-def read_feature_matrix(handle: IO[bytes], offset: int, utt_id: str, ark_path: str, check_key: bool) -> np.ndarray:
-    """Read one binary Kaldi matrix (CM/CM2/CM3/FM/DM, decoded by kaldiio) at ``offset``."""
-    if check_key:
-        check_ark_key(handle, offset, utt_id, ark_path)
-    handle.seek(offset)
-    try:
-        # read_kaldi on our own handle rather than load_mat("path:offset"):
-        # load_mat re-parses the path as a Kaldi rxspecifier ('[..]' slices, '|' pipes).
-        feats = read_kaldi(handle)
-    except (ValueError, AssertionError, struct.error, EOFError, UnicodeDecodeError, RuntimeError) as err:
-        raise KaldiDumpError(
-            f"{ark_path}: cannot read the matrix of utterance {utt_id} at offset {offset} "
-            f"(truncated or corrupt ark): {type(err).__name__}: {err}"
-        ) from None
-    if not isinstance(feats, np.ndarray) or feats.ndim != 2 or feats.dtype.kind != "f":
-        what = f"{feats.dtype} array of shape {feats.shape}" if isinstance(feats, np.ndarray) else type(feats).__name__
-        raise KaldiDumpError(
-            f"{ark_path}: utterance {utt_id} at offset {offset} holds a {what}, expected a float matrix (frames, dim)"
-        )
-    return feats
-
-
 def prepare_features(feats: np.ndarray, utt_id: str, ark_path: str, job: FeatureJob) -> np.ndarray:
     """Check one raw matrix (the shared feature check: dim, frames, finite) and return it normalised
     in the output dtype."""
@@ -101,7 +69,7 @@ def prepare_features(feats: np.ndarray, utt_id: str, ark_path: str, job: Feature
     if job.dtype != "float32":
         out = out.astype(job.dtype)
         if not np.isfinite(out).all():
-            raise KaldiDumpError(
+            raise InputError(
                 f"{ark_path}: utterance {utt_id} overflows {job.dtype} after normalisation; use --dtype float32"
             )
     return out

@@ -28,21 +28,17 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from melhubert_fairseq.data.features import label_stride
-from melhubert_fairseq.data.manifest import read_manifest
-from melhubert_fairseq.tools.kaldi_dump import (
+from melhubert_fairseq.data.kaldi import ArkHandles, read_scp, read_text_ark_labels, resolve_ark_paths
+from melhubert_fairseq.data.manifest import (
+    ManifestRows,
     add_label_arguments,
     check_num_classes,
-    ArkHandles,
-    ManifestRows,
     check_unique_ids,
     match_ids,
-    read_scp,
-    read_text_ark_labels,
-    resolve_ark_paths,
-    summary_line,
+    read_manifest,
     write_label_outputs,
 )
-from melhubert_fairseq.cli import console_main
+from melhubert_fairseq.cli import console_main, summary_line
 
 
 def build_parser() -> argparse.ArgumentParser:

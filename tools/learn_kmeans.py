@@ -43,7 +43,7 @@ from melhubert_fairseq.kmeans import (
     save_sample,
     sidecar_path,
 )
-from melhubert_fairseq.cli import console_main
+from melhubert_fairseq.cli import console_main, set_torch_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,12 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error("--km-path is required (except with --rank, which only samples)")
     if args.max_frames < 0:
         parser.error("--max-frames must be >= 0 (0 = no cap)")
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error("--threads must be >= 1")
-        import torch  # after parsing: --help and flag errors need no torch
-
-        torch.set_num_threads(args.threads)
+    set_torch_threads(parser, args.threads)
     if not sample_only:
         backend = resolve_backend(args.backend)  # before sampling: a missing faiss is known now
         if args.backend is None and backend != DEFAULT_BACKEND:

@@ -28,12 +28,15 @@ in memory, only the byte offset of each line.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import atomic_output
+from melhubert_fairseq.atomic_output import StagedOutputs, atomic_output, check_writable
+from melhubert_fairseq.cli import format_ids, with_progress
+from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, expected_label_count, label_count_tolerance
 from melhubert_fairseq.errors import InputError, check_regular_file
 
 #: The two kinds of tsv manifest: fbank features (``num_frames``) and audio (``num_samples``).
@@ -287,12 +290,38 @@ def load_km_labels(path: str) -> Iterator[np.ndarray]:
             yield parse_label_line(line, f"{path}:{line_no}")
 
 
-def write_km(path: str, labels: Iterable[np.ndarray], overwrite: bool = False) -> int:
-    """Atomically write one line of space-separated labels per item; return the line count."""
+class LabelLineFormatter:
+    """The one writer of ``.km`` lines: space-separated non-negative integer labels, newline-ended (fairseq's
+    ``dump_km_label.py`` layout, byte for byte).
+
+    Labels are looked up in a table of their decimal strings, ~3x faster than ``map(str)``; the table
+    starts at ``num_classes`` entries and grows to the largest label seen.
+    """
+
+    def __init__(self, num_classes: int = 0) -> None:
+        self.table = [str(i) for i in range(num_classes)]
+
+    def __call__(self, labels: np.ndarray) -> str:
+        """One ``.km`` line (with newline) for the 1-D integer ``labels``."""
+        labels = np.asarray(labels)
+        table = self.table
+        # One pass over the labels: seen as unsigned, a negative label (which would silently index the
+        # table from its end) is larger than any table, so it takes the same branch as a new label.
+        unsigned = labels.view(f"u{labels.itemsize}") if labels.dtype.kind == "i" else labels
+        if labels.size and int(unsigned.max()) >= len(table):
+            if labels.min() < 0:
+                raise ValueError(f"negative label {int(labels.min())} cannot be written to a .km line")
+            table.extend(str(i) for i in range(len(table), int(labels.max()) + 1))
+        return " ".join([table[i] for i in labels.tolist()]) + "\n"
+
+
+def write_km(path: str, labels: Iterable[np.ndarray], overwrite: bool = False, num_classes: int = 0) -> int:
+    """Atomically write one ``.km`` line per item of ``labels``; return the line count."""
+    format_line = LabelLineFormatter(num_classes)
     count = 0
     with atomic_output(path, overwrite=overwrite) as handle:
         for row in labels:
-            handle.write(" ".join(map(str, np.asarray(row).tolist())) + "\n")
+            handle.write(format_line(row))
             count += 1
     return count
 
@@ -305,8 +334,213 @@ def read_dictionary_size(path: str) -> Optional[int]:
         return sum(1 for line in handle if line.strip())
 
 
+def dictionary_needs_writing(path: str, num_classes: int, overwrite: bool, k_source: str) -> bool:
+    """Whether ``dict.km.txt`` must be (re)written for ``num_classes``: one listing the same K is kept as
+    is; one for another K is an error unless ``overwrite`` (``k_source``, e.g. ``"--num-classes is"``,
+    says in it where K came from)."""
+    existing = read_dictionary_size(path)
+    if existing == num_classes:
+        return False
+    if existing is not None and not overwrite:
+        raise FileExistsError(
+            f"{path} lists {existing} clusters but {k_source} {num_classes}; pass --overwrite to replace it"
+        )
+    return True
+
+
 def write_dictionary(path: str, num_classes: int, overwrite: bool = False) -> None:
     """Write ``dict.km.txt`` listing cluster ids 0..num_classes-1 (fairseq's dict format)."""
     with atomic_output(path, overwrite=overwrite) as handle:
         for cluster in range(num_classes):
             handle.write(f"{cluster} 1\n")
+
+
+# Labels made elsewhere (the original release's Kaldi arks, a folder of label files) matched to a
+# manifest's utterances, checked against its frame counts, and written as {split}.km beside it.
+
+
+def check_unique_ids(ids: Sequence[str], source: str) -> None:
+    """Raise if two rows of ``source`` share an utterance id (they could not be matched to labels)."""
+    seen: Dict[str, int] = {}
+    for row, utt_id in enumerate(ids):
+        if utt_id in seen:
+            raise InputError(
+                f"{source}: utterance id {utt_id} appears in rows {seen[utt_id] + 1} and {row + 1}; "
+                "ids (file stems) must be unique to match labels"
+            )
+        seen[utt_id] = row
+
+
+@dataclass
+class IdMatch:
+    """Result of matching feature utterances (in manifest order) with labelled utterances."""
+
+    keep: np.ndarray  # int64 row indices of feature utterances that have labels
+    no_labels: List[str]  # feature utterances without labels, in manifest order
+    no_features: List[str]  # labelled utterances without features, sorted
+
+    def dropped_rows(self) -> List[Tuple[str, str]]:
+        """``(utt_id, reason)`` for everything left out of the outputs."""
+        return [(utt, "no labels") for utt in self.no_labels] + [
+            (utt, "labels without features") for utt in self.no_features
+        ]
+
+
+def match_ids(
+    feature_ids: Sequence[str],
+    label_ids: Iterable[str],
+    feature_source: str,
+    label_source: str,
+    skip_missing: bool,
+) -> IdMatch:
+    """Match utterance ids; any mismatch is an error listing the ids unless ``skip_missing``."""
+    label_set = set(label_ids)
+    feature_set = set(feature_ids)
+    keep = np.asarray([i for i, utt in enumerate(feature_ids) if utt in label_set], dtype=np.int64)
+    match = IdMatch(
+        keep=keep,
+        no_labels=[utt for utt in feature_ids if utt not in label_set],
+        no_features=sorted(label_set - feature_set),
+    )
+    problems = []
+    if match.no_labels:
+        problems.append(
+            f"{len(match.no_labels)} utterance(s) of {feature_source} have no labels in {label_source}: "
+            f"{format_ids(match.no_labels)}"
+        )
+    if match.no_features:
+        problems.append(
+            f"{len(match.no_features)} utterance(s) of {label_source} have no features in {feature_source}: "
+            f"{format_ids(match.no_features)}"
+        )
+    if problems and not skip_missing:
+        raise InputError(
+            "; ".join(problems)
+            + ". Pass --skip-missing to keep only the matched utterances (the dropped ones are listed)."
+        )
+    if not len(keep):
+        raise InputError(f"no utterance of {feature_source} has labels in {label_source}")
+    for problem in problems:
+        print(f"skipped: {problem}", file=sys.stderr)
+    return match
+
+
+def add_label_arguments(parser) -> None:
+    """The --num-classes and --label-rate flags shared by the label-writing tools."""
+    parser.add_argument("--num-classes", type=int, default=512, help="number of clusters K; labels must be in [0, K)")
+    parser.add_argument(
+        "--label-rate",
+        type=float,
+        default=float(FBANK_FRAME_RATE_HZ),
+        help="labels per second: 100 = one per 10 ms frame (stage 1), 50 = one per 20 ms model frame (stage 2 of a 20 ms model)",
+    )
+
+
+def check_num_classes(num_classes: int) -> None:
+    """K must be positive."""
+    if num_classes <= 0:
+        raise ValueError(f"--num-classes must be positive, got {num_classes}")
+
+
+def validate_labels(
+    labels: np.ndarray, num_frames: int, num_classes: int, utt_id: str, source: str, stride: int = 1
+) -> np.ndarray:
+    """Check one utterance's labels: 1-D integers, one per ``stride`` manifest frames, all in [0, num_classes)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise InputError(f"{source}: labels of utterance {utt_id} have shape {labels.shape}, expected 1-D")
+    if labels.dtype.kind not in "iu":
+        raise InputError(f"{source}: labels of utterance {utt_id} have dtype {labels.dtype}, expected integers")
+    expected = expected_label_count(num_frames, stride)
+    if abs(len(labels) - expected) > label_count_tolerance(stride):
+        per = "" if stride == 1 else f" (one label per {stride} frames: {expected} expected)"
+        raise InputError(
+            f"{source}: utterance {utt_id} has {len(labels)} labels but {num_frames} feature frames{per}"
+        )
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise InputError(
+            f"{source}: utterance {utt_id} has label {labels[bad[0]]} at frame {bad[0]} outside "
+            f"[0, {num_classes}) ({bad.size} such labels; set --num-classes if K is not {num_classes})"
+        )
+    return labels
+
+
+@dataclass
+class ManifestRows:
+    """Rows of a manifest to write: root dir, relative paths, 10 ms frame counts, utterance ids."""
+
+    root: str
+    rel_paths: List[str]
+    num_frames: np.ndarray
+    utt_ids: List[str]
+
+    def select(self, keep: np.ndarray) -> "ManifestRows":
+        """Only rows ``keep``, in that order."""
+        return ManifestRows(
+            self.root,
+            [self.rel_paths[i] for i in keep],
+            self.num_frames[keep],
+            [self.utt_ids[i] for i in keep],
+        )
+
+
+def write_label_outputs(
+    out_dir: str,
+    split: str,
+    rows: ManifestRows,
+    read_labels: Callable[[int], np.ndarray],
+    label_source: str,
+    num_classes: int,
+    overwrite: bool,
+    write_new_manifest: bool,
+    dropped: Sequence[Tuple[str, str]] = (),
+    stride: int = 1,
+) -> Dict[str, str]:
+    """Write ``{split}.km`` (row-aligned with ``rows``), ``dict.km.txt``, the dropped list and, last, the manifest.
+
+    ``read_labels(i)`` returns the labels of row ``i``; each is validated
+    against the row's frame count. Every output is checked for writability
+    before any work, staged, and published by renames (StagedOutputs), so a
+    bad utterance leaves none of them behind and a kill never leaves new labels
+    beside an old manifest. Returns the paths written, by kind.
+    """
+    km_path = os.path.join(out_dir, f"{split}.km")
+    dict_path = os.path.join(out_dir, "dict.km.txt")
+    manifest_path = os.path.join(out_dir, f"{split}.tsv")
+    dropped_path = os.path.join(out_dir, f"{split}.dropped.txt")
+    with StagedOutputs(f"{split}.labels", [out_dir], overwrite) as staged:
+        # After the recovery on entry, which undoes what a killed run had published.
+        check_writable(km_path, overwrite)
+        if write_new_manifest:
+            check_writable(manifest_path, overwrite)
+        if dropped:
+            check_writable(dropped_path, overwrite)
+        need_dict = dictionary_needs_writing(dict_path, num_classes, overwrite, "--num-classes is")
+
+        format_line = LabelLineFormatter(num_classes)
+        with open(staged.path(km_path), "w", encoding="utf-8") as handle:
+            for i in with_progress(range(len(rows.utt_ids)), desc=f"{split}.km", unit="utt", mininterval=1.0):
+                labels = validate_labels(
+                    read_labels(i), int(rows.num_frames[i]), num_classes, rows.utt_ids[i], label_source, stride
+                )
+                handle.write(format_line(labels))
+        written = {"labels": km_path}
+        finals = []
+        if need_dict:
+            write_dictionary(staged.path(dict_path), num_classes)
+            finals.append(dict_path)
+            written["dictionary"] = dict_path
+        if dropped:
+            with open(staged.path(dropped_path), "w", encoding="utf-8") as handle:
+                for utt_id, reason in dropped:
+                    handle.write(f"{utt_id}\t{reason}\n")
+            finals.append(dropped_path)
+            written["dropped list"] = dropped_path
+        finals.append(km_path)
+        if write_new_manifest:
+            write_manifest(staged.path(manifest_path), rows.root, zip(rows.rel_paths, rows.num_frames.tolist()))
+            finals.append(manifest_path)
+            written["manifest"] = manifest_path
+        staged.publish(finals)  # the manifest (else the labels) last
+    return written

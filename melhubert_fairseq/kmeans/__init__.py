@@ -9,7 +9,7 @@ labelling are the same code for either stage.
 * :mod:`~melhubert_fairseq.kmeans.sources`: the frames (fbank, or a checkpoint layer) and the flags that pick them;
 * :mod:`~melhubert_fairseq.kmeans.sample`: random whole utterances of a shard, capped in frames;
 * :mod:`~melhubert_fairseq.kmeans.fit`: faiss or scikit-learn fitting;
-* :mod:`~melhubert_fairseq.kmeans.assign`: nearest-centroid labels and ``.km`` lines;
+* :mod:`~melhubert_fairseq.kmeans.assign`: nearest-centroid labels (``.km`` lines are :mod:`melhubert_fairseq.data.manifest`'s);
 * :mod:`~melhubert_fairseq.kmeans.files`: the pickle-free ``.npy`` + ``.json`` model and sample files;
 * :mod:`~melhubert_fairseq.kmeans.fairseq_import`: fairseq ``simple_kmeans`` joblib models, behind an explicit trust flag.
 
@@ -17,7 +17,7 @@ Shards are :mod:`melhubert_fairseq.data.shards`' (fairseq's ``get_shard_range``)
 Everything is re-exported here, so ``from melhubert_fairseq.kmeans import ...`` keeps working.
 """
 from melhubert_fairseq.data.shards import shard_file_name, shard_range, split_name
-from melhubert_fairseq.kmeans.assign import KMeansAssigner, LabelLineFormatter
+from melhubert_fairseq.kmeans.assign import KMeansAssigner
 from melhubert_fairseq.kmeans.fairseq_import import IMPORTED_SOURCE_KIND, read_simple_kmeans_joblib
 from melhubert_fairseq.kmeans.files import (
     KMEANS_FORMAT,
@@ -56,7 +56,7 @@ from melhubert_fairseq.kmeans.sources import (
 __all__ = [
     "BACKENDS", "DEFAULT_BACKEND", "DEFAULT_ITERATIONS", "FALLBACK_BACKEND", "IMPORTED_SOURCE_KIND",
     "KMEANS_FORMAT", "SAMPLE_FORMAT", "FbankSource", "FeatureIterator", "FeatureSource", "FrameSample",
-    "KMeansAssigner", "KMeansModel", "LabelLineFormatter", "ModelLayerSource", "add_feature_source_arguments",
+    "KMeansAssigner", "KMeansModel", "ModelLayerSource", "add_feature_source_arguments",
     "array_sha256", "choose_sample_rows", "feature_source_from_args", "fit_kmeans", "import_faiss",
     "kmeans_plusplus_init", "load_array_with_sidecar", "load_kmeans", "load_sample", "open_feature_source",
     "read_simple_kmeans_joblib", "resolve_backend", "sample_frames", "save_array_with_sidecar", "save_kmeans",

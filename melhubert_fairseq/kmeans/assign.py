@@ -1,4 +1,4 @@
-"""Nearest-centroid labels for frames, and their ``.km`` lines."""
+"""Nearest-centroid labels for frames (their ``.km`` lines are :mod:`melhubert_fairseq.data.manifest`'s)."""
 from __future__ import annotations
 
 from typing import Iterable, Iterator, List, Optional, Tuple
@@ -122,16 +122,4 @@ class KMeansAssigner:
         for row, feats in pending:
             yield row, labels[offset : offset + feats.shape[0]]
             offset += feats.shape[0]
-
-
-class LabelLineFormatter:
-    """Format label rows as ``.km`` lines (a string table is ~3x faster than ``map(str)``)."""
-
-    def __init__(self, num_clusters: int) -> None:
-        self.table = [str(i) for i in range(num_clusters)]
-
-    def __call__(self, labels: np.ndarray) -> str:
-        """One ``.km`` line (with newline) for ``labels``."""
-        table = self.table
-        return " ".join([table[i] for i in labels.tolist()]) + "\n"
 
