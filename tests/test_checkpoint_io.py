@@ -113,3 +113,13 @@ def test_saves_work_where_the_file_system_cannot_lock(tmp_path, tiny_checkpoint,
     assert checkpoint_utils.PathManager.copy(str(target), str(tmp_path / "checkpoint_last.pt"), overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_1_2.pt", "checkpoint_last.pt"]
     assert safe_torch_load(str(tmp_path / "checkpoint_last.pt"))["model"].keys() == state["model"].keys()
+
+
+def test_checkpoint_saved_with_the_removed_mask_impl_field_loads(tiny_checkpoint, tmp_path):
+    # Checkpoints from before masking had one implementation carry model.mask_impl, a field the model no longer has.
+    state = safe_torch_load(str(tiny_checkpoint))
+    state["cfg"]["model"]["mask_impl"] = "vectorized"
+    path = tmp_path / "with_mask_impl.pt"
+    torch.save(state, path)
+    models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([str(path)])
+    assert type(models[0]).__name__ == "MelHubertModel" and "mask_impl" not in cfg.model
