@@ -7,7 +7,7 @@ table gives audio-seconds per wall-second and the ratios the targets refer to:
 
 * ``hubert``: fairseq ``HubertModel``, Base recipe (conv front end, 12 x 768, 50 Hz);
 * ``straightforward_20ms``: our 20 ms Base with fairseq's Python multi-head
-  attention and fairseq's masking loop (see speed_common.py);
+  attention, torch's dropout and fairseq's positional conv (see speed_common.py);
 * ``ours_20ms`` / ``ours_10ms`` / ``ours_40ms``: Mel-HuBERT Base at 20/10/40 ms.
 
 Each model runs at every ``--precisions`` entry (fp32 = no autocast; bf16/fp16 =

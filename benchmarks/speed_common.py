@@ -7,8 +7,7 @@ Everything the two benchmarks compare is built here from the real code:
 * the "straightforward implementation": the same model with every ``self_attn``
   swapped for fairseq's ``MultiheadAttention`` running its Python multi-head
   attention (bmm + fp32 softmax + dropout + bmm), torch's ``nn.Dropout`` in place
-  of our CPU dropout, fairseq's ``compute_mask_indices`` masking loop and
-  fairseq's ``make_conv_pos`` (``nn.Conv1d``) positional conv, same weights;
+  of our CPU dropout and fairseq's ``make_conv_pos`` (``nn.Conv1d``) positional conv, same weights;
 * fairseq's HuBERT Base (``fairseq.models.hubert.HubertModel``) as its
   LibriSpeech Base recipe configures it (conv waveform front end, 12 x 768,
   label_rate 50) and its ``hubert`` criterion.
@@ -20,7 +19,6 @@ load drifts hit all of them alike; the reported figure is the median.
 """
 from __future__ import annotations
 
-import dataclasses
 import glob
 import math
 import os
@@ -143,11 +141,11 @@ class PythonMultiheadAttention(nn.Module):
 
 def straightforward_copy(model: MelHubertModel) -> MelHubertModel:
     """A copy of ``model`` on the unoptimised path: fairseq's Python attention, torch's
-    ``nn.Dropout``, fairseq's masking loop and fairseq's positional conv (``nn.Conv1d``);
+    ``nn.Dropout`` and fairseq's positional conv (``nn.Conv1d``);
     same weights, same function."""
     from fairseq.models.wav2vec.wav2vec2 import make_conv_pos
 
-    baseline = MelHubertModel(dataclasses.replace(model.cfg, mask_impl="fairseq"))
+    baseline = MelHubertModel(model.cfg)
     baseline.load_state_dict(model.state_dict())
     cfg = model.cfg
     if cfg.pos_conv_depth == 1 and str(cfg.attention_type) != "causal":

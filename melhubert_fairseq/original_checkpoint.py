@@ -219,9 +219,6 @@ def convert_config(
         notes.append("no_mask_overlap=true is not supported by fairseq main with numpy 2; set to false (training masks only)")
     # The original hard-codes min_masks=2; its *-oldmask checkpoints predate per-utterance masking.
     model["mask_min_masks"] = 2
-    if model["mask_selection"] != "static":
-        # Our vectorised masking draws fixed-length spans only; fairseq's loop draws the others.
-        model["mask_impl"] = "fairseq"
     model["require_same_masks"] = bool(old_mask)
     task = {"stack_frames": stack, "feat_dim": FBANK_NUM_MEL_BINS, "num_classes": int(cfg["num_cluster"])}
     criterion = {

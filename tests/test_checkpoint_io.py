@@ -147,3 +147,13 @@ def test_feature_reader_names_another_fairseq_model_before_building_it(tiny_chec
     torch.save(state, other)
     with pytest.raises(CheckpointFormatError, match="a fairseq 'hubert' checkpoint, not 'mel_hubert'"):
         MelHubertFeatureReader(str(other))
+
+
+def test_checkpoint_saved_with_the_removed_mask_impl_field_loads(tiny_checkpoint, tmp_path):
+    # Checkpoints from before masking had one implementation carry model.mask_impl, a field the model no longer has.
+    state = safe_torch_load(str(tiny_checkpoint))
+    state["cfg"]["model"]["mask_impl"] = "vectorized"
+    path = tmp_path / "with_mask_impl.pt"
+    torch.save(state, path)
+    models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([str(path)])
+    assert type(models[0]).__name__ == "MelHubertModel" and "mask_impl" not in cfg.model

@@ -168,7 +168,7 @@ MASK_CASES = {
     "stage1": dict(mask_prob=0.7, mask_length=5),
     "hubert_spans": dict(mask_prob=0.8, mask_length=10),
     "same_masks": dict(mask_prob=0.7, mask_length=5, require_same_masks=True),
-    "fairseq_loop": dict(mask_prob=0.7, mask_length=5, mask_impl="fairseq"),
+    "normal_spans": dict(mask_prob=0.7, mask_length=5, mask_selection="normal", mask_other=1.0),
 }
 
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from fairseq.data.data_utils import compute_mask_indices
 from fairseq.dataclass.configs import FairseqConfig
 from fairseq.dataclass.initialize import add_defaults
 from omegaconf import OmegaConf, open_dict
@@ -13,7 +14,7 @@ from omegaconf import OmegaConf, open_dict
 from helpers import REPO_ROOT
 from melhubert_fairseq.criterions.hard_label_masked_ce import HardLabelMaskedCe
 from melhubert_fairseq.models import mel_hubert
-from melhubert_fairseq.models.masking import SpanMaskConfig, span_mask
+from melhubert_fairseq.models.masking import SpanMaskConfig, SpanMaskError, span_mask
 from melhubert_fairseq.models.mel_hubert import MelHubertConfig, MelHubertModel
 
 
@@ -140,6 +141,37 @@ def test_masks_are_reproducible_from_seed_update_and_sample_id():
     assert not torch.equal(first, other_seed)
 
 
+def test_an_utterance_mask_does_not_depend_on_its_batch():
+    config = SpanMaskConfig(mask_prob=0.7, mask_length=5)
+    padding = torch.zeros(3, 120, dtype=torch.bool)
+    batch_a = span_mask(config, (3, 120), padding, 5, 11, torch.tensor([4, 7, 9]))
+    batch_b = span_mask(config, (2, 120), padding[:2], 5, 11, torch.tensor([7, 2]))
+    assert torch.equal(batch_a[1], batch_b[0]), "utterance 7's mask is the same in either batch"
+
+
+def test_masks_are_fairseqs_seeded_compute_mask_indices():
+    config = SpanMaskConfig(mask_prob=0.7, mask_length=5)
+    padding = torch.arange(90)[None, :] >= torch.tensor([90, 70])[:, None]
+    ours = span_mask(config, (2, 90), padding, 1, 4, torch.tensor([3, 8]))
+    direct = compute_mask_indices(
+        (2, 90), padding, 0.7, 5, "static", 0.0, min_masks=2, require_same_masks=False,
+        seed=1, epoch=4, indices=torch.tensor([3, 8]),
+    )
+    assert torch.equal(ours, torch.from_numpy(direct))
+
+
+def test_fully_masked_utterance_is_a_span_mask_error():
+    config = SpanMaskConfig(mask_prob=0.7, mask_length=10)
+    with pytest.raises(SpanMaskError, match="entire sequence is masked"):
+        span_mask(config, (20, 6), None, 3, 7, torch.arange(20))  # two 10-frame spans in 6 frames
+
+
+def test_normal_span_lengths_train():
+    model = MelHubertModel(tiny_config(mask_selection="normal", mask_other=1.0))
+    out = model(torch.randn(2, 50, 80), torch.zeros(2, 50, dtype=torch.bool), torch.tensor([0, 1]))
+    assert out["mask_indices"].any()
+
+
 def test_min_masks_applies_to_short_utterances():
     cfg = SpanMaskConfig(mask_prob=0.01, mask_length=2, mask_min_masks=2)
     mask = span_mask(cfg, (8, 40), None, 1, 0, torch.arange(8))
@@ -156,7 +188,7 @@ MODEL_SIDE_MASK_FIELDS = {"mask_seed", "learnable_mask_emb", "mask_before_proj"}
 #: A value other than the default for every other masking field of MelHubertConfig.
 CHANGED_MASK_FIELDS = {
     "mask_prob": 0.55, "mask_length": 7, "mask_selection": "normal", "mask_other": 1.5, "no_mask_overlap": True,
-    "mask_min_space": 3, "mask_min_masks": 4, "require_same_masks": True, "mask_impl": "fairseq",
+    "mask_min_space": 3, "mask_min_masks": 4, "require_same_masks": True,
     "mask_channel_prob": 0.25, "mask_channel_length": 6, "mask_channel_selection": "poisson",
     "mask_channel_other": 2.5, "no_mask_channel_overlap": True, "mask_channel_min_space": 2,
 }
@@ -168,7 +200,7 @@ def test_every_masking_field_of_the_model_config_reaches_its_masker(monkeypatch)
     defaults = {item.name: item.default for item in dataclasses.fields(MelHubertConfig)}
     assert {name for name in defaults if "mask" in name} - MODEL_SIDE_MASK_FIELDS == set(CHANGED_MASK_FIELDS)
     assert all(defaults[name] != value for name, value in CHANGED_MASK_FIELDS.items())
-    # no_mask_overlap and normal spans are refused at build (the test above): let them through to look at them.
+    # no_mask_overlap is refused at build (the test above): let it through to look at it.
     monkeypatch.setattr(mel_hubert, "check_span_mask_config", lambda cfg, what=None: None)
     # As fairseq passes it: a DictConfig, whose choice fields hold enums.
     model = MelHubertModel(OmegaConf.structured(tiny_config(**CHANGED_MASK_FIELDS)))
@@ -178,9 +210,8 @@ def test_every_masking_field_of_the_model_config_reaches_its_masker(monkeypatch)
         else:
             masker, masker_field = model.mask_config, name
         assert getattr(masker, masker_field) == value, name
-    # Channel spans as HuBERT draws them: the same count in every utterance, none required, fairseq's loop.
+    # Channel spans as HuBERT draws them: the same count in every utterance, none required.
     assert (model.channel_mask_config.require_same_masks, model.channel_mask_config.mask_min_masks) == (True, 0)
-    assert model.channel_mask_config.mask_impl == "fairseq"
 
 
 def test_model_input_dimensions_follow_the_task_in_the_recipe():

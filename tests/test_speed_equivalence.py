@@ -7,25 +7,18 @@
 * the benchmarks' "straightforward implementation" (fairseq's Python
   multi-head attention) is the same function as our model, so the speed
   comparison is like for like;
-* vectorised span masks follow fairseq's ``compute_mask_indices`` rule:
-  same masked fraction, spans per utterance, edge profile, min_masks,
-  padding, require_same_masks and failure on fully masked utterances
-  (statistics, not bits: the random draws differ);
 * bf16 autocast keeps the loss in fp32 and close to the fp32 loss.
 """
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from fairseq.data.data_utils import compute_mask_indices
 
 from melhubert_fairseq.criterions.hard_label_masked_ce import HardLabelMaskedCe
 from melhubert_fairseq.models.components import Dropout, SelfAttention, attention_mask, dropout, make_pos_conv
 from melhubert_fairseq.models.cpu_kernels import TimeMajorConv1d, keep_mask, softmax_attention, use_cpu_kernels
-from melhubert_fairseq.models.masking import SpanMaskConfig, check_span_mask_config, mix32, span_mask
 from melhubert_fairseq.models.mel_hubert import MelHubertConfig, MelHubertModel
 import speed_common
 
@@ -194,7 +187,6 @@ def test_benchmark_straightforward_model_is_the_same_function():
     torch.manual_seed(0)
     ours = tiny_model().eval()
     plain = speed_common.straightforward_copy(ours).eval()
-    assert plain.mask_config.mask_impl == "fairseq"
     assert type(plain.encoder.layers[0].self_attn).__name__ == "PythonMultiheadAttention"
     assert type(plain.encoder.layers[0].dropout) is torch.nn.Dropout
     assert type(plain.encoder.pos_conv[0]) is torch.nn.Conv1d
@@ -204,111 +196,6 @@ def test_benchmark_straightforward_model_is_the_same_function():
         a = ours.extract_features(source, padding)["x"]
         b = plain.extract_features(source, padding)["x"]
     torch.testing.assert_close(a[~padding], b[~padding], atol=1e-5, rtol=1e-5)
-
-
-# --- masking -----------------------------------------------------------------------------------
-
-
-def masks(impl: str, lengths, frames=None, seed=3, update=7, batch=None, **cfg) -> torch.Tensor:
-    """Masks of utterances with ``lengths`` (ids 0..N-1), in batches of ``batch`` (default: one batch)."""
-    config = SpanMaskConfig(**{"mask_prob": 0.7, "mask_length": 5, **cfg, "mask_impl": impl})
-    padding = padding_for(lengths, frames)
-    batch = batch or len(lengths)
-    ids = torch.arange(len(lengths))
-    parts = [
-        span_mask(config, (len(ids[i : i + batch]), padding.size(1)), padding[i : i + batch], seed, update, ids[i : i + batch])
-        for i in range(0, len(lengths), batch)
-    ]
-    return torch.cat(parts)
-
-
-CASES = {
-    # name: (lengths, frames, config, batch)
-    "full_400_frames": ([400] * 1500, None, {}, None),
-    "padded_mixed_lengths": (list(np.random.default_rng(0).integers(60, 300, 1500)), 300, {"mask_prob": 0.8, "mask_length": 10}, None),
-    "short_min_masks_clamped_range": ([14] * 3000, None, {"mask_prob": 0.3, "mask_min_masks": 2}, None),
-    "require_same_masks": ([400, 330, 250, 180] * 400, 400, {"require_same_masks": True}, 4),
-}
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_vectorized_masks_match_fairseq_statistics(case):
-    lengths, frames, cfg, batch = CASES[case]
-    fast = masks("vectorized", lengths, frames, batch=batch, **cfg)
-    slow = masks("fairseq", lengths, frames, batch=batch, **cfg)
-    padding = padding_for(lengths, frames)
-    assert not (fast & padding).any(), "padding is never masked"
-    length = torch.tensor(lengths, dtype=torch.float64)
-    fast_frac, slow_frac = (fast.sum(1) / length), (slow.sum(1) / length)
-    assert abs(fast_frac.mean() - slow_frac.mean()) < 0.01, (fast_frac.mean(), slow_frac.mean())
-    assert abs(fast.sum(1).double().std() - slow.sum(1).double().std()) < 0.15 * slow.sum(1).double().std() + 0.5
-    # Coverage by position near both ends of the utterances (spans start in [0, sz - L), clipped at sz).
-    width = 12
-    for name, part in (("start", slice(0, width)), ("end", slice(-width, None))):
-        if case == "padded_mixed_lengths" and name == "end":
-            continue  # ends differ per utterance here
-        fast_profile, slow_profile = fast[:, part].double().mean(0), slow[:, part].double().mean(0)
-        assert (fast_profile - slow_profile).abs().max() < 0.06, (name, fast_profile, slow_profile)
-    if case == "require_same_masks":
-        for impl_mask in (fast, slow):
-            counts = impl_mask.sum(1).view(-1, 4)
-            assert (counts == counts[:, :1]).all(), "every utterance of a batch masks the same count"
-
-
-def test_vectorized_masks_depend_only_on_seed_update_and_sample_id():
-    config = SpanMaskConfig(mask_prob=0.7, mask_length=5)
-    padding = torch.zeros(3, 120, dtype=torch.bool)
-    batch_a = span_mask(config, (3, 120), padding, 5, 11, torch.tensor([4, 7, 9]))
-    batch_b = span_mask(config, (2, 120), padding[:2], 5, 11, torch.tensor([7, 2]))
-    assert torch.equal(batch_a[1], batch_b[0]), "utterance 7's mask does not depend on its batch"
-    next_update = span_mask(config, (3, 120), padding, 5, 12, torch.tensor([4, 7, 9]))
-    other_seed = span_mask(config, (3, 120), padding, 6, 11, torch.tensor([4, 7, 9]))
-    assert not torch.equal(batch_a, next_update) and not torch.equal(batch_a, other_seed)
-
-
-def test_mask_hash_is_exact_uint32_arithmetic():
-    values = torch.tensor([0, 1, 2, 12345, 2**31 - 1, 2**32 - 1, 987654321], dtype=torch.int64)
-    expected = values.numpy().astype(np.uint32)
-    with np.errstate(over="ignore"):
-        expected ^= expected >> np.uint32(16)
-        expected *= np.uint32(0x7FEB352D)
-        expected ^= expected >> np.uint32(15)
-        expected *= np.uint32(0x846CA68B)
-        expected ^= expected >> np.uint32(16)
-    assert mix32(values).tolist() == expected.astype(np.int64).tolist()
-
-
-@pytest.mark.parametrize("impl", ["vectorized", "fairseq"])
-def test_fully_masked_utterance_is_an_error_in_both(impl):
-    with pytest.raises(ValueError, match="entire sequence is masked"):
-        masks(impl, [6] * 20, mask_length=10)  # two 10-frame spans in 6 frames cover all of most rows
-
-
-def test_min_masks_holds_for_tiny_mask_prob():
-    mask = masks("vectorized", [40] * 200, mask_prob=0.01, mask_length=2, mask_min_masks=3)
-    assert (mask.sum(1) >= 2).all()
-    assert mask.sum(1).double().mean() > 4.5, "three spans of 2 (minus overlaps) per utterance"
-
-
-def test_vectorized_needs_static_spans_and_fairseq_impl_stays_selectable():
-    with pytest.raises(ValueError, match="mask_impl=fairseq"):
-        check_span_mask_config(SpanMaskConfig(mask_prob=0.5, mask_length=5, mask_selection="normal"))
-    check_span_mask_config(SpanMaskConfig(mask_prob=0.5, mask_length=5, mask_selection="normal", mask_impl="fairseq"))
-    model = tiny_model(mask_impl="fairseq")
-    assert model.mask_config.mask_impl == "fairseq"
-    out = model(torch.randn(2, 50, 80), torch.zeros(2, 50, dtype=torch.bool), torch.tensor([0, 1]))
-    assert out["mask_indices"].any()
-
-
-def test_fairseq_masks_unchanged_by_the_wrapper():
-    config = SpanMaskConfig(mask_prob=0.7, mask_length=5, mask_impl="fairseq")
-    padding = padding_for([90, 70])
-    ours = span_mask(config, (2, 90), padding, 1, 4, torch.tensor([3, 8]))
-    direct = compute_mask_indices(
-        (2, 90), padding, 0.7, 5, "static", 0.0, min_masks=2, require_same_masks=False,
-        seed=1, epoch=4, indices=torch.tensor([3, 8]),
-    )
-    assert torch.equal(ours, torch.from_numpy(direct))
 
 
 # --- mixed precision ---------------------------------------------------------------------------

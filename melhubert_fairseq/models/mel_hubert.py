@@ -12,13 +12,12 @@ from omegaconf import II
 from torch import nn
 
 from melhubert_fairseq.models.components import Dropout, TransformerEncoder, TransformerLayer
-from melhubert_fairseq.models.masking import SpanMaskConfig, check_span_mask_config, fairseq_span_mask, span_mask
+from melhubert_fairseq.models.masking import SpanMaskConfig, check_span_mask_config, span_mask
 from melhubert_fairseq.models.waveform_frontend import WaveformFrontEnd
 
 logger = logging.getLogger(__name__)
 
 MASK_SELECTION_CHOICES = ChoiceEnum(["static", "normal", "poisson"])
-MASK_IMPL_CHOICES = ChoiceEnum(["vectorized", "fairseq"])
 ATTENTION_TYPE_CHOICES = ChoiceEnum(["original", "causal"])
 
 
@@ -71,13 +70,6 @@ class MelHubertConfig(FairseqDataclass):
     )
     mask_before_proj: bool = field(
         default=True, metadata={"help": "mask input fbank frames before the projection (original); else after"}
-    )
-    mask_impl: MASK_IMPL_CHOICES = field(  # type: ignore[valid-type]
-        default="vectorized",
-        metadata={
-            "help": "vectorized = whole-batch span masking on the model's device (static spans only); "
-            "fairseq = fairseq's compute_mask_indices loop on the CPU (needed for normal/poisson); same masking rule"
-        },
     )
     mask_seed: int = field(
         default=II("common.seed"), metadata={"help": "seed for reproducible masks (with update number and sample id)"}
@@ -139,7 +131,7 @@ class MelHubertModel(BaseFairseqModel):
         check_span_mask_config(self.mask_config)
         # Channel spans: fairseq's compute_mask_indices on (batch, channels), as HuBERT's apply_mask calls it.
         self.channel_mask_config = SpanMaskConfig.from_model_config(
-            cfg, prefix="mask_channel", require_same_masks=True, mask_min_masks=0, mask_impl="fairseq"
+            cfg, prefix="mask_channel", require_same_masks=True, mask_min_masks=0
         )
         check_span_mask_config(self.channel_mask_config, what="channel masking (mask_channel_*)")
         self.pre_extract_proj = nn.Linear(self.input_dim, cfg.encoder_embed_dim)
@@ -254,8 +246,8 @@ class MelHubertModel(BaseFairseqModel):
     def apply_channel_mask(self, x: torch.Tensor) -> torch.Tensor:
         """Zero spans of channels of ``x`` (B, T, C), the same channels at every frame of an utterance
         (HuBERT's channel masking, unseeded as in fairseq)."""
-        channels = fairseq_span_mask(self.channel_mask_config, (x.size(0), x.size(-1)), None, None, 0, None)
-        return x.masked_fill(channels.to(x.device).unsqueeze(1), 0.0)
+        channels = span_mask(self.channel_mask_config, (x.size(0), x.size(-1)), None, None, 0, None, device=x.device)
+        return x.masked_fill(channels.unsqueeze(1), 0.0)
 
     def extract_features(
         self,
