@@ -223,7 +223,14 @@ def _average_last_and_best_only(case, ckpt):
     return ["--inputs", "in/run", "--num-update-checkpoints", "2", "--output", "out/avg.pt"]
 
 
+def _demo_corpus_exists(case, ckpt):
+    (case / "in" / "corpus").mkdir(parents=True)
+    (case / "in" / "corpus" / "train.tsv").write_text("kept\n")
+    return ["--out-dir", str(case / "in" / "corpus")]
+
+
 BAD_INPUTS = {
+    "make-demo-corpus existing corpus": BadInput("make-demo-corpus", _demo_corpus_exists, "corpus already exists; refusing"),
     "wav-to-fbank truncated wav": BadInput("wav-to-fbank", _truncated_wav, "cut.wav: truncated audio file"),
     "import-kaldi-features std 1e-40": BadInput("import-kaldi-features", _kaldi_tiny_std, "std must be positive"),
     "import-kaldi-labels bad scp line": BadInput("import-kaldi-labels", _kaldi_labels_bad_scp, "labels.scp:1: expected"),

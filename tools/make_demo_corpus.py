@@ -39,6 +39,7 @@ import soundfile
 from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, num_fbank_frames, resample_audio
 from melhubert_fairseq.atomic_output import StagedOutputs
 from melhubert_fairseq.cli import console_main, with_progress
+from melhubert_fairseq.errors import InputError
 
 SENTENCES = [
     "The morning train to the coast was delayed by almost an hour.",
@@ -297,11 +298,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing corpus directory")
     args = parser.parse_args(argv)
 
-    if shutil.which(args.espeak) is None:
-        parser.error(f"{args.espeak} not found; install espeak-ng (e.g. apt-get install espeak-ng)")
     out_dir = os.path.abspath(args.out_dir)
     if os.path.exists(out_dir) and not args.overwrite:
-        parser.error(f"{out_dir} already exists; refusing to overwrite it (pass --overwrite to replace it)")
+        raise InputError(f"{out_dir} already exists; refusing to overwrite it (pass --overwrite to replace it)")
+    if shutil.which(args.espeak) is None:
+        raise InputError(f"{args.espeak} not found; install espeak-ng (e.g. apt-get install espeak-ng)")
     start = time.perf_counter()
     # Build in a hidden sibling folder and swap it in, so a failure leaves the old corpus (or nothing).
     with StagedOutputs(os.path.basename(out_dir), [os.path.dirname(out_dir)], args.overwrite) as staged:
