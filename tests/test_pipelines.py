@@ -8,7 +8,7 @@ import torch
 
 
 from helpers import make_fbank_corpus, run_hydra_train
-from melhubert_fairseq.checkpoint_io import safe_torch_load
+from melhubert_fairseq.checkpoint_io import load_fairseq_state
 from melhubert_fairseq.data.manifest import load_km_labels, read_manifest
 from melhubert_fairseq.tools import dump_km_labels, learn_kmeans, run_demo
 
@@ -38,8 +38,8 @@ def test_stage2_trains_from_stage1_checkpoint_on_layer_labels(tmp_path):
         overrides=[f"task.label_dir={stage2_labels}", f"checkpoint.finetune_from_model={ckpt}"],
     )
     assert "loading pretrained model" in (result.stdout + result.stderr).lower()
-    first = safe_torch_load(str(ckpt))["model"]
-    second = safe_torch_load(str(stage2 / "checkpoint_last.pt"))
+    first = load_fairseq_state(str(ckpt))["model"]
+    second = load_fairseq_state(str(stage2 / "checkpoint_last.pt"))
     assert second["cfg"]["task"]["label_rate"] == 50
     assert second["optimizer_history"][-1]["num_updates"] == 2  # fresh update count, not 2 + 2
     # Started from the stage-1 weights: the encoder moved only by 2 small Adam steps.
@@ -73,9 +73,9 @@ def test_demo_pipeline_runs_from_corpus_to_checkpoint_and_fine_tunes_it(tmp_path
     assert re.search(r"pretraining (lowered the valid CER by|did not help: random init is) [0-9.]+|same valid CER", summary)
     for name in ("pretrained", "random_init"):
         assert (out / "finetune" / name / "checkpoints" / "checkpoint_last.pt").is_file()
-    pretrained = safe_torch_load(str(out / "checkpoints" / "checkpoint_last.pt"))["model"]
+    pretrained = load_fairseq_state(str(out / "checkpoints" / "checkpoint_last.pt"))["model"]
     tuned = {
-        name: safe_torch_load(str(out / "finetune" / name / "checkpoints" / "checkpoint_last.pt"))["model"]
+        name: load_fairseq_state(str(out / "finetune" / name / "checkpoints" / "checkpoint_last.pt"))["model"]
         for name in ("pretrained", "random_init")
     }
     weight = "encoder.layers.0.fc1.weight"
