@@ -201,13 +201,21 @@ def safe_torch_load(path: str, extra_safe_globals: Sequence[Any] = (), mmap: boo
         ) from None
 
 
-def load_fairseq_state(path: str) -> dict:
+def load_fairseq_state(path: str, mmap: bool = False) -> dict:
     """A fairseq checkpoint's state dict through :func:`safe_torch_load`; an original Mel-HuBERT ``.ckpt``
-    or a file without fairseq's ``model`` and ``cfg`` (or pre-hydra ``args``) is refused naming what it is."""
+    or a file without fairseq's ``model`` and ``cfg`` (or pre-hydra ``args``) is refused naming what it is.
+
+    ``mmap=True`` leaves tensor data on disk where the file allows it (torch's zip format)."""
     # argparse.Namespace: fairseq before hydra kept its args in one (and the original release its Args).
     # The fairseq types are passed here, not only registered globally: a tool may load before the
     # plugin registered with fairseq (registration waits for fairseq's import).
-    state = safe_torch_load(path, [argparse.Namespace, *fairseq_checkpoint_safe_globals()])
+    safe_globals = [argparse.Namespace, *fairseq_checkpoint_safe_globals()]
+    try:
+        state = safe_torch_load(path, safe_globals, mmap=mmap)
+    except RuntimeError:
+        if not mmap:
+            raise
+        state = safe_torch_load(path, safe_globals)  # mmap needs torch's zip format; an older file is read whole
     if isinstance(state, dict) and "Upstream_Config" in state:
         raise CheckpointFormatError(
             f"{path}: an original Mel-HuBERT checkpoint (it has Upstream_Config), not a fairseq one: "
@@ -219,22 +227,15 @@ def load_fairseq_state(path: str) -> dict:
     return state
 
 
-def checkpoint_model_name(path: str) -> Optional[str]:
-    """The fairseq model name a checkpoint was saved with (``cfg.model._name``, or pre-hydra ``args.arch``);
-    tensors stay on disk where the file allows it."""
-    try:
-        state = safe_torch_load(path, [argparse.Namespace, *fairseq_checkpoint_safe_globals()], mmap=True)
-    except RuntimeError:  # mmap needs torch's zip format; an older file is read whole
-        state = None
-    if state is None:
-        state = load_fairseq_state(path)
-    if not isinstance(state, dict):
-        return None
+def require_mel_hubert(path: str, state: dict, purpose: str) -> None:
+    """Refuse a fairseq checkpoint of another model (``cfg.model._name``, or pre-hydra ``args.arch``), naming it;
+    ``purpose`` ends the message."""
     cfg = state.get("cfg")
     model = cfg.get("model") if hasattr(cfg, "get") else None
-    if model is not None and hasattr(model, "get"):
-        return model.get("_name")
-    return getattr(state.get("args"), "arch", None)
+    name = model.get("_name") if hasattr(model, "get") else getattr(state.get("args"), "arch", None)
+    if name != "mel_hubert":
+        what = f"a fairseq {name!r} checkpoint" if name else "a checkpoint naming no fairseq model (cfg.model._name)"
+        raise CheckpointFormatError(f"{path}: {what}, not 'mel_hubert': {purpose}")
 
 
 # --- saving ---------------------------------------------------------------------------------------

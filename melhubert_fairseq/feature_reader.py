@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from fairseq import checkpoint_utils
 
-from melhubert_fairseq.checkpoint_io import CheckpointFormatError, checkpoint_model_name
+from melhubert_fairseq.checkpoint_io import load_fairseq_state, require_mel_hubert
 from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, INT16_SCALE
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, MeanStd, read_feature_file, stack_frames
 from melhubert_fairseq.data.manifest import FeatureManifest, read_manifest
@@ -36,10 +36,7 @@ Key = TypeVar("Key")
 def load_mel_hubert(checkpoint_path: str, device: str = "cpu"):
     """Load a fairseq ``mel_hubert`` checkpoint (weights_only stays on) -> (model in eval mode, task cfg)."""
     # Named before fairseq builds anything: another model's task would look for its own data first.
-    name = checkpoint_model_name(checkpoint_path)
-    if name != "mel_hubert":
-        what = f"a fairseq {name!r} checkpoint" if name else "a checkpoint naming no fairseq model"
-        raise CheckpointFormatError(f"{checkpoint_path}: {what}, not 'mel_hubert': its features are not Mel-HuBERT's")
+    require_mel_hubert(checkpoint_path, load_fairseq_state(checkpoint_path, mmap=True), "its features are not Mel-HuBERT's")
     models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([checkpoint_path])
     model = models[0].to(device).eval()
     return model, cfg.task

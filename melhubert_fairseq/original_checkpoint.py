@@ -36,6 +36,7 @@ from melhubert_fairseq.checkpoint_io import (  # noqa: F401  (re-exported)
     CheckpointFormatError,
     UnsafeCheckpointError,
     load_fairseq_state,
+    require_mel_hubert,
     safe_torch_load,
 )
 from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS, MeanStd, validate_mean_std
@@ -481,17 +482,8 @@ def read_mel_hubert_checkpoint(
         if "Upstream_Config" in str(err):  # the one loader says "convert it": here the point is it needs no export
             raise CheckpointFormatError(f"{path}: already in the original Mel-HuBERT format (it has Upstream_Config)") from None
         raise
-    cfg = state.get("cfg")
-    if OmegaConf.is_config(cfg):
-        cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):
-        name = cfg["model"].get("_name")
-    else:  # fairseq before hydra kept an argparse Namespace in 'args'
-        name = getattr(state.get("args"), "arch", None)
-    if name != MODEL_NAME:
-        what = f"a fairseq {name!r} checkpoint" if name else "a checkpoint naming no fairseq model (cfg.model._name)"
-        raise CheckpointFormatError(f"{path}: {what}, not {MODEL_NAME!r}: {purpose}")
-    return state, OmegaConf.to_container(OmegaConf.create(cfg), resolve=True, enum_to_str=True)
+    require_mel_hubert(path, state, purpose)
+    return state, OmegaConf.to_container(OmegaConf.create(state["cfg"]), resolve=True, enum_to_str=True)
 
 
 def original_incompatibilities(model_cfg: Dict[str, Any]) -> List[str]:
