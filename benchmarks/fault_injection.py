@@ -428,7 +428,7 @@ def prepare_checkpoint(assets: Path, work: Path) -> None:
         sys.executable, "-m", "fairseq_cli.hydra_train", "--config-dir", "config", "--config-name", "stage1",
         "common.user_dir=melhubert_fairseq", f"task.data={data}", f"task.label_dir={data}", "task.num_classes=32",
         "optimization.max_update=2", "optimization.update_freq=[1]", "dataset.num_workers=0",
-        "dataset.max_tokens=1200", "common.tensorboard_logdir=null", f"checkpoint.save_dir={assets / 'ckpt'}",
+        "dataset.max_tokens=1200", "dataset.disable_validation=true", "common.tensorboard_logdir=null", f"checkpoint.save_dir={assets / 'ckpt'}",
         f"hydra.run.dir={assets / 'ckpt' / 'hydra'}", *TINY_MODEL,
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=tool_env(), timeout=900)
