@@ -11,9 +11,11 @@ import pytest
 
 from melhubert_fairseq.data.features import MeanStd, save_mean_std, stack_frames
 from melhubert_fairseq.data.manifest import load_km_labels, read_manifest, write_manifest
+from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.kmeans import (
     KMeansAssigner,
     KMeansModel,
+    import_faiss,
     load_kmeans,
     save_kmeans,
     sidecar_path,
@@ -72,7 +74,14 @@ def corpus(tmp_path):
     return manifest, truth, tmp_path
 
 
-@pytest.mark.parametrize("backend", ["faiss", "sklearn"])
+FAISS_MISSING = import_faiss() is None
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("faiss", marks=[pytest.mark.faiss, pytest.mark.skipif(
+        FAISS_MISSING, reason="faiss is not installed (extra 'faiss'); the sklearn case covers the fallback")]),
+    "sklearn",
+])
 def test_learn_and_dump_recover_clusters_in_manifest_order(corpus, backend, capsys):
     manifest, truth, tmp = corpus
     km = str(tmp / "km" / "k8.npy")
@@ -331,6 +340,20 @@ def test_without_faiss_learning_falls_back_to_sklearn(corpus, monkeypatch, capsy
     dump(manifest, str(tmp / "km.npy"), str(tmp / "lab"))
     labels = np.concatenate(list(load_km_labels(str(tmp / "lab" / "train.km"))))
     assert purity(np.concatenate(truth), labels) > 0.99
+
+
+def test_without_faiss_a_bad_input_is_the_only_line(corpus, monkeypatch, capsys):
+    """The fallback note comes after every input is read: a bad input stays one `error:` line without faiss."""
+    manifest, _, tmp = corpus
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    rows = open(manifest).read().splitlines()
+    first_feature = os.path.join(rows[0], rows[1].split("\t")[0])
+    with open(first_feature, "wb") as handle:
+        handle.write(b"not a .npy file")
+    with pytest.raises(InputError, match=r"train\.tsv:2 \(utt000\)"):
+        learn(manifest, str(tmp / "km.npy"))
+    assert "note:" not in capsys.readouterr().err
+    assert not (tmp / "km.npy").exists()
 
 
 # ----------------------------------------------------------------------------- stage 2

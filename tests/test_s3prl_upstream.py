@@ -58,6 +58,7 @@ def test_checkpoint_without_fbank_stats_is_refused(tiny_checkpoint, tmp_path):
         UpstreamExpert(str(path))
 
 
+@pytest.mark.s3prl
 def test_with_s3prl_featurizer(upstream):
     interfaces = pytest.importorskip("s3prl.upstream.interfaces", reason="s3prl is not installed (extra 's3prl')")
     featurizer = interfaces.Featurizer(upstream=upstream, upstream_device="cpu")

@@ -142,9 +142,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     set_torch_threads(parser, args.threads)
     if not sample_only:
         backend = resolve_backend(args.backend)  # before sampling: a missing faiss is known now
-        if args.backend is None and backend != DEFAULT_BACKEND:
-            print(f"note: {DEFAULT_BACKEND} is not installed, fitting with {backend} "
-                  f"(pip install 'melhubert-fairseq[faiss]' for the faster {DEFAULT_BACKEND})", file=sys.stderr)
     outputs = [sample_shard_path(args, split, args.rank)] if sample_only else [args.km_path]
     for path in outputs:  # fail before hours of sampling, not after
         check_writable(path, args.overwrite)
@@ -176,6 +173,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             )
             return 0
 
+    if args.backend is None and backend != DEFAULT_BACKEND:
+        # Only now, with every input read: a bad input stays one `error:` line whatever is installed.
+        print(f"note: {DEFAULT_BACKEND} is not installed, fitting with {backend} "
+              f"(pip install 'melhubert-fairseq[faiss]' for the faster {DEFAULT_BACKEND})", file=sys.stderr)
     print(f"fitting k-means: K={args.num_clusters}, {frames.shape[0]} frames x {frames.shape[1]} dims, "
           f"backend={backend}", file=sys.stderr)
     fit_started = time.perf_counter()
