@@ -225,7 +225,7 @@ def test_files_that_are_not_mel_hubert_checkpoints_are_refused(tmp_path, monkeyp
 
 
 REFUSED = {
-    "causal-attention": ({"attention_type": "causal"}, "attention_type=causal: the original never passes an attention mask"),
+    "strictly-causal": ({"attention_type": "causal"}, "attention_type=causal with a causal positional conv (model.pos_conv_causal)"),
     "deep-pos-conv": ({"pos_conv_depth": 2}, "pos_conv_depth=2: the original's multi-layer positional conv calls an undefined LayerNorm"),
     "swish": ({"activation_fn": "swish"}, "activation_fn=swish: the original knows only relu, gelu, gelu_accurate, tanh, linear"),
     "mask-after-proj": ({"mask_before_proj": False}, "mask_before_proj=false: the original's masked forward"),
