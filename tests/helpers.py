@@ -356,6 +356,18 @@ def padded_input(dim: int, lengths=(23, 15), seed: int = 1):
     return feat.masked_fill(~valid[..., None], 0.0), valid
 
 
+def assert_same_hidden_states(ours, reference: ReferenceMelHuBERT, input_dim: int) -> None:
+    """Every layer and the final output of our model and the reference agree on real frames (1e-5)."""
+    feat, valid = padded_input(input_dim)
+    with torch.no_grad():
+        expected_x, expected_layers = reference(feat, valid)
+        out = ours.extract_features(feat, padding_mask=~valid, mask=False)
+    assert len(out["layer_results"]) == len(expected_layers)
+    for index, (mine, theirs) in enumerate(zip(out["layer_results"], expected_layers), start=1):
+        torch.testing.assert_close(mine[valid], theirs[valid], atol=1e-5, rtol=0, msg=f"layer {index} differs")
+    torch.testing.assert_close(out["x"][valid], expected_x[valid], atol=1e-5, rtol=0)
+
+
 def load_converted(path: Path):
     """Load through fairseq exactly as users do."""
     models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([str(path)])

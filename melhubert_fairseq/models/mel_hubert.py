@@ -132,7 +132,8 @@ class MelHubertConfig(FairseqDataclass):
 
 @register_model("mel_hubert", dataclass=MelHubertConfig)
 class MelHubertModel(BaseFairseqModel):
-    """Linear projection of (stacked) fbank frames -> conv positional embedding -> transformer -> final_proj.
+    """Linear projection of (stacked) fbank frames -> conv positional embedding -> transformer -> pretraining head
+    (``final_proj`` over k-means ids, or ``apc_proj`` onto the input frame: ``prediction_head``).
 
     Takes the (B, T, feat_dim x stack_frames) frames it was trained on, or a
     (B, samples) 16 kHz waveform that :class:`WaveformFrontEnd` turns into those
