@@ -15,8 +15,10 @@ from helpers import (
     TINY_ORIGINAL_CONFIG,
     assert_same_hidden_states,
     load_converted,
+    make_fbank_corpus,
     make_reference,
     padded_input,
+    run_hydra_train,
     save_original,
 )
 from melhubert_fairseq.original_checkpoint import (
@@ -181,3 +183,18 @@ def test_bidirectional_model_sees_every_frame():
     changed = feat.clone()
     changed[:, -1] += 5
     assert (outputs_up_to(model, changed, 0)[-1] - outputs_up_to(model, feat, 0)[-1]).abs().max() > 1e-3
+
+
+def test_a_converted_release_causal_checkpoint_trains_with_the_printed_overrides(tmp_path, capsys):
+    cfg = causal_config("20ms-postLN")
+    save_original(tmp_path / "causal.ckpt", make_reference(cfg), cfg, section="hubert", args=RELEASE_ARGS)
+    convert_main([str(tmp_path / "causal.ckpt"), str(tmp_path / "ours.pt")])
+    overrides = capsys.readouterr().out.split("train from it with these overrides: ")[1].split()
+    data = make_fbank_corpus(tmp_path / "data", num_utts=4, num_classes=16)
+    run_hydra_train(data, tmp_path / "run", num_classes=16, max_update=1, tiny=False, overrides=[
+        *[o for o in overrides if not o.startswith("task.num_classes=")],
+        f"checkpoint.finetune_from_model={tmp_path / 'ours.pt'}", "task.min_sample_size=10",
+    ])
+    trained, trained_cfg = load_converted(tmp_path / "run" / "checkpoint_last.pt")
+    assert trained_cfg.model.attention_type == "causal" and trained_cfg.model.pos_conv_causal is False
+    assert trained.lookahead_frames() == 3
