@@ -2,7 +2,7 @@
 
 An original ``.ckpt`` (``pretrain_expert.save_model``) is a ``torch.save`` dict::
 
-    model            state_dict of MelHuBERTModel
+    model            state_dict of MelHuBERTModel ("Model" from the release's own 2022 pretraining script)
     Upstream_Config  {"hubert": {...}} (the 2022 release) or {"melhubert": {...}} (later code), the model yaml
     Optimizer        torch.optim.Adam state_dict (plain tensors, numbers, lists)
     Step             int, the global step
@@ -166,7 +166,9 @@ def read_original_checkpoint(path: str) -> OriginalCheckpoint:
     state = safe_torch_load(path, original_checkpoint_safe_globals())
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{path}: expected a dict saved by the original release, got {type(state).__name__}")
-    missing = [key for key in ("model", "Upstream_Config") if key not in state]
+    # The release's own pretraining script (July-December 2022) saved the weights as 'Model'; later code as 'model'.
+    weights_key = "Model" if "model" not in state and "Model" in state else "model"
+    missing = [key for key in (weights_key, "Upstream_Config") if key not in state]
     if missing:
         raise CheckpointFormatError(
             f"{path}: not an original Mel-HuBERT checkpoint: missing {missing} (top-level keys: {sorted(state)})"
@@ -176,9 +178,9 @@ def read_original_checkpoint(path: str) -> OriginalCheckpoint:
     if section is None:
         keys = sorted(upstream) if isinstance(upstream, dict) else type(upstream).__name__
         raise CheckpointFormatError(f"{path}: Upstream_Config has none of {list(CONFIG_SECTIONS)} (found {keys})")
-    model_state = state["model"]
+    model_state = state[weights_key]
     if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
-        raise CheckpointFormatError(f"{path}: 'model' is not a state_dict of tensors")
+        raise CheckpointFormatError(f"{path}: {weights_key!r} is not a state_dict of tensors")
     return OriginalCheckpoint(
         path=path,
         model_state=dict(model_state),

@@ -198,3 +198,16 @@ def test_a_converted_release_causal_checkpoint_trains_with_the_printed_overrides
     trained, trained_cfg = load_converted(tmp_path / "run" / "checkpoint_last.pt")
     assert trained_cfg.model.attention_type == "causal" and trained_cfg.model.pos_conv_causal is False
     assert trained.lookahead_frames() == 3
+
+
+def test_a_file_of_the_releases_own_2022_pretraining_script_converts(tmp_path):
+    # Its pretrain_expert.add_state_to_save (July-December 2022) stored the weights under 'Model'.
+    cfg = causal_config("10ms-preLN")
+    reference = make_reference(cfg)
+    save_original(tmp_path / "release.ckpt", reference, cfg, section="hubert", args=RELEASE_ARGS)
+    state = safe_torch_load(str(tmp_path / "release.ckpt"), [argparse.Namespace])
+    state["Model"] = state.pop("model")
+    torch.save(state, tmp_path / "release-2022.ckpt")
+    assert convert_main([str(tmp_path / "release-2022.ckpt"), str(tmp_path / "ours.pt")]) == 0
+    model, _ = load_converted(tmp_path / "ours.pt")
+    assert_same_hidden_states(model, reference, 40)
