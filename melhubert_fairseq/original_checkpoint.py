@@ -1,10 +1,9 @@
 """Checkpoints of the original Mel-HuBERT release <-> fairseq ``mel_hubert`` checkpoints, both directions.
 
-An original ``.ckpt`` (``nervjack2/MelHuBERT``, ``pretrain_expert.save_model``)
-is a ``torch.save`` dict::
+An original ``.ckpt`` (``pretrain_expert.save_model``) is a ``torch.save`` dict::
 
-    model            state_dict of MelHuBERTModel
-    Upstream_Config  {"melhubert": {...}} (older release: {"hubert": {...}}), the model yaml
+    model            state_dict of MelHuBERTModel ("Model" from the release's own 2022 pretraining script)
+    Upstream_Config  {"hubert": {...}} (the 2022 release) or {"melhubert": {...}} (later code), the model yaml
     Optimizer        torch.optim.Adam state_dict (plain tensors, numbers, lists)
     Step             int, the global step
     Args             argparse.Namespace of train.py (strings, numbers, bools, None)
@@ -17,7 +16,17 @@ command) is refused before anything in it is executed.
 
 The original parameter names already equal ours (both follow fairseq's
 wav2vec2 encoder), so conversion is a checked copy: every key must be known,
-every shape must match, and nothing may be missing. :func:`export_original_checkpoint`
+every shape must match, and nothing may be missing.
+
+Two lineages wrote this format and differ in one setting. The original release
+(the 2022 s3prl-era code, nervjack2/Speech-SSL-Compression ``melhubert/model.py``
+and its descendants there) masks attention to the past when ``attention_type:
+causal`` and keeps HuBERT's centred positional conv: that is our
+``attention_type=causal`` with ``pos_conv_causal=false``, the default here. The
+later nervjack2/MelHuBERT repository reads ``attention_type`` but never builds
+a mask, so its "causal" checkpoints are bidirectional (``later_repo=True``).
+Only the release wrote ``Upstream_Config["hubert"]``; the later repository
+always writes ``"melhubert"``. :func:`export_original_checkpoint`
 is the inverse: our checkpoint -> the original layout, refusing models the
 original code cannot run (:func:`original_incompatibilities`).
 """
@@ -40,11 +49,17 @@ from melhubert_fairseq.checkpoint_io import (  # noqa: F401  (re-exported)
     safe_torch_load,
 )
 from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS, MeanStd, validate_mean_std
+from melhubert_fairseq.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-#: Keys of ``Upstream_Config`` holding the model config: newer release first.
+#: Keys of ``Upstream_Config`` holding the model config: later code first, then the 2022 release's.
 CONFIG_SECTIONS = ("melhubert", "hubert")
+#: The only section nervjack2/MelHuBERT writes; ``"hubert"`` comes from the original release alone.
+LATER_REPO_SECTION = "melhubert"
+#: The section an export of a causal model writes: the release's, whose code (the only one that masks
+#: attention for ``attention_type: causal``) reads it, and which the converter never reads as the later repository's.
+RELEASE_SECTION = "hubert"
 #: Stacked 10 ms frames per model frame that map between the formats: 10, 20 and 40 ms.
 STACK_CHOICES = (1, 2, 4)
 
@@ -142,6 +157,8 @@ class OriginalCheckpoint:
     config_section: str
     step: int
     optimizer_state: Optional[Dict[str, Any]]
+    #: The training script's ``Args`` (None if the file has none): which code wrote the file shows there.
+    args: Optional[argparse.Namespace] = None
 
 
 def read_original_checkpoint(path: str) -> OriginalCheckpoint:
@@ -149,7 +166,9 @@ def read_original_checkpoint(path: str) -> OriginalCheckpoint:
     state = safe_torch_load(path, original_checkpoint_safe_globals())
     if not isinstance(state, dict):
         raise CheckpointFormatError(f"{path}: expected a dict saved by the original release, got {type(state).__name__}")
-    missing = [key for key in ("model", "Upstream_Config") if key not in state]
+    # The release's own pretraining script (July-December 2022) saved the weights as 'Model'; later code as 'model'.
+    weights_key = "Model" if "model" not in state and "Model" in state else "model"
+    missing = [key for key in (weights_key, "Upstream_Config") if key not in state]
     if missing:
         raise CheckpointFormatError(
             f"{path}: not an original Mel-HuBERT checkpoint: missing {missing} (top-level keys: {sorted(state)})"
@@ -159,9 +178,9 @@ def read_original_checkpoint(path: str) -> OriginalCheckpoint:
     if section is None:
         keys = sorted(upstream) if isinstance(upstream, dict) else type(upstream).__name__
         raise CheckpointFormatError(f"{path}: Upstream_Config has none of {list(CONFIG_SECTIONS)} (found {keys})")
-    model_state = state["model"]
+    model_state = state[weights_key]
     if not isinstance(model_state, dict) or not all(isinstance(v, torch.Tensor) for v in model_state.values()):
-        raise CheckpointFormatError(f"{path}: 'model' is not a state_dict of tensors")
+        raise CheckpointFormatError(f"{path}: {weights_key!r} is not a state_dict of tensors")
     return OriginalCheckpoint(
         path=path,
         model_state=dict(model_state),
@@ -169,7 +188,29 @@ def read_original_checkpoint(path: str) -> OriginalCheckpoint:
         config_section=section,
         step=int(state.get("Step") or 0),
         optimizer_state=state.get("Optimizer"),
+        args=state.get("Args") if isinstance(state.get("Args"), argparse.Namespace) else None,
     )
+
+
+def release_lineage_evidence(source: OriginalCheckpoint) -> Optional[str]:
+    """What in the file shows it was written by the original release's code (which masks attention when
+    ``attention_type: causal``) rather than by nervjack2/MelHuBERT; None when nothing does."""
+    if source.config_section != LATER_REPO_SECTION:
+        return (
+            f"it holds Upstream_Config[{source.config_section!r}], which only the original release's code writes "
+            f"(nervjack2/MelHuBERT always writes Upstream_Config[{LATER_REPO_SECTION!r}])"
+        )
+    if source.args is not None and hasattr(source.args, "multi_gpu"):
+        return (
+            "its Args has multi_gpu, a flag of the original release's train.py (and s3prl's run_pretrain.py) that "
+            "nervjack2/MelHuBERT's train.py lacks"
+        )
+    return None
+
+
+def looks_like_later_repo(source: OriginalCheckpoint) -> bool:
+    """Args of nervjack2/MelHuBERT's train.py: frame_period without the release's multi_gpu."""
+    return source.args is not None and hasattr(source.args, "frame_period") and not hasattr(source.args, "multi_gpu")
 
 
 @dataclass
@@ -183,9 +224,12 @@ class ConvertedConfig:
 
 
 def convert_config(
-    original: Dict[str, Any], old_mask: bool = False, ignore_keys: Sequence[str] = ()
+    original: Dict[str, Any], old_mask: bool = False, ignore_keys: Sequence[str] = (), later_repo: bool = False
 ) -> ConvertedConfig:
-    """Map an original model config (``Upstream_Config[section]``) onto ours; unknown keys are an error."""
+    """Map an original model config (``Upstream_Config[section]``) onto ours; unknown keys are an error.
+
+    ``later_repo``: the file was trained by nervjack2/MelHuBERT, whose ``attention_type: causal``
+    masks nothing, so it converts as bidirectional; otherwise as the release's causal model."""
     unknown = sorted(set(original) - set(ORIGINAL_DEFAULTS) - set(ignore_keys))
     if unknown:
         raise CheckpointFormatError(
@@ -205,16 +249,26 @@ def convert_config(
     model = {key: cast(cfg[key]) for key, cast in MODEL_KEYS.items()}
     if model["encoder_layers"] < 1:
         raise CheckpointFormatError("encoder_layers=0 (the original's GELU-only model) has no transformer to convert")
-    # The original builds the same attention for 'causal' and never passes an
-    # attention mask (module.py), so its causal checkpoints are bidirectional.
-    model["attention_type"] = "original"
-    if str(cfg["attention_type"]) == "causal":
-        notes.append(
-            "attention_type=causal in the original applies no causal mask (module.py never passes attn_mask); "
-            "converted as bidirectional 'original' to reproduce its outputs"
-        )
-    elif str(cfg["attention_type"]) != "original":
+    from melhubert_fairseq.models.components import pos_conv_lookahead  # here: it imports fairseq
+
+    attention_type = str(cfg["attention_type"])
+    if attention_type not in ("original", "causal"):
         raise CheckpointFormatError(f"attention_type={cfg['attention_type']!r} is unknown to the original")
+    model["attention_type"], model["pos_conv_causal"] = "original", None
+    if attention_type == "causal" and later_repo:
+        notes.append(
+            "attention_type=causal converted as bidirectional (--later-repo): nervjack2/MelHuBERT never builds an "
+            "attention mask, so its causal setting had no effect"
+        )
+    elif attention_type == "causal":
+        # The release's model.py masks attention to the past; its positional conv stays centred (SamePad).
+        model["attention_type"], model["pos_conv_causal"] = "causal", False
+        notes.append(
+            "attention_type=causal converted as the original release's causal model: attention masked to the past, "
+            f"centred positional conv reading {pos_conv_lookahead(model['conv_pos'], model['pos_conv_depth'])} frames "
+            "ahead (model.pos_conv_causal=false); a file trained by nervjack2/MelHuBERT, whose causal setting masks "
+            "nothing, needs --later-repo"
+        )
     model["no_mask_overlap"] = False
     if bool(cfg["no_mask_overlap"]):
         notes.append("no_mask_overlap=true is not supported by fairseq main with numpy 2; set to false (training masks only)")
@@ -232,9 +286,18 @@ def convert_config(
 #: Config keys that change the network a state_dict is loaded into (shapes alone do not catch all).
 ARCHITECTURE_KEYS = (
     "encoder_layers", "encoder_embed_dim", "encoder_ffn_embed_dim", "encoder_attention_heads", "activation_fn",
-    "layer_norm_first", "attention_type", "conv_pos", "conv_pos_groups", "pos_conv_depth",
+    "layer_norm_first", "attention_type", "pos_conv_causal", "conv_pos", "conv_pos_groups", "pos_conv_depth",
     "learnable_mask_emb", "mask_before_proj", "require_same_masks",
 )
+
+
+def describe_attention(model_cfg: Dict[str, Any]) -> str:
+    """``bidirectional``, ``causal attention + centred conv`` (the release's causal model) or ``strictly causal``."""
+    if str(model_cfg["attention_type"]) != "causal":
+        return "bidirectional"
+    if model_cfg.get("pos_conv_causal") is False:
+        return "causal attention + centred positional conv"
+    return "strictly causal"
 
 
 def training_overrides(converted: ConvertedConfig) -> List[str]:
@@ -242,7 +305,8 @@ def training_overrides(converted: ConvertedConfig) -> List[str]:
     overrides = [f"task.stack_frames={converted.task['stack_frames']}", f"task.num_classes={converted.task['num_classes']}"]
     for key in ARCHITECTURE_KEYS:
         value = converted.model[key]
-        overrides.append(f"model.{key}={str(value).lower() if isinstance(value, bool) else value}")
+        text = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
+        overrides.append(f"model.{key}={text}")
     return overrides
 
 
@@ -428,11 +492,26 @@ def convert_original_checkpoint(
     old_mask: Optional[bool] = None,
     with_optimizer: bool = False,
     ignore_config_keys: Sequence[str] = (),
+    later_repo: bool = False,
 ) -> ConversionResult:
-    """Original ``.ckpt`` -> fairseq ``mel_hubert`` checkpoint dict (``old_mask`` None: guess from the name)."""
+    """Original ``.ckpt`` -> fairseq ``mel_hubert`` checkpoint dict (``old_mask`` None: guess from the name;
+    ``later_repo``: trained by nervjack2/MelHuBERT, see :func:`convert_config`)."""
     source = read_original_checkpoint(path)
+    evidence = release_lineage_evidence(source)
+    if later_repo and evidence:
+        raise InputError(
+            f"{path}: --later-repo contradicts the checkpoint: {evidence}, and that code masks attention when "
+            "attention_type is causal; convert it without --later-repo"
+        )
     old_mask = is_old_mask_checkpoint(path) if old_mask is None else old_mask
-    converted = convert_config(source.model_config, old_mask=old_mask, ignore_keys=ignore_config_keys)
+    converted = convert_config(
+        source.model_config, old_mask=old_mask, ignore_keys=ignore_config_keys, later_repo=later_repo
+    )
+    if converted.model["attention_type"] == "causal" and looks_like_later_repo(source):
+        converted.notes.append(
+            "its Args look like nervjack2/MelHuBERT's train.py (frame_period, no multi_gpu): if that code trained "
+            "this file, its causal setting masked nothing; convert again with --later-repo"
+        )
     fairseq_cfg = build_fairseq_cfg(converted)
     model = build_model(fairseq_cfg)
     model_state = convert_state_dict(source.model_state, model.state_dict(), path)
@@ -489,10 +568,21 @@ def read_mel_hubert_checkpoint(
 def original_incompatibilities(model_cfg: Dict[str, Any]) -> List[str]:
     """What in our model config the original code (model.py, module.py) cannot build, train or compute the same way."""
     problems: List[str] = []
-    if str(model_cfg["attention_type"]) == "causal":
+    from melhubert_fairseq.models.components import pos_conv_lookahead  # here: it imports fairseq
+
+    causal_attention = str(model_cfg["attention_type"]) == "causal"
+    causal_conv = causal_attention if model_cfg.get("pos_conv_causal") is None else bool(model_cfg["pos_conv_causal"])
+    if causal_conv:
         problems.append(
-            "attention_type=causal: the original never passes an attention mask (module.py) and its positional conv "
-            "is centred, so it would attend to future frames"
+            f"attention_type={model_cfg['attention_type']} with a causal positional conv (model.pos_conv_causal): the "
+            "original's positional conv is always centred (SamePad) and would read "
+            f"{pos_conv_lookahead(int(model_cfg['conv_pos']), int(model_cfg['pos_conv_depth']))} frames ahead; only "
+            "the release's causal model (attention_type=causal, model.pos_conv_causal=false) or a bidirectional one exports"
+        )
+    if str(model_cfg.get("prediction_head", "cluster_ids")) != "cluster_ids":
+        problems.append(
+            f"prediction_head={model_cfg['prediction_head']}: the original's only pretraining head is final_proj over "
+            "num_cluster k-means ids"
         )
     if int(model_cfg["pos_conv_depth"]) != 1:
         problems.append(
@@ -533,7 +623,7 @@ def export_config(cfg: Dict[str, Any], where: str) -> Tuple[Dict[str, Any], List
         feat_emb_dim=FBANK_NUM_MEL_BINS * int(model["stack_frames"]),
         num_cluster=int(model["num_classes"]),
         pos_emb_type="conv",
-        attention_type="original",
+        attention_type=str(model["attention_type"]),
         no_mask_overlap=bool(model["no_mask_overlap"]),
         pred_masked_weight=masked,
         pred_nomask_weight=nomask,
@@ -665,7 +755,13 @@ def export_original_checkpoint(path: str, with_optimizer: bool = False) -> Expor
             )
     exported["Step"] = int(history[-1].get("num_updates", 0))
     exported["model"] = model_state
-    exported["Upstream_Config"] = {CONFIG_SECTIONS[0]: config}
+    causal = config["attention_type"] == "causal"
+    exported["Upstream_Config"] = {RELEASE_SECTION if causal else CONFIG_SECTIONS[0]: config}
+    if causal:
+        notes.append(
+            f"attention_type=causal: written as Upstream_Config[{RELEASE_SECTION!r}], the original release's section: "
+            "its code masks attention as this model does (nervjack2/MelHuBERT would run it bidirectionally)"
+        )
     stats = model.fbank_stats()
     mean_std = validate_mean_std(stats[0].numpy(), stats[1].numpy(), f"{path} fbank_mean_std") if stats else None
     return ExportResult(

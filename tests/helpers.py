@@ -3,7 +3,8 @@ synthetic fbank corpora, fairseq-hydra-train as the README runs it, and an indep
 reference of the original Mel-HuBERT model and checkpoint format.
 
 The reference model (second half) is written from the published architecture
-(nervjack2/MelHuBERT model.py/module.py: fairseq wav2vec2's
+(nervjack2/MelHuBERT model.py/module.py, and the 2022 release's causal attention
+mask: nervjack2/Speech-SSL-Compression melhubert/model.py; fairseq wav2vec2's
 TransformerSentenceEncoderLayer, fairseq MultiheadAttention, HuBERT's
 convolutional positional embedding) without using this package's model code,
 and saved exactly as the original ``pretrain_expert.save_model`` does.
@@ -83,8 +84,11 @@ def hydra_train_command(
     num_workers: int = 0,
     update_freq: int = 1,
     max_tokens: int = 1200,
+    labels: bool = True,
 ) -> List[str]:
-    """``fairseq-hydra-train`` exactly as the README runs it (relative user_dir, from the repo root)."""
+    """``fairseq-hydra-train`` exactly as the README runs it (relative user_dir, from the repo root);
+    ``labels`` False leaves out the label folder and K (a config that reads no labels)."""
+    label_args = [f"task.label_dir={data_dir}", f"task.num_classes={num_classes}"] if labels else []
     return [
         sys.executable,
         "-m",
@@ -95,8 +99,7 @@ def hydra_train_command(
         config_name,
         "common.user_dir=melhubert_fairseq",
         f"task.data={data_dir}",
-        f"task.label_dir={data_dir}",
-        f"task.num_classes={num_classes}",
+        *label_args,
         f"optimization.max_update={max_update}",
         f"optimization.update_freq=[{update_freq}]",
         f"dataset.num_workers={num_workers}",
@@ -201,7 +204,7 @@ class ReferenceAttention(nn.Module):
         self.q_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x, padding):
+    def forward(self, x, padding, causal: bool = False):
         batch, frames, dim = x.shape
         head_dim = dim // self.heads
 
@@ -211,6 +214,10 @@ class ReferenceAttention(nn.Module):
         q = heads(self.q_proj(x) * head_dim**-0.5)
         scores = q @ heads(self.k_proj(x)).transpose(-1, -2)
         scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))
+        if causal:
+            # The release's model.py: query i may attend to keys 0..i (a lower-triangular mask, every layer).
+            key_after_query = torch.arange(frames)[None, :] > torch.arange(frames)[:, None]
+            scores = scores.masked_fill(key_after_query, float("-inf"))
         context = scores.softmax(-1) @ heads(self.v_proj(x))
         return self.out_proj(context.transpose(1, 2).reshape(batch, frames, dim))
 
@@ -218,8 +225,9 @@ class ReferenceAttention(nn.Module):
 class ReferenceLayer(nn.Module):
     """TransformerSentenceEncoderLayer: post-LN, or pre-LN with ``layer_norm_first``."""
 
-    def __init__(self, dim: int, ffn: int, heads: int, layer_norm_first: bool) -> None:
+    def __init__(self, dim: int, ffn: int, heads: int, layer_norm_first: bool, causal: bool = False) -> None:
         super().__init__()
+        self.causal = causal
         self.self_attn = ReferenceAttention(dim, heads)
         self.self_attn_layer_norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, ffn)
@@ -229,9 +237,9 @@ class ReferenceLayer(nn.Module):
 
     def forward(self, x, padding):
         if self.layer_norm_first:
-            x = x + self.self_attn(self.self_attn_layer_norm(x), padding)
+            x = x + self.self_attn(self.self_attn_layer_norm(x), padding, self.causal)
             return x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
-        x = self.self_attn_layer_norm(x + self.self_attn(x, padding))
+        x = self.self_attn_layer_norm(x + self.self_attn(x, padding, self.causal))
         return self.final_layer_norm(x + self.fc2(F.gelu(self.fc1(x))))
 
 
@@ -247,7 +255,11 @@ class ReferenceSamePad(nn.Module):
 
 
 class ReferenceEncoder(nn.Module):
-    """Conv positional embedding, layers, and the LayerNorm placed as HuBERT does."""
+    """Conv positional embedding, layers, and the LayerNorm placed as HuBERT does.
+
+    ``attention_type: causal`` is the 2022 release's (nervjack2/Speech-SSL-Compression
+    melhubert/model.py, July 2022): every layer's attention is masked to the past, while the
+    positional conv stays centred (kernel conv_pos, padding conv_pos // 2, SamePad)."""
 
     def __init__(self, cfg: dict) -> None:
         super().__init__()
@@ -256,7 +268,10 @@ class ReferenceEncoder(nn.Module):
         conv = nn.utils.weight_norm(conv, name="weight", dim=2)
         self.pos_conv = nn.Sequential(conv, ReferenceSamePad(kernel), nn.GELU())
         self.layers = nn.ModuleList(
-            ReferenceLayer(dim, cfg["encoder_ffn_embed_dim"], cfg["encoder_attention_heads"], cfg["layer_norm_first"])
+            ReferenceLayer(
+                dim, cfg["encoder_ffn_embed_dim"], cfg["encoder_attention_heads"], cfg["layer_norm_first"],
+                causal=cfg.get("attention_type", "original") == "causal",
+            )
             for _ in range(cfg["encoder_layers"])
         )
         self.layer_norm = nn.LayerNorm(dim)
@@ -339,6 +354,18 @@ def padded_input(dim: int, lengths=(23, 15), seed: int = 1):
     feat = torch.randn(len(lengths), max(lengths), dim, generator=generator)
     valid = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
     return feat.masked_fill(~valid[..., None], 0.0), valid
+
+
+def assert_same_hidden_states(ours, reference: ReferenceMelHuBERT, input_dim: int) -> None:
+    """Every layer and the final output of our model and the reference agree on real frames (1e-5)."""
+    feat, valid = padded_input(input_dim)
+    with torch.no_grad():
+        expected_x, expected_layers = reference(feat, valid)
+        out = ours.extract_features(feat, padding_mask=~valid, mask=False)
+    assert len(out["layer_results"]) == len(expected_layers)
+    for index, (mine, theirs) in enumerate(zip(out["layer_results"], expected_layers), start=1):
+        torch.testing.assert_close(mine[valid], theirs[valid], atol=1e-5, rtol=0, msg=f"layer {index} differs")
+    torch.testing.assert_close(out["x"][valid], expected_x[valid], atol=1e-5, rtol=0)
 
 
 def load_converted(path: Path):

@@ -16,6 +16,7 @@ import torch
 from helpers import (
     TINY_ORIGINAL_CONFIG,
     ReferenceMelHuBERT,
+    assert_same_hidden_states,
     load_converted,
     make_reference,
     padded_input,
@@ -40,18 +41,6 @@ def load_plain(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     finally:
         torch.serialization.add_safe_globals(saved)
-
-
-def assert_same_hidden_states(ours, reference: ReferenceMelHuBERT, input_dim: int) -> None:
-    """Every layer and the final output of our model and the reference agree on real frames (1e-5)."""
-    feat, valid = padded_input(input_dim)
-    with torch.no_grad():
-        expected_x, expected_layers = reference(feat, valid)
-        out = ours.extract_features(feat, padding_mask=~valid, mask=False)
-    assert len(out["layer_results"]) == len(expected_layers)
-    for index, (mine, theirs) in enumerate(zip(out["layer_results"], expected_layers), start=1):
-        torch.testing.assert_close(mine[valid], theirs[valid], atol=1e-5, rtol=0, msg=f"layer {index} differs")
-    torch.testing.assert_close(out["x"][valid], expected_x[valid], atol=1e-5, rtol=0)
 
 
 def original_model_from_export(exported: dict) -> ReferenceMelHuBERT:
@@ -225,7 +214,7 @@ def test_files_that_are_not_mel_hubert_checkpoints_are_refused(tmp_path, monkeyp
 
 
 REFUSED = {
-    "causal-attention": ({"attention_type": "causal"}, "attention_type=causal: the original never passes an attention mask"),
+    "strictly-causal": ({"attention_type": "causal"}, "attention_type=causal with a causal positional conv (model.pos_conv_causal)"),
     "deep-pos-conv": ({"pos_conv_depth": 2}, "pos_conv_depth=2: the original's multi-layer positional conv calls an undefined LayerNorm"),
     "swish": ({"activation_fn": "swish"}, "activation_fn=swish: the original knows only relu, gelu, gelu_accurate, tanh, linear"),
     "mask-after-proj": ({"mask_before_proj": False}, "mask_before_proj=false: the original's masked forward"),

@@ -134,21 +134,6 @@ def test_pickled_code_in_args_is_refused_without_running_it(tmp_path):
     assert not (tmp_path / "out.pt").exists()
 
 
-def test_original_causal_flag_converts_to_what_the_original_computed(tmp_path, capsys):
-    # The original never passes an attention mask, so its 'causal' models attend both ways.
-    cfg = {**TINY_ORIGINAL_CONFIG, "attention_type": "causal"}
-    reference = make_reference(cfg)
-    save_original(tmp_path / "orig.ckpt", reference, cfg)
-    convert_main([str(tmp_path / "orig.ckpt"), str(tmp_path / "out.pt")])
-    assert "applies no causal mask" in capsys.readouterr().err
-    model, fairseq_cfg = load_converted(tmp_path / "out.pt")
-    assert fairseq_cfg.model.attention_type == "original"
-    feat, valid = padded_input(80)
-    with torch.no_grad():
-        torch.testing.assert_close(model.extract_features(feat, ~valid)["x"][valid], reference(feat, valid)[0][valid],
-                                   atol=1e-5, rtol=0)
-
-
 def masked_counts(model, lengths, update: int) -> list:
     """Masked frames per utterance of one training-mode forward on a padded batch (masks vary with the update)."""
     feat, valid = padded_input(80, lengths=lengths)

@@ -11,7 +11,11 @@ holding any other pickled object is refused without running it.
 
 ``--mean-std`` stores the corpus statistics the model was trained with (the
 release ships ``libri-360-mean-std.npy`` etc.) so the checkpoint can turn
-audio into model input by itself. ``--old-mask`` (automatic for file names
+audio into model input by itself. ``attention_type: causal`` converts as the
+original release's causal model (attention masked to the past, centred
+positional conv); ``--later-repo`` converts a file trained by the later
+nervjack2/MelHuBERT repository, whose causal setting masks nothing, as
+bidirectional. ``--old-mask`` (automatic for file names
 containing ``oldmask``) selects the original's old batch-dependent masking
 (``model.require_same_masks=true``) for further training.
 """
@@ -49,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ignore-config-key", action="append", default=[], metavar="KEY",
         help="accept this unknown model-config key (repeatable); unknown keys are an error otherwise",
     )
+    parser.add_argument(
+        "--later-repo", action="store_true",
+        help="the file was trained by nervjack2/MelHuBERT (Upstream_Config['melhubert']), whose attention_type: causal "
+        "masks nothing: convert a causal file as bidirectional; default: as the original release's causal model "
+        "(masked attention, centred positional conv)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return parser
 
@@ -59,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     # torch and the plugin's checkpoint code after parsing: --help needs neither.
     from melhubert_fairseq.checkpoint_io import atomic_torch_save
-    from melhubert_fairseq.original_checkpoint import convert_original_checkpoint, training_overrides
+    from melhubert_fairseq.original_checkpoint import convert_original_checkpoint, describe_attention, training_overrides
 
     started = time.perf_counter()
     check_writable(args.output, args.overwrite)
@@ -71,6 +81,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             old_mask=args.old_mask,
             with_optimizer=args.with_optimizer,
             ignore_config_keys=args.ignore_config_key,
+            later_repo=args.later_repo,
         )
         progress.update(1)
         atomic_torch_save(result.state, args.output, overwrite=args.overwrite)
@@ -83,6 +94,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"converted {args.checkpoint} (Upstream_Config[{result.source.config_section!r}], step {result.source.step}): "
         f"{model['encoder_layers']} x {model['encoder_embed_dim']} "
         f"{'pre' if model['layer_norm_first'] else 'post'}-LN, {10 * task['stack_frames']} ms frames, "
+        f"{describe_attention(model)}, "
         f"K={task['num_classes']}, {num_params} parameters, "
         f"require_same_masks={model['require_same_masks']}, "
         f"fbank stats {'from ' + args.mean_std if mean_std else 'unknown'}, "

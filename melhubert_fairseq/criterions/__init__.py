@@ -1,1 +1,1 @@
-from melhubert_fairseq.criterions import hard_label_masked_ce  # noqa: F401  (registers the criterion)
+from melhubert_fairseq.criterions import apc_l1, hard_label_masked_ce  # noqa: F401  (register the criteria)

@@ -10,6 +10,8 @@ from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import FairseqDataclass
 
+from melhubert_fairseq.errors import InputError
+
 
 @dataclass
 class HardLabelMaskedCeConfig(FairseqDataclass):
@@ -30,6 +32,9 @@ class HardLabelMaskedCe(FairseqCriterion):
     normalisation gives the per-frame mean.
     """
 
+    #: The task must give k-means labels (``task.labels``) for this criterion.
+    needs_labels = True
+
     def __init__(self, task, pred_masked_weight: float, pred_nomask_weight: float) -> None:
         super().__init__(task)
         self.pred_masked_weight = pred_masked_weight
@@ -37,6 +42,11 @@ class HardLabelMaskedCe(FairseqCriterion):
 
     def frame_loss(self, model, features: torch.Tensor, targets: torch.Tensor):
         """Summed CE (fp32) and number of correct predictions on the selected frames."""
+        if getattr(model, "final_proj", True) is None:
+            raise InputError(
+                f"model.prediction_head={model.cfg.prediction_head}: criterion hard_label_masked_ce predicts k-means ids "
+                "through model.prediction_head=cluster_ids"
+            )
         # Logits in fp32: the softmax over 512 classes is where fp16 overflows.
         logits = model.cluster_logits(features).float()
         loss = F.cross_entropy(logits, targets, reduction="sum")

@@ -99,7 +99,7 @@ class FrameRates:
 
 
 class FbankLabelDataset(FairseqDataset):
-    """Reads only each utterance's crop window (memory-mapped ``.npy``) and its ``.km`` line.
+    """Reads only each utterance's crop window (memory-mapped ``.npy``) and its ``.km`` line (if labels are given).
 
     ``sizes`` are in model frames. Items are cheap handles; the disk reads happen
     in :meth:`collater`, which runs in the DataLoader workers and knows the
@@ -109,7 +109,7 @@ class FbankLabelDataset(FairseqDataset):
     def __init__(
         self,
         manifest: FeatureManifest,
-        labels: LabelIndex,
+        labels: Optional[LabelIndex],
         feat_dim: int,
         rates: FrameRates,
         num_classes: int,
@@ -123,7 +123,7 @@ class FbankLabelDataset(FairseqDataset):
         seed: int = 1,
     ) -> None:
         super().__init__()
-        if len(labels) != len(manifest):
+        if labels is not None and len(labels) != len(manifest):
             raise ValueError(
                 f"{labels.path} has {len(labels)} lines but manifest {manifest.path} has "
                 f"{len(manifest)} utterances: they must match line for line"
@@ -141,11 +141,10 @@ class FbankLabelDataset(FairseqDataset):
         self.seed = seed
         self.epoch = 1
 
-        self._check_label_counts(manifest, labels)
-        model_frames = np.minimum(
-            num_stacked_frames(manifest.num_frames, rates.stack),
-            -(-labels.counts // rates.labels_per_model_frame_step),
-        )
+        model_frames = num_stacked_frames(manifest.num_frames, rates.stack)
+        if labels is not None:
+            self._check_label_counts(manifest, labels)
+            model_frames = np.minimum(model_frames, -(-labels.counts // rates.labels_per_model_frame_step))
         keep = np.ones(len(manifest), dtype=bool)
         if min_sample_size:
             too_short = model_frames < min_sample_size
@@ -161,8 +160,9 @@ class FbankLabelDataset(FairseqDataset):
             raise ValueError(f"{manifest.path}: no utterance left after min/max size filtering")
         rows = np.flatnonzero(keep)
         self.manifest = manifest.select(rows) if len(rows) < len(manifest) else manifest
-        self.label_path = labels.path
-        self.label_offsets = labels.offsets[rows]
+        #: None: no labels (a criterion that reads none); batches then have no ``target``.
+        self.label_path = labels.path if labels is not None else None
+        self.label_offsets = labels.offsets[rows] if labels is not None else None
         self.sizes = model_frames[rows].astype(np.int64)
         logger.info(
             f"{manifest.path}: {len(self.sizes)} utterances kept of {len(manifest)}, "
@@ -261,18 +261,20 @@ class FbankLabelDataset(FairseqDataset):
         batch = len(ids)
         source = torch.zeros(batch, target, self.feat_dim * self.rates.stack)
         padding_mask = torch.zeros(batch, target, dtype=torch.bool)
-        target_labels = torch.full((batch, target), LABEL_PAD, dtype=torch.long)
+        has_labels = self.label_path is not None
+        target_labels = torch.full((batch, target), LABEL_PAD, dtype=torch.long) if has_labels else None
         for row, (index, size, epoch) in enumerate(zip(ids, sizes, epochs)):
             length = min(size, target)
             start = self.crop_start(index, size, target, epoch)
             source[row, :length] = torch.from_numpy(self.read_frames(index, start, length))
-            target_labels[row, :length] = torch.from_numpy(self.read_labels(index, start, length))
+            if has_labels:
+                target_labels[row, :length] = torch.from_numpy(self.read_labels(index, start, length))
             padding_mask[row, length:] = True
         id_tensor = torch.tensor(ids, dtype=torch.long)
         return {
             "id": id_tensor,
             "net_input": {"source": source, "padding_mask": padding_mask, "sample_ids": id_tensor},
-            "target": target_labels,
+            **({"target": target_labels} if has_labels else {}),
             "ntokens": int((~padding_mask).sum()),
             "nsentences": batch,
             # For errors raised later (model, criterion): which manifest rows this batch holds,

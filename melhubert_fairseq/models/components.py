@@ -60,6 +60,13 @@ def make_pos_conv(embed_dim: int, kernel_size: int, groups: int, depth: int, cau
     )
 
 
+def pos_conv_lookahead(kernel_size: int, depth: int) -> int:
+    """How many frames after t a centred :func:`make_pos_conv` reads for output t: (k - 1) // 2 per layer
+    (an even kernel's ``SamePad`` drops the last output, so it reads k // 2 before and k // 2 - 1 after)."""
+    k = kernel_size if depth == 1 else max(3, kernel_size // depth)
+    return depth * ((k - 1) // 2)
+
+
 def attention_mask(
     padding_mask: Optional[torch.Tensor], num_frames: int, causal: bool, device: torch.device
 ) -> Optional[torch.Tensor]:
@@ -186,9 +193,14 @@ class TransformerEncoder(nn.Module):
         layer_norm_first: bool,
         layerdrop: float,
         causal: bool,
+        pos_conv_causal: Optional[bool] = None,
     ) -> None:
         super().__init__()
-        self.pos_conv = make_pos_conv(embed_dim, conv_pos, conv_pos_groups, pos_conv_depth, causal=causal)
+        # The conv follows the attention unless told otherwise: the original release's causal model
+        # masks attention but keeps HuBERT's centred conv (pos_conv_causal=False).
+        self.pos_conv_causal = causal if pos_conv_causal is None else bool(pos_conv_causal)
+        self.pos_conv = make_pos_conv(embed_dim, conv_pos, conv_pos_groups, pos_conv_depth, causal=self.pos_conv_causal)
+        self.pos_conv_lookahead = 0 if self.pos_conv_causal else pos_conv_lookahead(conv_pos, pos_conv_depth)
         self.layers = nn.ModuleList(layers)
         self.layer_norm = nn.LayerNorm(embed_dim)
         self.dropout = Dropout(dropout)

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 MASK_SELECTION_CHOICES = ChoiceEnum(["static", "normal", "poisson"])
 ATTENTION_TYPE_CHOICES = ChoiceEnum(["original", "causal"])
+PREDICTION_HEAD_CHOICES = ChoiceEnum(["cluster_ids", "frames"])
 
 
 @dataclass
@@ -45,6 +46,14 @@ class MelHubertConfig(FairseqDataclass):
         default="original",
         metadata={"help": "original = bidirectional; causal = each frame attends to itself and the past"},
     )
+    pos_conv_causal: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "positional conv padded on the left only (frame t sees frames <= t); null = follow attention_type "
+            "(causal -> true); false with attention_type=causal = the original release's causal model (masked "
+            "attention, centred conv seeing (conv_pos - 1) // 2 frames ahead)"
+        },
+    )
     conv_pos: int = field(default=128, metadata={"help": "kernel size of the convolutional positional embedding"})
     conv_pos_groups: int = field(default=16, metadata={"help": "groups of the positional convolution"})
     pos_conv_depth: int = field(default=1, metadata={"help": "number of positional conv layers (1 = HuBERT)"})
@@ -64,6 +73,13 @@ class MelHubertConfig(FairseqDataclass):
     require_same_masks: bool = field(
         default=False,
         metadata={"help": "old batch-dependent masking of the original (*-oldmask checkpoints): same masked count per batch"},
+    )
+    prediction_head: PREDICTION_HEAD_CHOICES = field(  # type: ignore[valid-type]
+        default="cluster_ids",
+        metadata={
+            "help": "pretraining head: cluster_ids = final_proj, logits over the num_classes k-means clusters "
+            "(hard_label_masked_ce); frames = apc_proj, a linear map to one model input frame (apc_l1)"
+        },
     )
     learnable_mask_emb: bool = field(
         default=False, metadata={"help": "learn the mask embedding; false = masked frames are zeros"}
@@ -116,7 +132,8 @@ class MelHubertConfig(FairseqDataclass):
 
 @register_model("mel_hubert", dataclass=MelHubertConfig)
 class MelHubertModel(BaseFairseqModel):
-    """Linear projection of (stacked) fbank frames -> conv positional embedding -> transformer -> final_proj.
+    """Linear projection of (stacked) fbank frames -> conv positional embedding -> transformer -> pretraining head
+    (``final_proj`` over k-means ids, or ``apc_proj`` onto the input frame: ``prediction_head``).
 
     Takes the (B, T, feat_dim x stack_frames) frames it was trained on, or a
     (B, samples) 16 kHz waveform that :class:`WaveformFrontEnd` turns into those
@@ -159,6 +176,7 @@ class MelHubertModel(BaseFairseqModel):
             layer_norm_first=cfg.layer_norm_first,
             layerdrop=cfg.encoder_layerdrop,
             causal=str(cfg.attention_type) == "causal",
+            pos_conv_causal=cfg.pos_conv_causal,
         )
         # BERT init of every Linear in the encoder, as HuBERT and the original do.
         self.encoder.apply(init_bert_params)
@@ -167,7 +185,12 @@ class MelHubertModel(BaseFairseqModel):
             self.mask_emb = nn.Parameter(torch.empty(mask_dim).uniform_())
         else:
             self.register_buffer("mask_emb", torch.zeros(mask_dim), persistent=False)
-        self.final_proj = nn.Linear(cfg.encoder_embed_dim, cfg.num_classes)
+        self.final_proj: Optional[nn.Linear] = None
+        self.apc_proj: Optional[nn.Linear] = None
+        if str(cfg.prediction_head) == "frames":
+            self.apc_proj = nn.Linear(cfg.encoder_embed_dim, self.input_dim)
+        else:
+            self.final_proj = nn.Linear(cfg.encoder_embed_dim, cfg.num_classes)
         # Corpus mean (row 0) and std (row 1) of the fbank the model was trained on,
         # saved with the weights so a checkpoint alone can turn audio into inputs.
         # NaN = unknown (features were normalised by a tool whose stats were not given).
@@ -311,9 +334,21 @@ class MelHubertModel(BaseFairseqModel):
         """Logits over the k-means clusters for encoder outputs ``features`` (..., C)."""
         return self.final_proj(features)
 
+    def predicted_frames(self, features: torch.Tensor) -> torch.Tensor:
+        """Input frames (..., input_dim) predicted from encoder outputs ``features`` (..., C) by ``apc_proj``."""
+        return self.apc_proj(features)
+
+    def lookahead_frames(self) -> Optional[int]:
+        """How many frames after t the output at frame t depends on: None = all of them (bidirectional
+        attention); with causal attention, what the positional conv reads ahead (0 when it is causal)."""
+        if str(self.cfg.attention_type) != "causal":
+            return None
+        return self.encoder.pos_conv_lookahead
+
     def remove_pretraining_modules(self) -> None:
-        """Drop the cluster classifier (for downstream use)."""
+        """Drop the pretraining heads (cluster classifier, frame predictor) for downstream use."""
         self.final_proj = None
+        self.apc_proj = None
 
 
 def record_checkpoint_in_config(state: Dict[str, Any], path: str) -> None:

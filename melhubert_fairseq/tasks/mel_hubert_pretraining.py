@@ -1,4 +1,4 @@
-"""The ``mel_hubert_pretraining`` task: fbank manifests + k-means labels -> FbankLabelDataset."""
+"""The ``mel_hubert_pretraining`` task: fbank manifests (+ k-means labels) -> FbankLabelDataset."""
 
 import contextlib
 import inspect
@@ -17,6 +17,7 @@ from omegaconf import II, MISSING, open_dict
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, FBANK_NUM_MEL_BINS, MeanStd, load_mean_std
 from melhubert_fairseq.data.fbank_label_dataset import EpochTaggedBatches, FbankLabelDataset, FrameRates
 from melhubert_fairseq.data.manifest import index_label_file, read_dictionary_size, read_manifest
+from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.models.masking import SpanMaskError
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,13 @@ class MelHubertPretrainingConfig(FairseqDataclass):
     label_dir: Optional[str] = field(
         default=None, metadata={"help": "directory holding {split}.{labels} and dict.{labels}.txt (default: data)"}
     )
-    labels: str = field(default="km", metadata={"help": "label file extension: {label_dir}/{split}.{labels}"})
+    labels: Optional[str] = field(
+        default="km",
+        metadata={
+            "help": "label file extension: {label_dir}/{split}.{labels}; null = no labels, for a criterion that reads "
+            "none (apc_l1): the manifest alone"
+        },
+    )
     label_rate: float = field(
         default=float(FBANK_FRAME_RATE_HZ),
         metadata={"help": "labels per second: 100 = one per 10 ms fbank frame (stage 1), 50 = one per 20 ms model frame"},
@@ -123,7 +130,12 @@ class MelHubertPretrainingTask(FairseqTask):
         # num_classes, see build_model); its training data (and dict.km.txt) need not exist
         # on this machine, and a dict in the cwd must not be read.
         self.num_classes: Optional[int]
-        if from_checkpoint:
+        if cfg.labels is None and cfg.label_dir:
+            raise InputError(
+                f"task.label_dir={cfg.label_dir} is set but task.labels=null reads no labels: drop task.label_dir, or "
+                "give task.labels (e.g. km) for a criterion that predicts them"
+            )
+        if from_checkpoint or cfg.labels is None:
             self.num_classes = cfg.num_classes if cfg.num_classes > 0 else None
         else:
             self.num_classes = self._resolve_num_classes()
@@ -184,7 +196,9 @@ class MelHubertPretrainingTask(FairseqTask):
                 "or pass dataset.disable_validation=true"
             )
         manifest = read_manifest(manifest_path)
-        labels = index_label_file(os.path.join(self.label_dir, f"{split}.{self.cfg.labels}"))
+        labels = None
+        if self.cfg.labels is not None:
+            labels = index_label_file(os.path.join(self.label_dir, f"{split}.{self.cfg.labels}"))
         self.datasets[split] = FbankLabelDataset(
             manifest,
             labels,
@@ -206,6 +220,11 @@ class MelHubertPretrainingTask(FairseqTask):
 
     def build_model(self, cfg, from_checkpoint: bool = False):
         """Build the model and check it reads this task's frames and labels."""
+        if self.cfg.labels is None and not from_checkpoint and str(getattr(cfg, "prediction_head", "")) == "cluster_ids":
+            raise InputError(
+                "task.labels=null gives no k-means labels, but model.prediction_head=cluster_ids predicts them: "
+                "give task.labels and task.label_dir, or train a criterion that needs none (config/causal_apc.yaml)"
+            )
         if self.num_classes is None:  # a checkpoint trained with task.num_classes=-1: K is the model's
             self.num_classes = int(cfg.num_classes)
         if getattr(cfg, "num_classes", None) == -1:
@@ -227,6 +246,23 @@ class MelHubertPretrainingTask(FairseqTask):
         if final_proj is not None and final_proj.out_features != self.num_classes:
             raise ValueError(f"model predicts {final_proj.out_features} classes, task has {self.num_classes}")
         return model
+
+    def build_criterion(self, cfg, from_checkpoint: bool = False):
+        """Build the criterion and check that labels are given exactly when it reads them."""
+        criterion = super().build_criterion(cfg, from_checkpoint)
+        needs_labels = getattr(criterion, "needs_labels", True)
+        name = getattr(cfg, "_name", type(criterion).__name__)
+        if needs_labels and self.cfg.labels is None:
+            raise InputError(
+                f"task.labels=null: criterion {name} predicts k-means labels, so it needs them: give task.labels "
+                "(e.g. km) and task.label_dir"
+            )
+        if not needs_labels and self.cfg.labels is not None and not from_checkpoint:
+            raise InputError(
+                f"task.labels={self.cfg.labels}: criterion {name} reads no labels (it predicts future fbank frames); "
+                "set task.labels=null and drop task.label_dir"
+            )
+        return criterion
 
     def get_batch_iterator(self, dataset, *args, **kwargs):
         """fairseq's epoch iterator, with each index carried together with its epoch.
