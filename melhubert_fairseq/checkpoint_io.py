@@ -176,13 +176,17 @@ def check_torch_file(path: str) -> None:
 def safe_torch_load(path: str, extra_safe_globals: Sequence[Any] = (), mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)`` on CPU; refusals name the offending pickled globals.
 
+    ``extra_safe_globals`` join torch's allow-list for the rest of the process (it never shrinks).
     ``mmap=True`` reads the structure and leaves tensor data on disk (cheap integrity check).
     """
     check_regular_file(path, what="checkpoint")
     check_torch_file(path)
+    # Added to torch's process-wide allow-list for good, not with the ``safe_globals`` context manager: on exit
+    # that one removes its globals again, also ones another caller had added, so a later load in the same
+    # process (a fine-tuning resume reading a Dictionary) would be refused.
+    torch.serialization.add_safe_globals(list(extra_safe_globals))
     try:
-        with torch.serialization.safe_globals(list(extra_safe_globals)):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         allowed = set(torch.serialization.get_safe_globals()) | set(extra_safe_globals)
         allowed_names = {f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', g)}" for g in allowed}
