@@ -89,6 +89,8 @@ class Scenario:
     classify: Optional[Callable[["Trial", "Reference"], Optional[str]]] = None
     #: What makes two output files "the same" (default: their bytes).
     fingerprint: Callable[[Path], str] = sha256_of_file
+    #: Names in the output folders that are no output (a lock taken at startup): they do not start the kill window.
+    not_writes: Sequence[str] = ()
 
 
 @dataclasses.dataclass
@@ -137,12 +139,15 @@ def snapshot(
     return result
 
 
-def listing(work: Path, folders: Sequence[str]) -> frozenset:
-    """Names and sizes of everything below ``folders``, hidden entries included (cheap to poll)."""
+def listing(work: Path, folders: Sequence[str], ignore: Sequence[str] = ()) -> frozenset:
+    """Names and sizes of everything below ``folders``, hidden entries included, except names in ``ignore``
+    (cheap to poll)."""
     found = set()
     for folder in folders:
         for dirpath, dirnames, filenames in os.walk(work / folder):
             for name in dirnames + filenames:
+                if name in ignore:
+                    continue
                 path = os.path.join(dirpath, name)
                 with contextlib.suppress(OSError):
                     found.add((path, os.lstat(path).st_size))
@@ -203,14 +208,14 @@ def reference_run(scenario: Scenario, work: Path, assets: Path, repeats: int = 2
     for _ in range(repeats):
         scenario.setup(fresh(work), assets)
         before = snapshot(work, scenario.outputs, fingerprint=scenario.fingerprint)
-        seen = listing(work, scenario.outputs)
+        seen = listing(work, scenario.outputs, scenario.not_writes)
         command = scenario.command(work, assets)
         with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a chatty tool never blocks on it
             start = time.perf_counter()
             process = subprocess.Popen(command, cwd=work, env=tool_env(), stdout=subprocess.DEVNULL, stderr=log)
             first_write = last_write = None
             while process.poll() is None:
-                now = listing(work, scenario.outputs)
+                now = listing(work, scenario.outputs, scenario.not_writes)
                 if now != seen:
                     last_write = time.perf_counter() - start
                     first_write = last_write if first_write is None else first_write
@@ -290,7 +295,7 @@ def run_trial(scenario: Scenario, work: Path, assets: Path, reference: Reference
     """
     scenario.setup(fresh(work), assets)
     inputs_before = snapshot(work, scenario.inputs, hidden=True)
-    outputs_before = listing(work, scenario.outputs)
+    outputs_before = listing(work, scenario.outputs, scenario.not_writes)
     command = scenario.command(work, assets)
     delay = rng.uniform(0.0, 1.1 * reference.working_seconds)
     process = subprocess.Popen(
@@ -298,7 +303,7 @@ def run_trial(scenario: Scenario, work: Path, assets: Path, reference: Reference
         start_new_session=True,  # the tool and its worker processes, as a cluster pre-emption kills them
     )
     start = time.perf_counter()
-    while process.poll() is None and listing(work, scenario.outputs) == outputs_before:
+    while process.poll() is None and listing(work, scenario.outputs, scenario.not_writes) == outputs_before:
         time.sleep(0.005)
     deadline = time.perf_counter() + delay
     while process.poll() is None and time.perf_counter() < deadline:
@@ -551,6 +556,8 @@ def classify_training(trial: Trial, reference: Reference) -> str:
 
 def scenarios() -> List[Scenario]:
     """Every scenario, in table order."""
+    from melhubert_fairseq.checkpoint_io import SAVE_DIR_LOCK  # imports torch: not before it is needed
+
     return [
         Scenario(
             name="training",
@@ -558,6 +565,7 @@ def scenarios() -> List[Scenario]:
             setup=lambda work, assets: shutil.copytree(assets / "train_corpus", work / "data"),
             command=lambda work, assets: training_command(work),
             outputs=["ckpt"], inputs=["data"], classify=classify_training, fingerprint=checkpoint_fingerprint,
+            not_writes=[SAVE_DIR_LOCK],
         ),
         Scenario(
             name="fine-tuning",
@@ -565,6 +573,7 @@ def scenarios() -> List[Scenario]:
             setup=lambda work, assets: shutil.copytree(assets / "finetune_corpus", work / "inputs"),
             command=finetuning_command,
             outputs=["ckpt"], inputs=["inputs"], classify=classify_training, fingerprint=checkpoint_fingerprint,
+            not_writes=[SAVE_DIR_LOCK],
         ),
         Scenario(
             name="wav-to-fbank",

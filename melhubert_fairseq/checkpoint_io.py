@@ -543,7 +543,7 @@ def lock_save_dir(save_dir: str) -> None:
             f"{save_dir}: another training run is writing checkpoints here ({holder}; lock file {path}); "
             "wait for it to end or stop it, or give this run another checkpoint.save_dir"
         )
-    for other_path, other_fd in list(_held_save_dir_locks.items()):  # this process trained there before
+    for other_path in list(_held_save_dir_locks):  # this process trained into another save_dir before
         release_lock_file(other_path, _held_save_dir_locks.pop(other_path))
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     os.ftruncate(fd, 0)

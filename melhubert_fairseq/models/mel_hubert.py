@@ -232,11 +232,13 @@ class MelHubertModel(BaseFairseqModel):
         super().set_num_updates(num_updates)
         self.num_updates = num_updates
 
-    def mask_seed_and_ids(self, batch_size: int, sample_ids: Optional[torch.Tensor]) -> Tuple[int, torch.Tensor]:
+    def mask_seed_and_ids(
+        self, batch_size: int, sample_ids: Optional[torch.Tensor]
+    ) -> Tuple[Optional[int], torch.Tensor]:
         """(seed, per-utterance ids) that, with the update number, decide this batch's masks.
 
         With ``sample_ids`` (the pretraining criterion passes them): ``mask_seed`` and those ids, so a
-        mask depends only on (seed, update, utterance). Without (fairseq's fine-tuning encoders,
+        mask depends only on (seed, update, utterance) (``mask_seed`` null: unseeded, as fairseq). Without (fairseq's fine-tuning encoders,
         ``Wav2VecEncoder`` / ``HubertEncoder``, pass none): a seed drawn from torch's default generator,
         which fairseq's trainer reseeds at every update from ``common.seed + update`` (as for dropout),
         and the batch rows, offset by the distributed rank. Either way a resumed run masks exactly
@@ -264,8 +266,8 @@ class MelHubertModel(BaseFairseqModel):
         """Zero spans of channels of ``x`` (B, T, C), the same channels at every frame of an utterance
         (HuBERT's channel masking), seeded as :meth:`mask_seed_and_ids` says."""
         seed, ids = self.mask_seed_and_ids(x.size(0), sample_ids)
-        # Another seed than the frame masks' (same update and ids): the two masks must not share their draws.
-        seed += CHANNEL_MASK_SEED_OFFSET
+        if seed is not None:  # another seed than the frame masks' (same update and ids): no shared draws
+            seed += CHANNEL_MASK_SEED_OFFSET
         channels = span_mask(
             self.channel_mask_config, (x.size(0), x.size(-1)), None, seed, self.num_updates, ids, device=x.device
         )
