@@ -1,13 +1,17 @@
 """One training run per checkpoint.save_dir: a second is refused, a killed one never blocks its rerun."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 from helpers import REPO_ROOT, hydra_train_command, make_fbank_corpus, run_hydra_train
+from melhubert_fairseq import checkpoint_io
 from melhubert_fairseq.checkpoint_io import SAVE_DIR_LOCK, checkpoint_load_problem, checkpoint_num_updates
 
 
@@ -57,3 +61,31 @@ def test_a_second_training_into_a_busy_save_dir_is_refused_and_a_killed_run_neve
     rerun = run_hydra_train(data, save_dir, max_update=killed_at + 1, max_tokens=240, overrides=saving)
     assert f"@ {killed_at} updates" in rerun.stdout + rerun.stderr  # resumed the killed run
     assert not lock.exists(), "a run that ends removes its lock file"
+
+
+def test_the_lock_is_the_process_s_own_across_a_multirun_and_saves_go_on_without_flock(tmp_path, monkeypatch):
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+    try:
+        checkpoint_io.lock_save_dir(str(first))
+        checkpoint_io.lock_save_dir(str(first))  # the same process again: not refused by its own lock
+        assert (first / SAVE_DIR_LOCK).read_text().startswith(f"pid {os.getpid()} on {socket.gethostname()}, started ")
+        other_process = subprocess.run(
+            [sys.executable, "-c", f"from melhubert_fairseq.checkpoint_io import lock_save_dir; lock_save_dir({str(first)!r})"],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert other_process.returncode != 0 and f"another training run is writing checkpoints here (pid {os.getpid()} " in other_process.stderr
+        checkpoint_io.lock_save_dir(str(second))  # the next job of a hydra multirun releases the first folder
+        assert not (first / SAVE_DIR_LOCK).exists() and (second / SAVE_DIR_LOCK).exists()
+    finally:
+        checkpoint_io.release_save_dir_locks()
+    assert not (second / SAVE_DIR_LOCK).exists()
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)  # Lustre without flock, some FUSE/SMB mounts
+    try:
+        checkpoint_io.lock_save_dir(str(first))  # cannot detect a second run there, but never stops this one
+    finally:
+        checkpoint_io.release_save_dir_locks()
