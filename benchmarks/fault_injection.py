@@ -1,4 +1,4 @@
-"""Kill each data tool at random moments (SIGKILL) and check that rerunning the same command recovers.
+"""Kill training, fine-tuning and the data tools at random moments (SIGKILL); rerunning the same command must recover.
 
 For every scenario (a tool with its inputs), the script first runs the command
 uninterrupted, as the reference (its outputs, its duration, and when it first
@@ -89,6 +89,8 @@ class Scenario:
     classify: Optional[Callable[["Trial", "Reference"], Optional[str]]] = None
     #: What makes two output files "the same" (default: their bytes).
     fingerprint: Callable[[Path], str] = sha256_of_file
+    #: Names in the output folders that are no output (a lock taken at startup): they do not start the kill window.
+    not_writes: Sequence[str] = ()
 
 
 @dataclasses.dataclass
@@ -137,12 +139,15 @@ def snapshot(
     return result
 
 
-def listing(work: Path, folders: Sequence[str]) -> frozenset:
-    """Names and sizes of everything below ``folders``, hidden entries included (cheap to poll)."""
+def listing(work: Path, folders: Sequence[str], ignore: Sequence[str] = ()) -> frozenset:
+    """Names and sizes of everything below ``folders``, hidden entries included, except names in ``ignore``
+    (cheap to poll)."""
     found = set()
     for folder in folders:
         for dirpath, dirnames, filenames in os.walk(work / folder):
             for name in dirnames + filenames:
+                if name in ignore:
+                    continue
                 path = os.path.join(dirpath, name)
                 with contextlib.suppress(OSError):
                     found.add((path, os.lstat(path).st_size))
@@ -203,14 +208,14 @@ def reference_run(scenario: Scenario, work: Path, assets: Path, repeats: int = 2
     for _ in range(repeats):
         scenario.setup(fresh(work), assets)
         before = snapshot(work, scenario.outputs, fingerprint=scenario.fingerprint)
-        seen = listing(work, scenario.outputs)
+        seen = listing(work, scenario.outputs, scenario.not_writes)
         command = scenario.command(work, assets)
         with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a chatty tool never blocks on it
             start = time.perf_counter()
             process = subprocess.Popen(command, cwd=work, env=tool_env(), stdout=subprocess.DEVNULL, stderr=log)
             first_write = last_write = None
             while process.poll() is None:
-                now = listing(work, scenario.outputs)
+                now = listing(work, scenario.outputs, scenario.not_writes)
                 if now != seen:
                     last_write = time.perf_counter() - start
                     first_write = last_write if first_write is None else first_write
@@ -290,7 +295,7 @@ def run_trial(scenario: Scenario, work: Path, assets: Path, reference: Reference
     """
     scenario.setup(fresh(work), assets)
     inputs_before = snapshot(work, scenario.inputs, hidden=True)
-    outputs_before = listing(work, scenario.outputs)
+    outputs_before = listing(work, scenario.outputs, scenario.not_writes)
     command = scenario.command(work, assets)
     delay = rng.uniform(0.0, 1.1 * reference.working_seconds)
     process = subprocess.Popen(
@@ -298,7 +303,7 @@ def run_trial(scenario: Scenario, work: Path, assets: Path, reference: Reference
         start_new_session=True,  # the tool and its worker processes, as a cluster pre-emption kills them
     )
     start = time.perf_counter()
-    while process.poll() is None and listing(work, scenario.outputs) == outputs_before:
+    while process.poll() is None and listing(work, scenario.outputs, scenario.not_writes) == outputs_before:
         time.sleep(0.005)
     deadline = time.perf_counter() + delay
     while process.poll() is None and time.perf_counter() < deadline:
@@ -414,10 +419,13 @@ TINY_MODEL = [
 ]
 
 
-def prepare_checkpoint(assets: Path, work: Path) -> None:
-    """A tiny mel_hubert checkpoint (2 updates with fairseq-hydra-train), for extract-features."""
-    data = fresh(assets / "train_data")
+def prepare_checkpoint(assets: Path, work: Path, name: str = "ckpt", with_stats: bool = False) -> None:
+    """A tiny mel_hubert checkpoint (2 updates with fairseq-hydra-train) in ``assets/name``, for extract-features;
+    ``with_stats``: trained with a ``mean-std.npy``, so that it records fbank statistics (fine-tuning needs them)."""
+    data = fresh(assets / f"{name}_data")
     write_fbank_corpus(data, num_utts=12)
+    if with_stats:
+        np.save(data / "mean-std.npy", np.stack([np.full(FBANK_NUM_MEL_BINS, 0.5), np.full(FBANK_NUM_MEL_BINS, 2.0)]).astype(np.float32))
     rng = np.random.default_rng(0)
     manifest = (data / "train.tsv").read_text().splitlines()
     (data / "train.km").write_text(
@@ -428,8 +436,8 @@ def prepare_checkpoint(assets: Path, work: Path) -> None:
         sys.executable, "-m", "fairseq_cli.hydra_train", "--config-dir", "config", "--config-name", "stage1",
         "common.user_dir=melhubert_fairseq", f"task.data={data}", f"task.label_dir={data}", "task.num_classes=32",
         "optimization.max_update=2", "optimization.update_freq=[1]", "dataset.num_workers=0",
-        "dataset.max_tokens=1200", "dataset.disable_validation=true", "common.tensorboard_logdir=null", f"checkpoint.save_dir={assets / 'ckpt'}",
-        f"hydra.run.dir={assets / 'ckpt' / 'hydra'}", *TINY_MODEL,
+        "dataset.max_tokens=1200", "dataset.disable_validation=true", "common.tensorboard_logdir=null", f"checkpoint.save_dir={assets / name}",
+        f"hydra.run.dir={assets / name / 'hydra'}", *TINY_MODEL,
     ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=tool_env(), timeout=900)
     if result.returncode != 0:
@@ -468,14 +476,49 @@ def training_command(work: Path) -> List[str]:
     ]
 
 
+FINETUNING_UPDATES = 20
+
+
+def prepare_finetuning(assets: Path, work: Path) -> None:
+    """``finetune_corpus``: a tiny pretrained checkpoint with fbank statistics (``pretrained.pt``), and 4 train +
+    2 valid utterances of the bundled corpus in fairseq's audio_finetuning layout (``data``: 2 batches an epoch)."""
+    from melhubert_fairseq.finetuning import write_finetuning_data
+
+    prepare_checkpoint(assets, work, name="pretrained", with_stats=True)
+    corpus = REPO / "demo" / "corpus"
+    folder = fresh(assets / "finetune_corpus")
+    manifests = {}
+    for split, count in (("train", 4), ("valid", 2)):
+        rows = (corpus / f"{split}.tsv").read_text().splitlines()[1 : 1 + count]
+        manifests[split] = str(folder / f"{split}_audio.tsv")
+        Path(manifests[split]).write_text(f"{corpus}\n" + "\n".join(rows) + "\n")
+    write_finetuning_data(manifests, str(corpus / "transcripts.tsv"), str(folder / "data"))
+    shutil.copy(assets / "pretrained" / "checkpoint_last.pt", folder / "pretrained.pt")
+
+
+def finetuning_command(work: Path, assets: Path) -> List[str]:
+    """fairseq-hydra-train of config/finetune_demo.yaml (fairseq's wav2vec_ctc) from the tiny pretrained checkpoint,
+    saving every update and validating every 2 epochs, run from ``work``."""
+    return [
+        sys.executable, "-m", "fairseq_cli.hydra_train", "--config-dir", str(REPO / "config"), "--config-name", "finetune_demo",
+        f"common.user_dir={REPO / 'melhubert_fairseq'}", f"task.data={work / 'inputs' / 'data'}",
+        f"model.w2v_path={work / 'inputs' / 'pretrained.pt'}", f"optimization.max_update={FINETUNING_UPDATES}",
+        "model.freeze_finetune_updates=2", "dataset.max_tokens=120000", "dataset.validate_interval=2",
+        "common.log_interval=1", "checkpoint.save_interval_updates=1", "checkpoint.keep_interval_updates=2",
+        f"checkpoint.save_dir={work / 'ckpt'}", f"hydra.run.dir={work / 'hydra'}",
+    ]
+
+
 def checkpoint_fingerprint(path: Path) -> str:
     """A checkpoint's update count and parameters (its bytes also hold wall-clock meters), or why it does not load."""
     if not path.name.endswith(".pt"):
         return sha256_of_file(path)
     import torch
 
-    import melhubert_fairseq  # noqa: F401  (fairseq's checkpoint types allow-listed)
+    from melhubert_fairseq import register_with_fairseq
     from melhubert_fairseq.checkpoint_io import checkpoint_load_problem, safe_torch_load
+
+    register_with_fairseq()  # fairseq's checkpoint types (a fine-tuning checkpoint's Dictionary) allow-listed
 
     problem = checkpoint_load_problem(str(path))
     if problem is not None:
@@ -513,6 +556,8 @@ def classify_training(trial: Trial, reference: Reference) -> str:
 
 def scenarios() -> List[Scenario]:
     """Every scenario, in table order."""
+    from melhubert_fairseq.checkpoint_io import SAVE_DIR_LOCK  # imports torch: not before it is needed
+
     return [
         Scenario(
             name="training",
@@ -520,6 +565,15 @@ def scenarios() -> List[Scenario]:
             setup=lambda work, assets: shutil.copytree(assets / "train_corpus", work / "data"),
             command=lambda work, assets: training_command(work),
             outputs=["ckpt"], inputs=["data"], classify=classify_training, fingerprint=checkpoint_fingerprint,
+            not_writes=[SAVE_DIR_LOCK],
+        ),
+        Scenario(
+            name="fine-tuning",
+            prepare=prepare_finetuning,
+            setup=lambda work, assets: shutil.copytree(assets / "finetune_corpus", work / "inputs"),
+            command=finetuning_command,
+            outputs=["ckpt"], inputs=["inputs"], classify=classify_training, fingerprint=checkpoint_fingerprint,
+            not_writes=[SAVE_DIR_LOCK],
         ),
         Scenario(
             name="wav-to-fbank",

@@ -87,6 +87,36 @@ def _try_lock(fd: int) -> Optional[bool]:
     return True
 
 
+def acquire_lock_file(path: str) -> Optional[int]:
+    """flock ``path`` (created if missing) exclusively, without waiting: the open descriptor that holds the
+    lock, or None if another live process holds it. The kernel releases the lock when its holder dies, so
+    a lock file left by a killed run never blocks. On a file system that cannot lock the descriptor is
+    returned unlocked (a concurrent run then goes undetected).
+
+    Retries when the file it opened was unlinked meanwhile (a finishing holder removes it, see
+    :func:`release_lock_file`), so that two runs never both hold "the" lock on different files.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        if _try_lock(fd) is False:
+            os.close(fd)
+            return None
+        try:
+            same_file = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if same_file:
+            return fd
+        os.close(fd)
+
+
+def release_lock_file(path: str, fd: int) -> None:
+    """Remove the lock file ``path`` and release the lock ``fd`` (from :func:`acquire_lock_file`) held on it."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    os.close(fd)
+
+
 def remove_stale_temp_files(path: str) -> List[str]:
     """Delete the temporary files of killed :func:`atomic_output` writes of ``path``; return them.
 
@@ -251,30 +281,17 @@ class StagedOutputs:
                 remove_empty_folders(self._created_roots)
 
     def _acquire_lock(self) -> None:
-        """flock ``.{name}.lock`` (retrying if a finishing run unlinked the file we opened)."""
-        while True:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-            # None: the file system cannot lock; then a concurrent run is not detected.
-            if _try_lock(fd) is False:
-                os.close(fd)
-                raise InputError(
-                    f"{self.lock_path}: another run is writing these outputs right now; "
-                    "wait for it to finish (or stop it) and run again"
-                )
-            try:
-                same_file = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same_file = False
-            if same_file:
-                self._lock_fd = fd
-                return
-            os.close(fd)
+        """flock ``.{name}.lock``; a second live run writing the same outputs is refused."""
+        self._lock_fd = acquire_lock_file(self.lock_path)
+        if self._lock_fd is None:
+            raise InputError(
+                f"{self.lock_path}: another run is writing these outputs right now; "
+                "wait for it to finish (or stop it) and run again"
+            )
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.lock_path)
-            os.close(self._lock_fd)
+            release_lock_file(self.lock_path, self._lock_fd)
             self._lock_fd = None
 
     # ----------------------------------------------------------------- recovery

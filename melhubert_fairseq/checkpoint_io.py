@@ -26,10 +26,14 @@ fairseq's own checkpoint code is what ``fairseq-hydra-train`` runs:
   when the first launch started from ``checkpoint.restore_file``. A run that already
   reached ``max_update`` or ``max_epoch`` says it is finished and ends without
   training or writing.
+* **One run per save_dir.** A training run locks its ``checkpoint.save_dir``
+  (:func:`lock_save_dir`); a second run into it is refused with one line naming the
+  holder. A killed run's lock dies with it.
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import copy
 import logging
@@ -37,6 +41,7 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import sys
 import time
 import typing
@@ -176,13 +181,17 @@ def check_torch_file(path: str) -> None:
 def safe_torch_load(path: str, extra_safe_globals: Sequence[Any] = (), mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)`` on CPU; refusals name the offending pickled globals.
 
+    ``extra_safe_globals`` join torch's allow-list for the rest of the process (it never shrinks).
     ``mmap=True`` reads the structure and leaves tensor data on disk (cheap integrity check).
     """
     check_regular_file(path, what="checkpoint")
     check_torch_file(path)
+    # Added to torch's process-wide allow-list for good, not with the ``safe_globals`` context manager: on exit
+    # that one removes its globals again, also ones another caller had added, so a later load in the same
+    # process (a fine-tuning resume reading a Dictionary) would be refused.
+    torch.serialization.add_safe_globals(list(extra_safe_globals))
     try:
-        with torch.serialization.safe_globals(list(extra_safe_globals)):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         allowed = set(torch.serialization.get_safe_globals()) | set(extra_safe_globals)
         allowed_names = {f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', g)}" for g in allowed}
@@ -495,6 +504,73 @@ def _skip_training(trainer) -> None:
     train_module.train = train
 
 
+# --- one training run per save_dir ----------------------------------------------------------------
+
+#: The lock file a training run holds in its ``checkpoint.save_dir`` (hidden: never taken for a checkpoint).
+SAVE_DIR_LOCK = ".training.lock"
+
+#: save_dir lock file -> descriptor holding its flock, for the save dirs this process trains into.
+_held_save_dir_locks: dict = {}
+
+
+class SaveDirInUseError(RuntimeError):
+    """Another live training run holds the lock of this ``checkpoint.save_dir``."""
+
+
+def lock_save_dir(save_dir: str) -> None:
+    """Take the lock of ``save_dir`` for this training run, or raise :class:`SaveDirInUseError` naming the
+    run that holds it (pid, host, start time).
+
+    Two runs writing one save_dir would load each other's checkpoints and leave a ``checkpoint_last.pt``
+    of neither run. The lock is an flock on ``{save_dir}/.training.lock``, which the kernel releases when
+    its holder dies, so a run killed by SIGKILL or a pre-emption never blocks its rerun. It is held until
+    the process ends (then the file is removed) or trains into another save_dir (a hydra multirun).
+    Only rank 0 calls this (fairseq's ``verify_checkpoint_directory``): all ranks of a run share its save_dir.
+    """
+    from melhubert_fairseq.atomic_output import acquire_lock_file, release_lock_file
+
+    path = os.path.join(os.path.realpath(save_dir), SAVE_DIR_LOCK)
+    if path in _held_save_dir_locks:
+        return
+    fd = acquire_lock_file(path)
+    if fd is None:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                holder = handle.read().strip() or "a run that has not yet written its details"
+        except OSError:
+            holder = "a run that has not yet written its details"
+        raise SaveDirInUseError(
+            f"{save_dir}: another training run is writing checkpoints here ({holder}; lock file {path}); "
+            "wait for it to end or stop it, or give this run another checkpoint.save_dir"
+        )
+    for other_path in list(_held_save_dir_locks):  # this process trained into another save_dir before
+        release_lock_file(other_path, _held_save_dir_locks.pop(other_path))
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n".encode(), 0)
+    _held_save_dir_locks[path] = fd
+
+
+@atexit.register
+def release_save_dir_locks() -> None:
+    """Release (and remove) every save_dir lock this process holds (at exit)."""
+    from melhubert_fairseq.atomic_output import release_lock_file
+
+    for path in list(_held_save_dir_locks):
+        release_lock_file(path, _held_save_dir_locks.pop(path))
+
+
+def verify_checkpoint_directory(save_dir: str) -> None:
+    """fairseq's ``checkpoint_utils.verify_checkpoint_directory`` (create ``save_dir``, check it is writable),
+    then :func:`lock_save_dir`; a save_dir in use ends this run with one ``error:`` line, exit 2."""
+    _original["verify_checkpoint_directory"](save_dir)
+    try:
+        lock_save_dir(save_dir)
+    except SaveDirInUseError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 # --- installation ---------------------------------------------------------------------------------
 
 #: fairseq's own functions, kept for the cases delegated back to them.
@@ -511,8 +587,10 @@ def install_fairseq_checkpoint_io() -> None:
     _original["torch_persistent_save"] = checkpoint_utils.torch_persistent_save
     _original["load_checkpoint"] = checkpoint_utils.load_checkpoint
     _original["load_checkpoint_to_cpu"] = checkpoint_utils.load_checkpoint_to_cpu
+    _original["verify_checkpoint_directory"] = checkpoint_utils.verify_checkpoint_directory
     checkpoint_utils.torch_persistent_save = torch_persistent_save
     checkpoint_utils.load_checkpoint = resume_from_checkpoint
     checkpoint_utils.load_checkpoint_to_cpu = load_checkpoint_to_cpu
     checkpoint_utils.load_ema_from_checkpoint = load_ema_from_checkpoint
+    checkpoint_utils.verify_checkpoint_directory = verify_checkpoint_directory
     checkpoint_utils.PathManager = _fairseq_path_manager_with_atomic_copy()

@@ -14,8 +14,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import queue
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -26,6 +29,7 @@ from fairseq import checkpoint_utils
 from torch import nn
 
 import melhubert_fairseq  # noqa: F401  (registers the plugin)
+from melhubert_fairseq.checkpoint_io import safe_torch_load
 from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS
 
 # --- this checkout, synthetic corpora, training runs --------------------------------------------
@@ -131,6 +135,51 @@ def run_hydra_train(
     if check and result.returncode != 0:
         raise AssertionError(f"fairseq-hydra-train failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
+
+
+def parameters(save_dir: Path):
+    """The model parameters in ``save_dir``'s checkpoint_last.pt."""
+    return safe_torch_load(str(save_dir / "checkpoint_last.pt"))["model"]
+
+
+def assert_bit_identical(expected: Path, actual: Path, what: str) -> None:
+    """The checkpoint_last.pt parameters of two save dirs are equal bit for bit (NaN equal to NaN)."""
+    a, b = parameters(expected), parameters(actual)
+    assert a.keys() == b.keys()
+    # Bit for bit; NaN == NaN (fbank_mean_std is NaN when the corpus statistics are unknown).
+    different = [
+        name
+        for name in a
+        if not (torch.equal(a[name].isnan(), b[name].isnan()) and torch.equal(a[name].nan_to_num(), b[name].nan_to_num()))
+    ]
+    assert not different, f"{what}: {len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
+
+
+def run_and_kill_during_save(command, nth_save: int, delay: float) -> bool:
+    """Start ``command``, SIGKILL it ``delay`` s after fairseq logs the start of its ``nth_save``-th
+    checkpoint save; True if that save had not finished (fairseq's "Saved checkpoint" line) when killed."""
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    lines: "queue.Queue[str]" = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+    reader.start()
+    saves, finished = 0, False
+    while proc.poll() is None or not lines.empty():
+        try:
+            line = lines.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if "Saving checkpoint to" in line:
+            saves += 1
+            if saves == nth_save:
+                time.sleep(delay)
+                proc.kill()
+                break
+    proc.wait()
+    reader.join()
+    while not lines.empty():
+        finished |= "Saved checkpoint" in lines.get()
+    return saves == nth_save and not finished
 
 
 def write_indexed_corpus(directory: Path, lengths, dim: int = FBANK_NUM_MEL_BINS, label_stride: int = 1) -> Path:

@@ -157,3 +157,21 @@ def test_checkpoint_saved_with_the_removed_mask_impl_field_loads(tiny_checkpoint
     torch.save(state, path)
     models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([str(path)])
     assert type(models[0]).__name__ == "MelHubertModel" and "mask_impl" not in cfg.model
+
+
+def test_loading_never_shrinks_the_allow_list(tiny_checkpoint, tmp_path):
+    """Every load leaves torch's process-wide allow-list as large as it was: a checkpoint holding a fairseq
+    Dictionary (a fine-tuning checkpoint) still loads after a pretrained checkpoint was read in the same process."""
+    from fairseq.data import Dictionary
+
+    from melhubert_fairseq.checkpoint_io import load_fairseq_state
+    from melhubert_fairseq.original_checkpoint import original_checkpoint_safe_globals
+
+    before = set(torch.serialization.get_safe_globals())
+    assert Dictionary in before  # registered with the plugin
+    load_fairseq_state(str(tiny_checkpoint))  # what fine-tuning does with model.w2v_path
+    safe_torch_load(str(tiny_checkpoint), original_checkpoint_safe_globals())
+    assert before <= set(torch.serialization.get_safe_globals())
+    holds_dictionary = tmp_path / "finetuned.pt"
+    torch.save({**safe_torch_load(str(tiny_checkpoint)), "target_dictionary": Dictionary()}, holds_dictionary)
+    assert isinstance(safe_torch_load(str(holds_dictionary))["target_dictionary"], Dictionary)

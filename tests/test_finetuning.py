@@ -8,13 +8,14 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import DEMO_CORPUS, REPO_ROOT
+from helpers import DEMO_CORPUS, REPO_ROOT, assert_bit_identical, run_and_kill_during_save
 from melhubert_fairseq.checkpoint_io import CheckpointFormatError, safe_torch_load
 from melhubert_fairseq.finetuning import (
     check_finetuning_checkpoint,
@@ -218,20 +219,29 @@ def test_non_mel_hubert_w2v_path_is_a_one_line_error(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+def finetune_command(data: Path, w2v_path: Path, save_dir: Path, max_update: int, *overrides: str):
+    """fairseq-hydra-train of config/finetune_demo.yaml on a small corpus, shrunk to a few seconds."""
+    return [
+        sys.executable, "-m", "fairseq_cli.hydra_train", "--config-dir", "config", "--config-name", "finetune_demo",
+        "common.user_dir=melhubert_fairseq", f"task.data={data}", f"model.w2v_path={w2v_path}",
+        f"checkpoint.save_dir={save_dir}", f"hydra.run.dir={save_dir}/hydra", f"optimization.max_update={max_update}",
+        "model.freeze_finetune_updates=1", "common.log_interval=1", "dataset.max_tokens=120000", *overrides,
+    ]
+
+
+def run_finetuning(command) -> subprocess.CompletedProcess:
+    """Run a :func:`finetune_command` from the repo root with one thread."""
+    return subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+
+
 def test_wav2vec_ctc_finetunes_through_fairseq_hydra_train(tiny_checkpoint, tmp_path):
     data = small_corpus(tmp_path, train=4, valid=2)
     save_dir = tmp_path / "ft"
     w2v_path = tmp_path / "pretrained.pt"
     shutil.copy(tiny_checkpoint, w2v_path)
-    command = [
-        sys.executable, "-m", "fairseq_cli.hydra_train", "--config-dir", "config", "--config-name", "finetune_demo",
-        "common.user_dir=melhubert_fairseq", f"task.data={data}", f"model.w2v_path={w2v_path}",
-        f"checkpoint.save_dir={save_dir}", f"hydra.run.dir={save_dir}/hydra", "optimization.max_update=3",
-        "model.freeze_finetune_updates=1", "common.log_interval=1", "dataset.max_tokens=120000",
-    ]
-    result = subprocess.run(
-        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
+    result = run_finetuning(finetune_command(data, w2v_path, save_dir, 3))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = (save_dir / "hydra" / "hydra_train.log").read_text()
     train_lines = [json.loads(m) for m in re.findall(r"\]\[train_inner\]\[INFO\] - (\{.*\})", log)]
@@ -256,3 +266,34 @@ def test_wav2vec_ctc_finetunes_through_fairseq_hydra_train(tiny_checkpoint, tmp_
         out = model(source=batch, padding_mask=padding_mask)
         log_probs = model.get_normalized_probs(out, log_probs=True)
     assert log_probs.shape[1:] == (2, len(task.target_dictionary)) and torch.isfinite(log_probs[:, 1]).all()
+
+
+def test_killed_finetuning_reruns_bit_exact_and_a_finished_run_stays_finished(tiny_checkpoint, tmp_path):
+    """SIGKILL during a checkpoint save, rerun the same command: the run resumes and ends bit for bit where
+    an uninterrupted run ends (masks, dropout, data order and the learning rate all resume exactly); a
+    rerun of a finished run says so and changes nothing."""
+    data = small_corpus(tmp_path, train=4, valid=2)  # 2 batches an epoch: the kill lands in epoch 1 or 2 of 3
+    total, saving = 6, ["checkpoint.save_interval_updates=1", "checkpoint.keep_interval_updates=2"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    pool = ThreadPoolExecutor(max_workers=1)  # the two runs of each stage side by side, one thread each
+    straight_command = finetune_command(data, tiny_checkpoint, straight, total, *saving)
+    straight_run = pool.submit(run_finetuning, straight_command)
+    command = finetune_command(data, tiny_checkpoint, killed, total, *saving)
+    run_and_kill_during_save(command, nth_save=2, delay=0.02)
+    resumed_at = safe_torch_load(str(killed / "checkpoint_last.pt"))["optimizer_history"][-1]["num_updates"]
+    assert 0 < resumed_at < total
+    assert straight_run.result().returncode == 0
+
+    finished = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in straight.glob("*.pt")}
+    finished_rerun = pool.submit(run_finetuning, straight_command)
+    rerun = run_finetuning(command)
+    log = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, log[-3000:]
+    assert f"Loaded checkpoint {killed / 'checkpoint_last.pt'}" in log and f"@ {resumed_at} updates" in log
+    assert_bit_identical(straight, killed, f"fine-tuning killed after update {resumed_at} and rerun")
+
+    again = finished_rerun.result()
+    log = again.stdout + again.stderr
+    assert again.returncode == 0, log[-3000:]
+    assert "training already finished" in log and f"max_update={total}" in log
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in straight.glob("*.pt")} == finished

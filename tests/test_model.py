@@ -141,6 +141,40 @@ def test_masks_are_reproducible_from_seed_update_and_sample_id():
     assert not torch.equal(first, other_seed)
 
 
+def test_masks_without_sample_ids_follow_torchs_generator():
+    """Fine-tuning encoders pass no sample ids: the frame and channel masks come from torch's generator, which
+    fairseq reseeds every update (common.seed + update), so a rerun or a resumed run masks the same frames."""
+    model = MelHubertModel(tiny_config(mask_prob=0.5, mask_length=4, mask_channel_prob=0.5, mask_channel_length=4))
+    source, padding_mask = padded_batch([50, 40])
+
+    def masks(torch_seed, forwards=1):
+        torch.manual_seed(torch_seed)
+        inputs = []
+        hook = model.encoder.pos_conv.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+        frame_masks = [model.extract_features(source, padding_mask, mask=True)["mask_indices"] for _ in range(forwards)]
+        hook.remove()
+        channel_masks = [(x == 0).all(dim=-1) for x in inputs]  # (B, C) channels zeroed at every frame
+        return frame_masks, channel_masks
+
+    (frames, second_frames), (channels, second_channels) = masks(3, forwards=2)
+    (again,), (channels_again,) = masks(3)
+    (other,), (other_channels,) = masks(4)
+    assert frames.any() and channels.any()
+    assert torch.equal(frames, again) and torch.equal(channels, channels_again)
+    assert not torch.equal(frames, other) and not torch.equal(channels, other_channels)
+    assert not torch.equal(frames, second_frames), "the micro-batches of one update get their own masks"
+    assert not torch.equal(frames[0], frames[1]), "each utterance of a batch gets its own mask"
+
+
+def test_channel_masks_with_sample_ids_do_not_depend_on_torchs_generator():
+    model = MelHubertModel(tiny_config(mask_prob=0.5, mask_length=4, mask_channel_prob=0.5, mask_channel_length=4))
+    x = torch.ones(2, 30, 32)
+    torch.manual_seed(0)
+    first = model.apply_channel_mask(x, torch.tensor([5, 9]))
+    torch.manual_seed(1)
+    assert torch.equal(first, model.apply_channel_mask(x, torch.tensor([5, 9])))
+
+
 def test_an_utterance_mask_does_not_depend_on_its_batch():
     config = SpanMaskConfig(mask_prob=0.7, mask_length=5)
     padding = torch.zeros(3, 120, dtype=torch.bool)

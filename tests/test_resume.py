@@ -2,19 +2,24 @@
 from __future__ import annotations
 
 import os
-import queue
 import random
 import re
 import subprocess
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 
-from helpers import REPO_ROOT, hydra_train_command, make_fbank_corpus, run_hydra_train, write_indexed_corpus
+from helpers import (
+    REPO_ROOT,
+    assert_bit_identical,
+    hydra_train_command,
+    make_fbank_corpus,
+    run_and_kill_during_save,
+    run_hydra_train,
+    write_indexed_corpus,
+)
 from melhubert_fairseq.checkpoint_io import checkpoint_load_problem, safe_torch_load
 from melhubert_fairseq.tasks.mel_hubert_pretraining import MelHubertPretrainingConfig, MelHubertPretrainingTask
 
@@ -95,22 +100,6 @@ def test_batches_do_not_depend_on_the_epoch_the_iterator_was_created_in(tmp_path
 #: so an epoch is 3 batches and 12 updates are 4 epochs.
 RESUME_OVERRIDES = ["task.max_sample_size=60", "task.min_sample_size=null"]
 BATCHES_PER_EPOCH = 3
-
-
-def parameters(save_dir: Path):
-    return safe_torch_load(str(save_dir / "checkpoint_last.pt"))["model"]
-
-
-def assert_bit_identical(expected: Path, actual: Path, what: str) -> None:
-    a, b = parameters(expected), parameters(actual)
-    assert a.keys() == b.keys()
-    # Bit for bit; NaN == NaN (fbank_mean_std is NaN when the corpus statistics are unknown).
-    different = [
-        name
-        for name in a
-        if not (torch.equal(a[name].isnan(), b[name].isnan()) and torch.equal(a[name].nan_to_num(), b[name].nan_to_num()))
-    ]
-    assert not different, f"{what}: {len(different)} tensors differ from the uninterrupted run, e.g. {different[:3]}"
 
 
 def train(data, save_dir, max_update, num_workers, update_freq=1, save_interval_updates=0):
@@ -238,33 +227,6 @@ def training_command(data: Path, save_dir: Path, max_update: int, save_interval_
         overrides=[*RESUME_OVERRIDES, *SAVE_HEAVY_MODEL, f"checkpoint.save_interval_updates={save_interval_updates}",
                    "checkpoint.keep_interval_updates=2"],
     )
-
-
-def run_and_kill_during_save(command, nth_save: int, delay: float) -> bool:
-    """Start ``command``, SIGKILL it ``delay`` s after fairseq logs the start of its ``nth_save``-th
-    checkpoint save; True if that save had not finished (fairseq's "Saved checkpoint" line) when killed."""
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    lines: "queue.Queue[str]" = queue.Queue()
-    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
-    reader.start()
-    saves, finished = 0, False
-    while proc.poll() is None or not lines.empty():
-        try:
-            line = lines.get(timeout=0.1)
-        except queue.Empty:
-            continue
-        if "Saving checkpoint to" in line:
-            saves += 1
-            if saves == nth_save:
-                time.sleep(delay)
-                proc.kill()
-                break
-    proc.wait()
-    reader.join()
-    while not lines.empty():
-        finished |= "Saved checkpoint" in lines.get()
-    return saves == nth_save and not finished
 
 
 def test_the_training_split_is_shuffled_whatever_its_name(tmp_path):

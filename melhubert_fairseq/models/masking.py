@@ -5,7 +5,9 @@ and the original Mel-HuBERT use), seeded per utterance by (seed, update, sample 
 fairseq draws each utterance from ``np.random.default_rng(hash((seed, epoch, index)) % 1e6)``,
 so a mask depends only on those three and not on the batch it is in, the device or the
 process (Python's hash of a tuple of ints is not salted), and a resumed run draws the
-masks the uninterrupted one would. The masks are drawn on the CPU (a numpy loop over the
+masks the uninterrupted one would. fairseq's fine-tuning encoders pass no sample ids; the model then
+takes the seed from torch's generator and the batch rows as ids
+(``MelHubertModel.mask_seed_and_ids``). The masks are drawn on the CPU (a numpy loop over the
 batch's utterances) and copied to the model's device.
 
 A whole-batch vectorised path with its own hash RNG used to sit beside this one; it saved

@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 MASK_SELECTION_CHOICES = ChoiceEnum(["static", "normal", "poisson"])
 ATTENTION_TYPE_CHOICES = ChoiceEnum(["original", "causal"])
 PREDICTION_HEAD_CHOICES = ChoiceEnum(["cluster_ids", "frames"])
+#: Added to the masking seed for channel masks, so that they do not repeat the frame masks' random draws.
+CHANNEL_MASK_SEED_OFFSET = 7919
 
 
 @dataclass
@@ -88,7 +90,10 @@ class MelHubertConfig(FairseqDataclass):
         default=True, metadata={"help": "mask input fbank frames before the projection (original); else after"}
     )
     mask_seed: int = field(
-        default=II("common.seed"), metadata={"help": "seed for reproducible masks (with update number and sample id)"}
+        default=II("common.seed"), metadata={
+            "help": "seed for reproducible masks (with update number and sample id); a forward without sample ids "
+            "(fine-tuning) seeds its masks from torch's generator instead, which fairseq reseeds every update"
+        },
     )
     # Fine-tuning regularisers that fairseq's wav2vec_ctc/hubert_ctc set on the pretrained
     # model (Wav2VecEncoder's arg_overrides); all off in pretraining, as in the original.
@@ -250,26 +255,45 @@ class MelHubertModel(BaseFairseqModel):
         super().set_num_updates(num_updates)
         self.num_updates = num_updates
 
+    def mask_seed_and_ids(
+        self, batch_size: int, sample_ids: Optional[torch.Tensor]
+    ) -> Tuple[Optional[int], torch.Tensor]:
+        """(seed, per-utterance ids) that, with the update number, decide this batch's masks.
+
+        With ``sample_ids`` (the pretraining criterion passes them): ``mask_seed`` and those ids, so a
+        mask depends only on (seed, update, utterance) (``mask_seed`` null: unseeded, as fairseq). Without (fairseq's fine-tuning encoders,
+        ``Wav2VecEncoder`` / ``HubertEncoder``, pass none): a seed drawn from torch's default generator,
+        which fairseq's trainer reseeds at every update from ``common.seed + update`` (as for dropout),
+        and the batch rows, offset by the distributed rank. Either way a resumed run masks exactly
+        what the uninterrupted one masks.
+        """
+        if sample_ids is not None:
+            return self.cfg.mask_seed, sample_ids
+        seed = int(torch.randint(2**31 - 1, (), dtype=torch.int64))
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        return seed, torch.arange(batch_size, dtype=torch.int64) + (rank << 32)
+
     def apply_mask(
         self, x: torch.Tensor, padding_mask: Optional[torch.Tensor], sample_ids: Optional[torch.Tensor]
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Replace masked spans of ``x`` (B, T, C) by the mask embedding; return (x, mask)."""
+        """Replace masked spans of ``x`` (B, T, C) by the mask embedding; return (x, mask).
+        Without ``sample_ids`` the masks are seeded as :meth:`mask_seed_and_ids` says."""
+        seed, ids = self.mask_seed_and_ids(x.size(0), sample_ids)
         mask = span_mask(
-            self.mask_config,
-            tuple(x.shape[:2]),
-            padding_mask,
-            self.cfg.mask_seed,
-            self.num_updates,
-            sample_ids,
-            device=x.device,
+            self.mask_config, tuple(x.shape[:2]), padding_mask, seed, self.num_updates, ids, device=x.device
         )
         x = torch.where(mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
         return x, mask
 
-    def apply_channel_mask(self, x: torch.Tensor) -> torch.Tensor:
+    def apply_channel_mask(self, x: torch.Tensor, sample_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Zero spans of channels of ``x`` (B, T, C), the same channels at every frame of an utterance
-        (HuBERT's channel masking, unseeded as in fairseq)."""
-        channels = span_mask(self.channel_mask_config, (x.size(0), x.size(-1)), None, None, 0, None, device=x.device)
+        (HuBERT's channel masking), seeded as :meth:`mask_seed_and_ids` says."""
+        seed, ids = self.mask_seed_and_ids(x.size(0), sample_ids)
+        if seed is not None:  # another seed than the frame masks' (same update and ids): no shared draws
+            seed += CHANNEL_MASK_SEED_OFFSET
+        channels = span_mask(
+            self.channel_mask_config, (x.size(0), x.size(-1)), None, seed, self.num_updates, ids, device=x.device
+        )
         return x.masked_fill(channels.unsqueeze(1), 0.0)
 
     def extract_features(
@@ -310,7 +334,7 @@ class MelHubertModel(BaseFairseqModel):
         if mask and not self.cfg.mask_before_proj:
             x, mask_indices = self.apply_mask(x, padding_mask, sample_ids)
         if mask and self.cfg.mask_channel_prob > 0:
-            x = self.apply_channel_mask(x)
+            x = self.apply_channel_mask(x, sample_ids)
         x, hidden_states = self.encoder(x, padding_mask, output_layer=output_layer)
         return {
             "x": x,
