@@ -229,6 +229,37 @@ def _demo_corpus_exists(case, ckpt):
     return ["--out-dir", str(case / "in" / "corpus")]
 
 
+def _learn_kmeans_onto_features(link: bool):
+    """learn-kmeans --overwrite whose --km-path is an input feature file (or a symlink to one)."""
+
+    def make(case, ckpt):
+        manifest = feature_manifest(case, np.random.default_rng(0).standard_normal((10, 40)).astype(np.float32))
+        km_path = "in/feats/u1.npy"
+        if link:
+            os.symlink("feats/u1.npy", case / "in" / "km.npy")
+            km_path = "in/km.npy"
+        return ["--manifest", manifest, "--km-path", km_path, "--num-clusters", "2", "--no-progress", "--overwrite"]
+
+    return make
+
+
+def _wav_to_fbank_onto_its_manifest(case, ckpt):
+    return ["--manifest", _audio_manifest(case), "--out-dir", "in", "--overwrite"]
+
+
+def _average_onto_an_input(case, ckpt):
+    (case / "in").mkdir()
+    for name in ("a.pt", "b.pt"):
+        shutil.copy(ckpt, case / "in" / name)
+    return ["--inputs", "in/a.pt", "in/b.pt", "--output", "in/a.pt", "--overwrite"]
+
+
+def _export_onto_its_input(case, ckpt):
+    (case / "in").mkdir()
+    shutil.copy(ckpt, case / "in" / "a.pt")
+    return ["in/a.pt", "in/a.pt", "--overwrite"]
+
+
 BAD_INPUTS = {
     "make-demo-corpus existing corpus": BadInput("make-demo-corpus", _demo_corpus_exists, "corpus already exists; refusing"),
     "wav-to-fbank truncated wav": BadInput("wav-to-fbank", _truncated_wav, "cut.wav: truncated audio file"),
@@ -246,6 +277,22 @@ BAD_INPUTS = {
     ),
     "extract-features input inside the output": BadInput(
         "extract-features", _extract_rows("inside"), "rows.tsv:2 (u1): the input"
+    ),
+    # An output that is an input is refused with --overwrite too (after resolving links).
+    "learn-kmeans --km-path an input feature file": BadInput(
+        "learn-kmeans", _learn_kmeans_onto_features(link=False), "in/feats/u1.npy: this output is an input of the run"
+    ),
+    "learn-kmeans --km-path a link to an input": BadInput(
+        "learn-kmeans", _learn_kmeans_onto_features(link=True), "in/km.npy: this output is an input of the run ("
+    ),
+    "wav-to-fbank --out-dir holding its manifest": BadInput(
+        "wav-to-fbank", _wav_to_fbank_onto_its_manifest, "in/train.tsv: this output is an input of the run"
+    ),
+    "average-checkpoints --output an input": BadInput(
+        "average-checkpoints", _average_onto_an_input, "in/a.pt: this output is an input of the run"
+    ),
+    "export-original onto its input": BadInput(
+        "export-original", _export_onto_its_input, "in/a.pt: this output is an input of the run"
     ),
     "convert-original garbage": BadInput("convert-original", _garbage_checkpoint, "model.ckpt"),
     "average-checkpoints garbage": BadInput("average-checkpoints", _average_garbage, "a.pt"),

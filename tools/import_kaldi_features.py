@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import StagedOutputs, check_writable
+from melhubert_fairseq.atomic_output import StagedOutputs, check_writable, refuse_replacing_inputs, save_npy
 from melhubert_fairseq.data.features import MeanStd, check_feature_array, load_mean_std, save_mean_std
 from melhubert_fairseq.data.kaldi import ScpEntry, load_normalization_stats, read_feature_matrix, read_scp, resolve_ark_paths
 from melhubert_fairseq.data.manifest import write_manifest
@@ -82,7 +82,7 @@ def import_chunk(job: FeatureJob, ark_path: str, items: Sequence[ChunkItem]) -> 
         for index, utt_id, offset in items:
             feats = read_feature_matrix(handle, offset, utt_id, ark_path, job.check_key)
             out = prepare_features(feats, utt_id, ark_path, job)
-            np.save(os.path.join(job.feature_dir, f"{utt_id}.npy"), out, allow_pickle=False)
+            save_npy(os.path.join(job.feature_dir, f"{utt_id}.npy"), out)
             done.append((index, int(out.shape[0])))
     return done
 
@@ -225,10 +225,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
         roots.append(os.path.dirname(feature_dir))  # staged on the feature folder's own file system
     with StagedOutputs(f"{split}.import_kaldi_features", roots, args.overwrite) as staged:
         # After the recovery on entry, which undoes what a killed run had published.
-        check_writable(manifest_path, args.overwrite)
-        check_feature_dir_replaceable(feature_dir, args.overwrite)
         # The statistics given as input are never rewritten onto themselves, even with --overwrite.
         reads_own_output = os.path.realpath(args.mean_var) == os.path.realpath(mean_std_path)
+        refuse_replacing_inputs(
+            [manifest_path, feature_dir] + ([] if reads_own_output else [mean_std_path]),
+            [args.scp, *resolved.values()] + ([] if reads_own_output else [args.mean_var]),
+        )
+        check_writable(manifest_path, args.overwrite)
+        check_feature_dir_replaceable(feature_dir, args.overwrite)
         need_mean_std = not reads_own_output and check_mean_std_writable(mean_std_path, stats, args.overwrite)
         staged_features = staged.path(feature_dir)
         os.mkdir(staged_features)

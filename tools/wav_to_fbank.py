@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import multiprocessing
 import os
 import sys
@@ -36,7 +37,7 @@ from typing import Callable, Iterable, Iterator, List, Optional
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import StagedOutputs, check_writable, safe_relative_path
+from melhubert_fairseq.atomic_output import StagedOutputs, check_writable, refuse_replacing_inputs, safe_relative_path, save_npy
 from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, FBANK_WINDOW_SAMPLES, compute_fbank, load_audio
 from melhubert_fairseq.data.features import (
     FBANK_FRAME_RATE_HZ,
@@ -131,15 +132,20 @@ def list_audio_dir(audio_dir: str) -> List[AudioItem]:
     return sorted(items, key=lambda item: item.relative_path)
 
 
-def check_outputs(items: List[AudioItem], out_dir: str, output_names: List[str], overwrite: bool) -> None:
-    """Fail before any work if two inputs share a feature file, an output is an input, or outputs exist."""
+def check_outputs(
+    items: List[AudioItem], out_dir: str, output_names: List[str], overwrite: bool, input_files: List[str]
+) -> None:
+    """Fail before any work if two inputs share a feature file, an output is an input (the audio, the
+    manifest, ``input_files``: also with --overwrite), or outputs exist (without --overwrite)."""
     seen = {}
     for item in items:
         other = seen.setdefault(item.feature_path, item)
         if other is not item:
             raise InputError(f"{other.where} and {item.where} would both be written to {item.feature_path}")
-        if os.path.realpath(os.path.join(out_dir, item.feature_path)) == os.path.realpath(item.full_path):
-            raise InputError(f"{item.where}: its feature file would replace the input {item.full_path}")
+    refuse_replacing_inputs(
+        [os.path.join(out_dir, item.feature_path) for item in items] + [os.path.join(out_dir, name) for name in output_names],
+        itertools.chain(input_files, (item.full_path for item in items)),
+    )
     for name in output_names:
         check_writable(os.path.join(out_dir, name), overwrite)
     if not overwrite:
@@ -149,12 +155,6 @@ def check_outputs(items: List[AudioItem], out_dir: str, output_names: List[str],
                 f"{len(existing)} feature files already exist in {out_dir} (first: {existing[0]}); "
                 "refusing to overwrite them (pass --overwrite to replace them)"
             )
-
-
-def save_npy(path: str, array: np.ndarray) -> None:
-    """np.save into the (private) staging directory, creating subdirectories."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.save(path, array, allow_pickle=False)
 
 
 def extract_one(item: AudioItem, options: ExtractOptions) -> ExtractResult:
@@ -182,7 +182,7 @@ def extract_one(item: AudioItem, options: ExtractOptions) -> ExtractResult:
 
 def normalize_staged(path: str, stats: MeanStd, dtype: str) -> None:
     """Second pass: replace a staged raw feature file by its normalised version."""
-    np.save(path, stats.normalize(np.load(path)).astype(dtype, copy=False), allow_pickle=False)
+    save_npy(path, stats.normalize(np.load(path)).astype(dtype, copy=False))
 
 
 def run_parallel(func: Callable, tasks: Iterable, total: int, workers: int, desc: str) -> Iterator:
@@ -243,7 +243,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     with StagedOutputs(f"{args.split}.wav_to_fbank", [out_dir], args.overwrite) as staged:
         # After the recovery on entry: files a killed run published are gone again.
-        check_outputs(items, out_dir, output_names, args.overwrite)
+        check_outputs(items, out_dir, output_names, args.overwrite, [p for p in (args.manifest, args.mean_std) if p])
         options = ExtractOptions(
             staging_dir=staged.mirror(out_dir),
             dtype=args.dtype,

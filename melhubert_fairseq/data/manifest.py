@@ -34,7 +34,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import StagedOutputs, atomic_output, check_writable
+from melhubert_fairseq.atomic_output import StagedOutputs, atomic_output, check_writable, refuse_replacing_inputs, writing
 from melhubert_fairseq.cli import format_ids, with_progress
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, expected_label_count, label_count_tolerance
 from melhubert_fairseq.errors import InputError, check_regular_file
@@ -496,12 +496,13 @@ def write_label_outputs(
     write_new_manifest: bool,
     dropped: Sequence[Tuple[str, str]] = (),
     stride: int = 1,
+    inputs: Iterable[str] = (),
 ) -> Dict[str, str]:
     """Write ``{split}.km`` (row-aligned with ``rows``), ``dict.km.txt``, the dropped list and, last, the manifest.
 
     ``read_labels(i)`` returns the labels of row ``i``; each is validated
     against the row's frame count. Every output is checked for writability
-    before any work, staged, and published by renames (StagedOutputs), so a
+    (and against the ``inputs`` files: none is ever replaced) before any work, staged, and published by renames (StagedOutputs), so a
     bad utterance leaves none of them behind and a kill never leaves new labels
     beside an old manifest. Returns the paths written, by kind.
     """
@@ -511,6 +512,10 @@ def write_label_outputs(
     dropped_path = os.path.join(out_dir, f"{split}.dropped.txt")
     with StagedOutputs(f"{split}.labels", [out_dir], overwrite) as staged:
         # After the recovery on entry, which undoes what a killed run had published.
+        refuse_replacing_inputs(
+            [km_path, dict_path] + ([manifest_path] if write_new_manifest else []) + ([dropped_path] if dropped else []),
+            inputs,
+        )
         check_writable(km_path, overwrite)
         if write_new_manifest:
             check_writable(manifest_path, overwrite)
@@ -519,7 +524,7 @@ def write_label_outputs(
         need_dict = dictionary_needs_writing(dict_path, num_classes, overwrite, "--num-classes is")
 
         format_line = LabelLineFormatter(num_classes)
-        with open(staged.path(km_path), "w", encoding="utf-8") as handle:
+        with writing(staged.path(km_path), "w") as handle:
             for i in with_progress(range(len(rows.utt_ids)), desc=f"{split}.km", unit="utt", mininterval=1.0):
                 labels = validate_labels(
                     read_labels(i), int(rows.num_frames[i]), num_classes, rows.utt_ids[i], label_source, stride
@@ -532,7 +537,7 @@ def write_label_outputs(
             finals.append(dict_path)
             written["dictionary"] = dict_path
         if dropped:
-            with open(staged.path(dropped_path), "w", encoding="utf-8") as handle:
+            with writing(staged.path(dropped_path), "w") as handle:
                 for utt_id, reason in dropped:
                     handle.write(f"{utt_id}\t{reason}\n")
             finals.append(dropped_path)
