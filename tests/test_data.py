@@ -421,3 +421,18 @@ def test_parse_label_line_leaves_other_threads_warnings_alone():
     finally:
         stop.set()
         worker.join()
+
+
+@pytest.mark.parametrize("row", ["../feats/u1.npy", "a/../../u1.npy", "ABSOLUTE", "."])
+def test_feature_and_audio_manifests_refuse_rows_outside_their_root(tmp_path, row):
+    """The one row check, in the one manifest reader: training, k-means, extraction and wav-to-fbank alike."""
+    from melhubert_fairseq.data.manifest import AUDIO, iter_tsv_manifest, read_manifest
+
+    row = str(tmp_path / "u1.npy") if row == "ABSOLUTE" else row
+    manifest = tmp_path / "train.tsv"
+    manifest.write_text(f"{tmp_path}\nok.npy\t10\n{row}\t10\n")
+    with pytest.raises(ValueError, match=r"train\.tsv:3 \(.*\): path .* must stay below its root folder"):
+        read_manifest(str(manifest))
+    manifest.write_text(f"{tmp_path}\nok.wav\t10\n{row.replace('.npy', '.wav')}\t10\n")
+    with pytest.raises(ValueError, match=r"train\.tsv:3 \(.*\): path .* must stay below its root folder"):
+        list(iter_tsv_manifest(str(manifest), AUDIO))

@@ -8,7 +8,10 @@ sorted). Output, in ``--out-dir``:
 * ``<relative/path>.npy`` per utterance: (frames, 40) fbank, float32 (or
   ``--dtype float16``), exactly the original Mel-HuBERT features;
 * ``mean-std.npy``: (2, 40) corpus mean and std of the raw log-Mel features,
-  accumulated in float64 in the same pass that computes them;
+  accumulated in float64 in the same pass that computes them (with
+  ``--no-normalize``: ``{split}.mean-std.npy``; with ``--mean-std``: none);
+* ``{split}.features.json``: whether the features are normalised and with
+  which statistics, which training checks (melhubert_fairseq.data.features.FeatureNormalization);
 * ``{split}.tsv``: feature manifest (root = the output directory, relative
   ``.npy`` paths, frame counts), written last.
 
@@ -42,9 +45,13 @@ from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, FBANK_WINDOW_SAMPLES
 from melhubert_fairseq.data.features import (
     FBANK_FRAME_RATE_HZ,
     FBANK_NUM_MEL_BINS,
+    MEAN_STD_NAME,
+    FeatureNormalization,
     MeanStd,
     MeanStdAccumulator,
     load_mean_std,
+    normalization_record_path,
+    raw_stats_name,
     save_mean_std,
 )
 from melhubert_fairseq.data.manifest import AUDIO, iter_tsv_manifest, write_manifest
@@ -52,7 +59,6 @@ from melhubert_fairseq.cli import console_main, with_progress
 from melhubert_fairseq.errors import InputError
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
-MEAN_STD_NAME = "mean-std.npy"
 
 
 @dataclass(frozen=True)
@@ -211,7 +217,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--split", help="manifest name {split}.tsv (default: the input manifest's name, or 'train')")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="dtype of the feature files")
     norm = parser.add_mutually_exclusive_group()
-    norm.add_argument("--no-normalize", action="store_true", help="write raw log-Mel features (mean-std.npy is still written)")
+    norm.add_argument("--no-normalize", action="store_true", help="write raw log-Mel features and their statistics as {split}.mean-std.npy (train with task.mean_std_path)")
     norm.add_argument("--mean-std", help="normalise with this (2, 40) mean-std.npy instead of this split's statistics")
     parser.add_argument("--resample", action="store_true", help="resample audio that is not 16 kHz (default: error)")
     parser.add_argument("--downmix", action="store_true", help="average the channels of multi-channel audio (default: error)")
@@ -238,8 +244,11 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise InputError(f"{args.mean_std}: has {given_stats.dim} dims, fbank features have {FBANK_NUM_MEL_BINS}")
     out_dir = os.path.abspath(args.out_dir)
     manifest_name = f"{args.split}.tsv"
+    record_name = os.path.basename(normalization_record_path(manifest_name))
     computes_stats = given_stats is None
-    output_names = [manifest_name] + ([MEAN_STD_NAME] if computes_stats else [])
+    # Raw features get their statistics under their split's name: a mean-std.npy means "normalised by this".
+    stats_name = raw_stats_name(args.split) if args.no_normalize else MEAN_STD_NAME
+    output_names = [manifest_name, record_name] + ([stats_name] if computes_stats else [])
 
     with StagedOutputs(f"{args.split}.wav_to_fbank", [out_dir], args.overwrite) as staged:
         # After the recovery on entry: files a killed run published are gone again.
@@ -278,8 +287,13 @@ def main(argv: Optional[List[str]] = None) -> None:
                 pass
         finals = [os.path.join(out_dir, rel) for rel, _ in kept]
         if stats is not None:
-            finals.append(os.path.join(out_dir, MEAN_STD_NAME))
+            finals.append(os.path.join(out_dir, stats_name))
             save_mean_std(staged.path(finals[-1]), stats)
+        finals.append(os.path.join(out_dir, record_name))
+        stats_path = os.path.abspath(args.mean_std) if given_stats is not None else os.path.join(out_dir, stats_name)
+        FeatureNormalization(not args.no_normalize, stats_path, "melhubert-wav-to-fbank").write(
+            staged.path(finals[-1]), os.path.join(out_dir, manifest_name)
+        )
         finals.append(os.path.join(out_dir, manifest_name))
         write_manifest(staged.path(finals[-1]), out_dir, kept)
         staged.publish(finals)
@@ -288,7 +302,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     frames = sum(count for _, count in kept)
     audio_seconds = total_samples / FBANK_SAMPLE_RATE
     normalised = (
-        "raw log-Mel" if args.no_normalize else f"normalised by {args.mean_std if given_stats else MEAN_STD_NAME}"
+        f"raw log-Mel (statistics: {stats_name})" if args.no_normalize
+        else f"normalised by {args.mean_std if given_stats else MEAN_STD_NAME}"
     )
     print(
         f"{args.split}: {len(kept)} utterances ({len(skipped)} skipped), "

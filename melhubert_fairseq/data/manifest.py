@@ -34,7 +34,14 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import StagedOutputs, atomic_output, check_writable, refuse_replacing_inputs, writing
+from melhubert_fairseq.atomic_output import (
+    StagedOutputs,
+    atomic_output,
+    check_writable,
+    refuse_replacing_inputs,
+    safe_relative_path,
+    writing,
+)
 from melhubert_fairseq.cli import format_ids, with_progress
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, expected_label_count, label_count_tolerance
 from melhubert_fairseq.errors import InputError, check_regular_file
@@ -125,7 +132,8 @@ def iter_tsv_manifest(
 
     The format of both fbank (:data:`FEATURES`, ``num_frames``) and audio (:data:`AUDIO`,
     ``num_samples``) manifests: a root line, then ``relative/path<TAB>count`` rows. ``root`` is the
-    resolved absolute root (:func:`resolve_root`). Errors name the file and line; a manifest of the
+    resolved absolute root (:func:`resolve_root`); a row that is absolute or leaves the root (``..``) is
+    refused, for every reader alike (tools write outputs named after rows, which must stay below their folder). Errors name the file and line; a manifest of the
     other kind is refused with ``other_kind_advice`` (default: the tool to run).
     """
     count_name = COUNT_COLUMN[kind]
@@ -147,6 +155,8 @@ def iter_tsv_manifest(
             except ValueError:
                 raise ValueError(f"{path}:{line_no}: {count_name} {fields[1]!r} is not an integer") from None
             where = f"{path}:{line_no} ({os.path.splitext(os.path.basename(fields[0]))[0]})"
+            if ".." in fields[0] or fields[0].startswith(os.sep) or not fields[0].strip("./"):
+                safe_relative_path(fields[0], where)  # the slow, exact check only for rows that may fail it
             check_manifest_kind(fields[0], count, kind, where, other_kind_advice)
             if count <= 0:
                 raise ValueError(f"{path}:{line_no}: {count_name} must be positive, got {count}")
