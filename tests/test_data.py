@@ -1,6 +1,7 @@
 """Manifests, labels, stacking, cropping and every bad input the dataset must reject."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -436,3 +437,57 @@ def test_feature_and_audio_manifests_refuse_rows_outside_their_root(tmp_path, ro
     manifest.write_text(f"{tmp_path}\nok.wav\t10\n{row.replace('.npy', '.wav')}\t10\n")
     with pytest.raises(ValueError, match=r"train\.tsv:3 \(.*\): path .* must stay below its root folder"):
         list(iter_tsv_manifest(str(manifest), AUDIO))
+
+
+def task_on(data: Path, **overrides) -> MelHubertPretrainingTask:
+    """The task on a make_fbank_corpus folder (K = 32)."""
+    return MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), num_classes=32, seed=3, **overrides))
+
+
+def _record(data: Path, split: str, normalized: bool, stats: np.ndarray, stats_name: str) -> str:
+    """What the feature tools write: ``{split}.features.json`` and the statistics it names."""
+    from melhubert_fairseq.data.features import FeatureNormalization, normalization_record_path
+
+    np.save(data / stats_name, stats.astype(np.float32))
+    manifest = str(data / f"{split}.tsv")
+    FeatureNormalization(normalized, str(data / stats_name), "test").write(normalization_record_path(manifest), manifest)
+    return str(data / stats_name)
+
+
+def test_training_checks_the_recorded_normalisation_and_stores_those_statistics(tmp_path):
+    data = make_fbank_corpus(tmp_path / "data", num_utts=3)
+    raw_stats = np.stack([np.full(40, 15.5), np.full(40, 3.7)])
+    raw = _record(data, "train", False, raw_stats, "train.mean-std.npy")
+    with pytest.raises(ValueError, match=rf"train\.features\.json: the features of train\.tsv are raw log-Mel.*"
+                                         rf"task\.mean_std_path={re.escape(raw)}"):
+        task_on(data).load_dataset("train")
+    task = task_on(data, mean_std_path=raw)
+    task.load_dataset("train")
+    np.testing.assert_array_equal(task.training_feature_stats().mean, raw_stats[0])
+
+    normalised_by = _record(data, "train", True, np.stack([np.full(40, 0.5), np.full(40, 2.0)]), "mean-std.npy")
+    with pytest.raises(ValueError, match="already normalised .* would normalise them twice"):
+        task_on(data, mean_std_path=normalised_by).load_dataset("train")
+    task = task_on(data)
+    task.load_dataset("train")
+    np.testing.assert_array_equal(task.training_feature_stats().std, np.full(40, 2.0, np.float32))
+    # A valid split normalised with other statistics than the training split.
+    make_fbank_corpus(data, num_utts=3, split="valid")
+    _record(data, "valid", True, np.stack([np.full(40, 0.1), np.full(40, 1.0)]), "other.npy")
+    with pytest.raises(ValueError, match=r"valid\.tsv is normalised by .*other\.npy, the training split by"):
+        task_on(data).load_dataset("valid")
+
+
+def test_a_folder_without_a_record_keeps_working_and_plainly_raw_features_are_refused(tmp_path):
+    data = make_fbank_corpus(tmp_path / "data", num_utts=3)  # features ~ N(0, 1): normalised
+    np.save(data / "mean-std.npy", np.stack([np.full(40, 15.5), np.full(40, 3.7)]).astype(np.float32))
+    task = task_on(data)
+    task.load_dataset("train")  # as before: {data}/mean-std.npy holds the statistics they were normalised with
+    np.testing.assert_array_equal(task.training_feature_stats().mean, np.full(40, 15.5, np.float32))
+    # What an earlier `melhubert-wav-to-fbank --no-normalize` left: raw log-Mel beside a mean-std.npy.
+    feats = Path(read_manifest(str(data / "train.tsv")).root)
+    for path in feats.glob("*.npy"):
+        np.save(path, np.load(path) * 3.7 + 15.5)
+    with pytest.raises(ValueError, match=r"train\.tsv: its features look raw \(mean 15\.\d.*pass task\.mean_std_path="):
+        task_on(data).load_dataset("train")
+    task_on(data, mean_std_path=str(data / "mean-std.npy")).load_dataset("train")
