@@ -27,7 +27,7 @@ from melhubert_fairseq.tasks.mel_hubert_pretraining import (
 
 
 def make_task(data: Path, **overrides) -> MelHubertPretrainingTask:
-    cfg = MelHubertPretrainingConfig(data=str(data), num_classes=1000, seed=3, **overrides)
+    cfg = MelHubertPretrainingConfig(data=str(data), label_dir=str(data), num_classes=1000, seed=3, **overrides)
     return MelHubertPretrainingTask(cfg)
 
 
@@ -302,7 +302,7 @@ def test_km_line_count_must_match_manifest(tmp_path):
 
 def test_label_outside_class_range_names_utterance(tmp_path):
     data = write_indexed_corpus(tmp_path, [30])
-    task = MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), num_classes=20, seed=1, stack_frames=1))
+    task = MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), label_dir=str(data), num_classes=20, seed=1, stack_frames=1))
     task.load_dataset("train")
     with pytest.raises(ValueError, match=r"\(u0\).*label 20 outside \[0, 20\)"):
         task.datasets["train"].collater([{"id": 0}])
@@ -376,7 +376,7 @@ def test_num_classes_must_agree_with_dictionary(tmp_path):
     (tmp_path / "dict.km.txt").write_text("".join(f"{k} 1\n" for k in range(64)))
     with pytest.raises(ValueError, match="num_classes=1000 but .*dict.km.txt lists 64"):
         make_task(data)
-    task = MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), num_classes=-1, seed=1))
+    task = MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), label_dir=str(data), num_classes=-1, seed=1))
     assert task.num_classes == 64
 
 
@@ -441,7 +441,7 @@ def test_feature_and_audio_manifests_refuse_rows_outside_their_root(tmp_path, ro
 
 def task_on(data: Path, **overrides) -> MelHubertPretrainingTask:
     """The task on a make_fbank_corpus folder (K = 32)."""
-    return MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), num_classes=32, seed=3, **overrides))
+    return MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), label_dir=str(data), num_classes=32, seed=3, **overrides))
 
 
 def _record(data: Path, split: str, normalized: bool, stats: np.ndarray, stats_name: str) -> str:
@@ -491,3 +491,11 @@ def test_a_folder_without_a_record_keeps_working_and_plainly_raw_features_are_re
     with pytest.raises(ValueError, match=r"train\.tsv: its features look raw \(mean 15\.\d.*pass task\.mean_std_path="):
         task_on(data).load_dataset("train")
     task_on(data, mean_std_path=str(data / "mean-std.npy")).load_dataset("train")
+
+
+def test_a_missing_label_dir_is_an_error_not_task_data(tmp_path):
+    data = make_fbank_corpus(tmp_path / "data", num_utts=3)  # train.km beside the features: no fallback to it
+    with pytest.raises(ValueError, match=r"task\.label_dir is not set: name the folder holding \{split\}\.km"):
+        MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), num_classes=32, seed=3))
+    # A model loaded from a checkpoint (fine-tuning, feature extraction) needs no labels.
+    MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), num_classes=32, seed=3), from_checkpoint=True)

@@ -36,7 +36,11 @@ class MelHubertPretrainingConfig(FairseqDataclass):
 
     data: str = field(default=MISSING, metadata={"help": "directory holding {split}.tsv fbank manifests"})
     label_dir: Optional[str] = field(
-        default=None, metadata={"help": "directory holding {split}.{labels} and dict.{labels}.txt (default: data)"}
+        default=None,
+        metadata={
+            "help": "directory holding {split}.{labels} and dict.{labels}.txt; required to train or validate (stage 1 "
+            "and stage 2 labels of one corpus live in different folders, so it never defaults to task.data)"
+        },
     )
     labels: str = field(default="km", metadata={"help": "label file extension: {label_dir}/{split}.{labels}"})
     label_rate: float = field(
@@ -242,8 +246,14 @@ class MelHubertPretrainingTask(FairseqTask):
 
     @property
     def label_dir(self) -> str:
-        """Directory of the label files."""
-        return self.cfg.label_dir if self.cfg.label_dir else self.cfg.data
+        """Directory of the label files (``task.label_dir``, which must be set)."""
+        if not self.cfg.label_dir:
+            raise ValueError(
+                f"task.label_dir is not set: name the folder holding {{split}}.{self.cfg.labels} and "
+                f"dict.{self.cfg.labels}.txt (task.label_dir=DIR; fairseq-validate: --label-dir DIR); "
+                "it does not default to task.data"
+            )
+        return self.cfg.label_dir
 
     def _resolve_num_classes(self) -> int:
         dict_path = os.path.join(self.label_dir, f"dict.{self.cfg.labels}.txt")
