@@ -434,6 +434,10 @@ def test_feature_and_audio_manifests_refuse_rows_outside_their_root(tmp_path, ro
     manifest.write_text(f"{tmp_path}\nok.npy\t10\n{row}\t10\n")
     with pytest.raises(ValueError, match=r"train\.tsv:3 \(.*\): path .* must stay below its root folder"):
         read_manifest(str(manifest))
+    with pytest.raises(ValueError, match=r"train\.tsv:3 \(.*\): path .* must stay below its root folder"):
+        MelHubertPretrainingTask(
+            MelHubertPretrainingConfig(data=str(tmp_path), label_dir=str(tmp_path), num_classes=4, seed=1)
+        ).load_dataset("train")  # training
     manifest.write_text(f"{tmp_path}\nok.wav\t10\n{row.replace('.npy', '.wav')}\t10\n")
     with pytest.raises(ValueError, match=r"train\.tsv:3 \(.*\): path .* must stay below its root folder"):
         list(iter_tsv_manifest(str(manifest), AUDIO))
