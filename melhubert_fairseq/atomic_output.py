@@ -439,8 +439,16 @@ class StagedOutputs:
             if not self._published:  # a run that wrote nothing leaves no empty output folder
                 remove_empty_folders(self._created_roots)
         full = disk_full_error(self.roots[0], exc) if exc is not None else None
-        if full is not None and full is not exc:  # e.g. a folder that could not be made: name the outputs' folder
-            raise full from exc
+        if full is not None:
+            # Name the output being written, not its hidden staging copy (a folder that could not be
+            # made is named by the outputs' folder).
+            message = str(full)
+            for root, area in zip(self.roots, self.areas):
+                staged_prefix = os.path.join(area, "new", "")
+                if message.startswith(staged_prefix):
+                    message = os.path.join(root, message[len(staged_prefix):])
+            if full is not exc or message != str(full):
+                raise DiskFullError(message) from exc
 
     def _acquire_lock(self) -> None:
         """flock ``.{name}.lock`` (retrying if a finishing run unlinked the file we opened)."""

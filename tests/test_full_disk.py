@@ -74,5 +74,6 @@ def test_a_full_disk_is_one_error_line_and_the_previous_outputs_stay(tiny_checkp
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, errors
     assert errors[0].startswith(f"error: {named}") or f"/{named}" in errors[0], errors[0]
+    assert ".staging" not in errors[0], errors[0]  # the output is named, not its hidden staging copy
     assert ": no space left on device (ENOSPC" in errors[0] and "nothing was replaced" in errors[0], errors[0]
     assert digest_tree(tmp_path / "out") == before  # old outputs intact, no temporary or staged file left
