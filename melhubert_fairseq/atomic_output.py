@@ -180,7 +180,7 @@ def _full_disk_cause(err: BaseException, watch: Optional[_WriteWatch]) -> Option
 
 
 def _free_space(directory: str) -> str:
-    """``'12.3 MB free on /mnt'``-style text for the folder a write failed in (empty if unknown)."""
+    """``'12.3 MB free there'``: the free space of the folder a write failed in (empty if unknown)."""
     with contextlib.suppress(OSError):
         free = shutil.disk_usage(directory).free
         for unit in ("B", "kB", "MB", "GB", "TB"):
