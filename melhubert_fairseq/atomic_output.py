@@ -8,7 +8,9 @@ folder and then published by renames. A crash, a Ctrl-C, a SIGKILL or a bad
 utterance half-way through a corpus never leaves a half-written file under a
 final name, an existing output is only replaced when the caller asks for it,
 and whatever a killed run left behind is cleaned up (or rolled back) by the
-next run writing the same outputs.
+next run writing the same outputs. A full disk is one :class:`DiskFullError`
+(``<path>: no space left on device (...)``) with the old outputs intact, and
+:func:`refuse_replacing_inputs` is the one check that no output is an input.
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
-from typing import IO, Dict, Iterator, List, Optional, Sequence
+from typing import IO, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -34,6 +37,55 @@ def check_writable(path: str, overwrite: bool) -> None:
         raise FileExistsError(
             f"{path} already exists; refusing to overwrite it (pass --overwrite to replace it)"
         )
+
+
+def refuse_replacing_inputs(outputs: Iterable[Optional[str]], inputs: Iterable[Optional[str]]) -> None:
+    """Refuse, also with ``--overwrite``, an output that is, or would replace, one of the ``inputs`` files.
+
+    The one rule every tool applies before any work: an output never replaces
+    an input (a manifest, a feature or audio file, a checkpoint, a k-means
+    model). Files are compared by device and inode, so every spelling of a
+    path, a symlink to it and a hard link count as the same file; an output
+    folder (replaced as a whole) must not hold an input. Only outputs that
+    exist can replace anything, so ``inputs`` (which may be a generator over a
+    whole corpus) are only read when one does. None entries are skipped.
+    """
+    files: Dict[tuple, str] = {}
+    folders: List[tuple] = []
+    for output in outputs:
+        if output is None:
+            continue
+        try:
+            info = os.stat(output)
+        except OSError:  # missing (or unreachable): it replaces nothing
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            folders.append((os.path.join(os.path.realpath(output), ""), output))
+        else:
+            files.setdefault((info.st_dev, info.st_ino), output)
+    if not files and not folders:
+        return
+    for path in inputs:
+        if path is None:
+            continue
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        output = files.get((info.st_dev, info.st_ino))
+        if output is not None:
+            same = "" if os.path.abspath(output) == os.path.abspath(path) else f" ({path})"
+            raise InputError(
+                f"{output}: this output is an input of the run{same}; refusing to replace it, also with "
+                "--overwrite: choose another output path"
+            )
+        real = os.path.realpath(path)
+        for prefix, folder in folders:
+            if real.startswith(prefix):
+                raise InputError(
+                    f"{folder}: this output folder, replaced as a whole, holds the input {path}; refusing to "
+                    "replace it, also with --overwrite: choose another output folder"
+                )
 
 
 def fsync_directory(directory: str) -> None:
@@ -67,6 +119,129 @@ def remove_empty_folders(created: Sequence[str]) -> None:
 def note(message: str) -> None:
     """One ``note: ...`` line on stderr (recoveries a user should know about)."""
     print(f"note: {message}", file=sys.stderr)
+
+
+#: errno values of a write that found no room: the file system is full, or the user's quota is used up.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """A write ran out of space; the message is ``<path>: no space left on device (...)`` (a user error:
+    the tools print it as one ``error:`` line, exit 2, with what was there before left in place)."""
+
+
+class _WriteWatch:
+    """A file handle passed through as it is, remembering the first full-disk error its writes raised.
+
+    ``torch.save`` turns that error into its own ``RuntimeError: [enforce fail ...]`` and numpy's
+    ``tofile`` into ``OSError: N requested and M written``, both without the errno; the watch keeps it.
+    """
+
+    def __init__(self, handle: IO) -> None:
+        self._handle = handle
+        self.disk_full: Optional[OSError] = None
+
+    def _watch(self, call, *args):
+        try:
+            return call(*args)
+        except OSError as err:
+            if err.errno in DISK_FULL_ERRNOS and self.disk_full is None:
+                self.disk_full = err
+            raise
+
+    def write(self, data):
+        """The handle's ``write``, watched."""
+        return self._watch(self._handle.write, data)
+
+    def writelines(self, lines):
+        """The handle's ``writelines``, watched."""
+        return self._watch(self._handle.writelines, lines)
+
+    def flush(self):
+        """The handle's ``flush``, watched."""
+        return self._watch(self._handle.flush)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
+def _full_disk_cause(err: BaseException, watch: Optional[_WriteWatch]) -> Optional[OSError]:
+    """The full-disk OSError behind ``err``: seen by ``watch``, or in ``err``'s chain of causes."""
+    if watch is not None and watch.disk_full is not None:
+        return watch.disk_full
+    seen = set()
+    current: Optional[BaseException] = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in DISK_FULL_ERRNOS:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _free_space(directory: str) -> str:
+    """``'12.3 MB free there'``: the free space of the folder a write failed in (empty if unknown)."""
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(directory).free
+        for unit in ("B", "kB", "MB", "GB", "TB"):
+            if free < 1000 or unit == "TB":
+                return f"{free:.0f} {unit} free there" if unit == "B" else f"{free:.1f} {unit} free there"
+            free /= 1000
+    return ""
+
+
+def open_for_writing(file: Union[str, int], mode: str = "wb") -> IO:
+    """``open(file, mode)`` (a path or a descriptor) for an output: the one place where the files of
+    :func:`atomic_output` and :func:`writing` are opened (tests replace it to fill the disk at any byte)."""
+    return open(file, mode) if "b" in mode else open(file, mode, encoding="utf-8")
+
+
+def disk_full_error(path: str, err: BaseException, watch: Optional[_WriteWatch] = None) -> Optional[DiskFullError]:
+    """The :class:`DiskFullError` naming ``path`` when ``err`` (raised while writing it) comes from a full disk
+    or quota, else None; ``watch`` is the handle the writer wrote to, if any."""
+    if isinstance(err, DiskFullError):
+        return err
+    cause = _full_disk_cause(err, watch)
+    if cause is None:
+        return None
+    details = ", ".join(
+        part for part in (
+            errno.errorcode.get(cause.errno, str(cause.errno)),
+            "disk quota exceeded" if cause.errno == errno.EDQUOT else "",
+            _free_space(os.path.dirname(os.path.abspath(path))),
+        ) if part
+    )
+    return DiskFullError(
+        f"{path}: no space left on device ({details}); nothing was replaced: free some space and run again"
+    )
+
+
+@contextlib.contextmanager
+def writing(path: str, mode: str = "wb") -> Iterator[IO]:
+    """Open ``path`` for writing (parent folders created), as a handle whose full-disk errors, however the
+    writer reports them, become one :class:`DiskFullError` naming ``path``. Not atomic: for files in a
+    private staging folder (:class:`StagedOutputs`); :func:`atomic_output` for files under their final name."""
+    watch = None
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open_for_writing(path, mode) as raw:
+            watch = _WriteWatch(raw)
+            yield watch
+    except BaseException as err:
+        if watch is not None:  # no partial file is left behind
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        full = disk_full_error(path, err, watch)
+        if full is None or full is err:
+            raise
+        raise full from err
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+    """``np.save`` to ``path`` (parent folders created; not atomic: for staged files), a full disk reported
+    as a :class:`DiskFullError` naming ``path``."""
+    with writing(path) as handle:
+        np.save(handle, array, allow_pickle=False)
 
 
 def _try_lock(fd: int) -> Optional[bool]:
@@ -146,18 +321,23 @@ def remove_stale_temp_files(path: str) -> List[str]:
 
 @contextlib.contextmanager
 def atomic_output(path: str, overwrite: bool = False, mode: str = "w") -> Iterator[IO]:
-    """Open a temporary file next to ``path``; rename it onto ``path`` only on success."""
+    """Open a temporary file next to ``path``; rename it onto ``path`` only on success.
+
+    A full disk (or quota) at any point, however the writer reports it, is one
+    :class:`DiskFullError` naming ``path``, and ``path`` keeps what it held.
+    """
     check_writable(path, overwrite)
     directory = os.path.dirname(os.path.abspath(path))
-    created = make_folders(directory)
-    stale = remove_stale_temp_files(path)
-    if stale:
-        note(f"removed {len(stale)} temporary file(s) of an interrupted write of {path}")
-    fd, tmp_path = tempfile.mkstemp(
-        prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory
-    )
+    created: List[str] = []
+    tmp_path = None
     lock_fd = None
+    watch = None
     try:
+        created = make_folders(directory)
+        stale = remove_stale_temp_files(path)
+        if stale:
+            note(f"removed {len(stale)} temporary file(s) of an interrupted write of {path}")
+        fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
         # The lock marks the temporary file as live until it is renamed (or removed);
         # a duplicate descriptor keeps it held after the handle below is closed.
         lock_fd = os.dup(fd)
@@ -167,19 +347,24 @@ def atomic_output(path: str, overwrite: bool = False, mode: str = "w") -> Iterat
         os.umask(umask)
         with contextlib.suppress(OSError):  # a file system that refuses chmod keeps mkstemp's mode
             os.chmod(tmp_path, 0o666 & ~umask)
-        with os.fdopen(fd, mode) as handle:
-            yield handle
+        with open_for_writing(fd, mode) as handle:
+            watch = _WriteWatch(handle)
+            yield watch
             handle.flush()
             os.fsync(handle.fileno())
         # Re-check: another process may have created the file meanwhile.
         check_writable(path, overwrite)
         os.replace(tmp_path, path)
         fsync_directory(directory)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_path)
+    except BaseException as err:
+        if tmp_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_path)
         remove_empty_folders(created)
-        raise
+        full = disk_full_error(path, err, watch)
+        if full is None or full is err:
+            raise
+        raise full from err
     finally:
         if lock_fd is not None:
             os.close(lock_fd)
@@ -226,7 +411,7 @@ class StagedOutputs:
     rename. Usage::
 
         with StagedOutputs("train.wav_to_fbank", [out_dir], overwrite) as staged:
-            np.save(staged.path(final_feature_path), feats)   # write into staging
+            save_npy(staged.path(final_feature_path), feats)   # write into staging
             ...
             staged.publish([feature paths..., mean_std_path, manifest_path])
 
@@ -239,6 +424,10 @@ class StagedOutputs:
     journal of an unfinished publish (rolled back: new outputs removed, old ones
     restored); a run killed after its last rename is simply cleaned up.
     A second live run writing the same outputs is refused (flock).
+
+    A full disk while staging or publishing leaves the old outputs in place and
+    is one :class:`DiskFullError` (write staged files with :func:`save_npy` or
+    :func:`writing`, which see the errno numpy and torch hide).
 
     This protects against killed processes (pre-emption, Ctrl-C, OOM kills),
     whose written pages survive them. Staged files are not fsynced one by one
@@ -271,7 +460,7 @@ class StagedOutputs:
             raise
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, exc, traceback) -> None:
         try:
             # A publish that failed half-way (full disk, Ctrl-C) is rolled back now.
             self.recover(on_exit=True)
@@ -279,6 +468,17 @@ class StagedOutputs:
             self._release_lock()
             if not self._published:  # a run that wrote nothing leaves no empty output folder
                 remove_empty_folders(self._created_roots)
+        full = disk_full_error(self.roots[0], exc) if exc is not None else None
+        if full is not None:
+            # Name the output being written, not its hidden staging copy (a folder that could not be
+            # made is named by the outputs' folder).
+            message = str(full)
+            for root, area in zip(self.roots, self.areas):
+                staged_prefix = os.path.join(area, "new", "")
+                if message.startswith(staged_prefix):
+                    message = os.path.join(root, message[len(staged_prefix):])
+            if full is not exc or message != str(full):
+                raise DiskFullError(message) from exc
 
     def _acquire_lock(self) -> None:
         """flock ``.{name}.lock``; a second live run writing the same outputs is refused."""

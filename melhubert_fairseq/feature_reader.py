@@ -24,7 +24,7 @@ import torch
 from fairseq import checkpoint_utils
 
 from melhubert_fairseq.checkpoint_io import load_fairseq_state, require_mel_hubert
-from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, INT16_SCALE
+from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, INT16_SCALE, check_audio
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, MeanStd, read_feature_file, stack_frames
 from melhubert_fairseq.data.manifest import FeatureManifest, read_manifest
 from melhubert_fairseq.data.shards import shard_range
@@ -121,8 +121,8 @@ class MelHubertFeatureReader:
         """Mono 16 kHz waveform (float in [-1, 1], or integers on the int16 scale) -> (samples,) float32 model input.
 
         The model computes its fbank from it (:meth:`hidden_states`); an error if
-        the checkpoint cannot normalise audio, the rate is not 16 kHz or the
-        array is not a 1-D float/integer waveform.
+        the checkpoint cannot normalise audio, the rate is not 16 kHz, the
+        array is not a 1-D float/integer waveform, or it is empty or holds NaN/Inf.
         """
         self.require_corpus_stats()
         check_sample_rate(sample_rate, "waveform")
@@ -130,6 +130,7 @@ class MelHubertFeatureReader:
         if np.issubdtype(waveform.dtype, np.integer):
             waveform = waveform.astype(np.float32) / INT16_SCALE  # exact: the front end scales by 2**15 again
         check_waveform(waveform, "waveform", dims=(1,))
+        check_audio(waveform, "waveform")
         return np.asarray(waveform, dtype=np.float32)
 
     def num_model_frames(self, model_input: np.ndarray) -> int:

@@ -12,6 +12,7 @@ and saved exactly as the original ``pretrain_expert.save_model`` does.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import queue
@@ -421,3 +422,44 @@ def load_converted(path: Path):
     """Load through fairseq exactly as users do."""
     models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([str(path)])
     return models[0].eval(), cfg
+
+
+class FillingDisk:
+    """A file system with ``room`` bytes left for outputs: every file opened through
+    ``atomic_output.open_for_writing`` shares that room, and the write that passes it stores what fits and
+    then fails with ENOSPC, as a full disk does. torch and numpy see a real OSError from ``write`` and report
+    it their own way (torch as ``RuntimeError: [enforce fail ...]``), as on a real full disk.
+
+    Use ``monkeypatch.setattr(atomic_output, "open_for_writing", FillingDisk(room))``.
+    """
+
+    def __init__(self, room: int) -> None:
+        from melhubert_fairseq import atomic_output
+
+        self.room = room
+        self._open = atomic_output.open_for_writing
+
+    def __call__(self, file, mode="wb"):
+        disk = self
+        real = self._open(file, mode)
+
+        class Handle:
+            def write(self, data):
+                size = len(data)
+                if size > disk.room:
+                    real.write(data[: disk.room])
+                    disk.room = 0
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                disk.room -= size
+                return real.write(data)
+
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc_info):
+                real.close()
+
+        return Handle()

@@ -1,6 +1,7 @@
 """Manifests, labels, stacking, cropping and every bad input the dataset must reject."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from melhubert_fairseq.tasks.mel_hubert_pretraining import (
 
 
 def make_task(data: Path, **overrides) -> MelHubertPretrainingTask:
-    cfg = MelHubertPretrainingConfig(data=str(data), num_classes=1000, seed=3, **overrides)
+    cfg = MelHubertPretrainingConfig(data=str(data), label_dir=str(data), num_classes=1000, seed=3, **overrides)
     return MelHubertPretrainingTask(cfg)
 
 
@@ -301,7 +302,7 @@ def test_km_line_count_must_match_manifest(tmp_path):
 
 def test_label_outside_class_range_names_utterance(tmp_path):
     data = write_indexed_corpus(tmp_path, [30])
-    task = MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), num_classes=20, seed=1, stack_frames=1))
+    task = MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), label_dir=str(data), num_classes=20, seed=1, stack_frames=1))
     task.load_dataset("train")
     with pytest.raises(ValueError, match=r"\(u0\).*label 20 outside \[0, 20\)"):
         task.datasets["train"].collater([{"id": 0}])
@@ -375,7 +376,7 @@ def test_num_classes_must_agree_with_dictionary(tmp_path):
     (tmp_path / "dict.km.txt").write_text("".join(f"{k} 1\n" for k in range(64)))
     with pytest.raises(ValueError, match="num_classes=1000 but .*dict.km.txt lists 64"):
         make_task(data)
-    task = MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), num_classes=-1, seed=1))
+    task = MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), label_dir=str(data), num_classes=-1, seed=1))
     assert task.num_classes == 64
 
 
@@ -421,3 +422,84 @@ def test_parse_label_line_leaves_other_threads_warnings_alone():
     finally:
         stop.set()
         worker.join()
+
+
+@pytest.mark.parametrize("row", ["../feats/u1.npy", "a/../../u1.npy", "ABSOLUTE", "."])
+def test_feature_and_audio_manifests_refuse_rows_outside_their_root(tmp_path, row):
+    """The one row check, in the one manifest reader: training, k-means, extraction and wav-to-fbank alike."""
+    from melhubert_fairseq.data.manifest import AUDIO, iter_tsv_manifest, read_manifest
+
+    row = str(tmp_path / "u1.npy") if row == "ABSOLUTE" else row
+    manifest = tmp_path / "train.tsv"
+    manifest.write_text(f"{tmp_path}\nok.npy\t10\n{row}\t10\n")
+    with pytest.raises(ValueError, match=r"train\.tsv:3 \(.*\): path .* must stay below its root folder"):
+        read_manifest(str(manifest))
+    with pytest.raises(ValueError, match=r"train\.tsv:3 \(.*\): path .* must stay below its root folder"):
+        MelHubertPretrainingTask(
+            MelHubertPretrainingConfig(data=str(tmp_path), label_dir=str(tmp_path), num_classes=4, seed=1)
+        ).load_dataset("train")  # training
+    manifest.write_text(f"{tmp_path}\nok.wav\t10\n{row.replace('.npy', '.wav')}\t10\n")
+    with pytest.raises(ValueError, match=r"train\.tsv:3 \(.*\): path .* must stay below its root folder"):
+        list(iter_tsv_manifest(str(manifest), AUDIO))
+
+
+def task_on(data: Path, **overrides) -> MelHubertPretrainingTask:
+    """The task on a make_fbank_corpus folder (K = 32)."""
+    return MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), label_dir=str(data), num_classes=32, seed=3, **overrides))
+
+
+def _record(data: Path, split: str, normalized: bool, stats: np.ndarray, stats_name: str) -> str:
+    """What the feature tools write: ``{split}.features.json`` and the statistics it names."""
+    from melhubert_fairseq.data.features import FeatureNormalization, normalization_record_path
+
+    np.save(data / stats_name, stats.astype(np.float32))
+    manifest = str(data / f"{split}.tsv")
+    FeatureNormalization(normalized, str(data / stats_name), "test").write(normalization_record_path(manifest), manifest)
+    return str(data / stats_name)
+
+
+def test_training_checks_the_recorded_normalisation_and_stores_those_statistics(tmp_path):
+    data = make_fbank_corpus(tmp_path / "data", num_utts=3)
+    raw_stats = np.stack([np.full(40, 15.5), np.full(40, 3.7)])
+    raw = _record(data, "train", False, raw_stats, "train.mean-std.npy")
+    with pytest.raises(ValueError, match=rf"train\.features\.json: the features of train\.tsv are raw log-Mel.*"
+                                         rf"task\.mean_std_path={re.escape(raw)}"):
+        task_on(data).load_dataset("train")
+    task = task_on(data, mean_std_path=raw)
+    task.load_dataset("train")
+    np.testing.assert_array_equal(task.training_feature_stats().mean, raw_stats[0])
+
+    normalised_by = _record(data, "train", True, np.stack([np.full(40, 0.5), np.full(40, 2.0)]), "mean-std.npy")
+    with pytest.raises(ValueError, match="already normalised .* would normalise them twice"):
+        task_on(data, mean_std_path=normalised_by).load_dataset("train")
+    task = task_on(data)
+    task.load_dataset("train")
+    np.testing.assert_array_equal(task.training_feature_stats().std, np.full(40, 2.0, np.float32))
+    # A valid split normalised with other statistics than the training split.
+    make_fbank_corpus(data, num_utts=3, split="valid")
+    _record(data, "valid", True, np.stack([np.full(40, 0.1), np.full(40, 1.0)]), "other.npy")
+    with pytest.raises(ValueError, match=r"valid\.tsv is normalised by .*other\.npy, the training split by"):
+        task_on(data).load_dataset("valid")
+
+
+def test_a_folder_without_a_record_keeps_working_and_plainly_raw_features_are_refused(tmp_path):
+    data = make_fbank_corpus(tmp_path / "data", num_utts=3)  # features ~ N(0, 1): normalised
+    np.save(data / "mean-std.npy", np.stack([np.full(40, 15.5), np.full(40, 3.7)]).astype(np.float32))
+    task = task_on(data)
+    task.load_dataset("train")  # as before: {data}/mean-std.npy holds the statistics they were normalised with
+    np.testing.assert_array_equal(task.training_feature_stats().mean, np.full(40, 15.5, np.float32))
+    # What an earlier `melhubert-wav-to-fbank --no-normalize` left: raw log-Mel beside a mean-std.npy.
+    feats = Path(read_manifest(str(data / "train.tsv")).root)
+    for path in feats.glob("*.npy"):
+        np.save(path, np.load(path) * 3.7 + 15.5)
+    with pytest.raises(ValueError, match=r"train\.tsv: its features look raw \(mean 15\.\d.*pass task\.mean_std_path="):
+        task_on(data).load_dataset("train")
+    task_on(data, mean_std_path=str(data / "mean-std.npy")).load_dataset("train")
+
+
+def test_a_missing_label_dir_is_an_error_not_task_data(tmp_path):
+    data = make_fbank_corpus(tmp_path / "data", num_utts=3)  # train.km beside the features: no fallback to it
+    with pytest.raises(ValueError, match=r"task\.label_dir is not set: name the folder holding \{split\}\.km"):
+        MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), num_classes=32, seed=3))
+    # A model loaded from a checkpoint (fine-tuning, feature extraction) needs no labels.
+    MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), num_classes=32, seed=3), from_checkpoint=True)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from kaldiio.compression_header import kOneByteAuto, kSpeechFeature, kTwoByteAuto
 
-from melhubert_fairseq.data.features import load_mean_std, mean_std_from_sums
+from melhubert_fairseq.data.features import FeatureNormalization, load_mean_std, mean_std_from_sums
 from melhubert_fairseq.data.manifest import load_km_labels, read_manifest
 from melhubert_fairseq.tools import create_manifest, import_kaldi_features, import_kaldi_labels
 from melhubert_fairseq.data.kaldi import read_mean_var
@@ -174,6 +174,9 @@ def test_mean_std_npy_accepted_and_no_normalize(dump, tmp_path):
     )
     import_features(dump, tmp_path / "raw", "--no-normalize")
     np.testing.assert_array_equal(np.load(tmp_path / "raw" / "train-clean-360" / f"{utt}.npy"), dump.feats[utt])
+    record = FeatureNormalization.read(str(tmp_path / "raw" / "train-clean-360.tsv"))
+    assert record.mean_std == str(tmp_path / "raw" / "train-clean-360.mean-std.npy") and not record.normalized
+    assert not (tmp_path / "raw" / "mean-std.npy").exists()
 
 
 def test_ark_dir_option_and_missing_ark_names_utterance_and_paths(dump, tmp_path):
@@ -278,7 +281,7 @@ def test_existing_outputs_need_overwrite(dump, tmp_path):
     dump.write_features()
     import_features(dump, out, "--overwrite")
     assert (out / "train-clean-360.tsv").read_text() == before
-    assert sorted(os.listdir(out)) == ["mean-std.npy", "train-clean-360", "train-clean-360.tsv"]
+    assert sorted(os.listdir(out)) == ["mean-std.npy", "train-clean-360", "train-clean-360.features.json", "train-clean-360.tsv"]
     assert len(os.listdir(out / "train-clean-360")) == len(dump.utts)
     # A second split of the same corpus reuses the identical mean-std.npy without --overwrite.
     import_features(dump, out, "--split", "dev")
@@ -394,9 +397,12 @@ def test_skip_missing_labels_writes_matched_manifest_and_lists_drops(dump, tmp_p
     )
     stderr = capsys.readouterr().err
     assert "2 utterance(s)" in stderr and dump.utts[6] in stderr and dump.utts[7] in stderr
-    # Rewriting the input manifest in place needs --overwrite.
-    with pytest.raises(FileExistsError):
-        import_labels(out / "train-clean-360.tsv", dump, "--skip-missing")
+    # The input manifest is never rewritten in place, also with --overwrite (one rule for every tool).
+    before = (out / "train-clean-360.tsv").read_bytes()
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(InputError, match=r"train-clean-360\.tsv: this output is an input of the run"):
+            import_labels(out / "train-clean-360.tsv", dump, "--skip-missing", *extra)
+    assert (out / "train-clean-360.tsv").read_bytes() == before
 
 
 def test_create_manifest_from_npy_folders(tmp_path):

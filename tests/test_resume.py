@@ -30,7 +30,7 @@ def crop_starts_per_epoch(data: Path, num_workers: int, epochs: int = 3, resume_
     The trainer asks the task for the train iterator at every epoch (it gets the cached one back)
     and calls ``next_epoch_itr``; a run resumed in epoch k creates the iterator at epoch k.
     """
-    cfg = MelHubertPretrainingConfig(data=str(data), num_classes=1000, seed=3, max_sample_size=50)
+    cfg = MelHubertPretrainingConfig(data=str(data), label_dir=str(data), num_classes=1000, seed=3, max_sample_size=50)
     task = MelHubertPretrainingTask(cfg)
     task.load_dataset("train")
     dataset = task.datasets["train"]
@@ -66,7 +66,7 @@ def test_a_valid_split_scores_the_same_crops_at_every_validation(tmp_path):
     data = write_indexed_corpus(tmp_path, [400, 420, 440, 460, 480, 500])
     (tmp_path / "valid.tsv").write_text((tmp_path / "train.tsv").read_text())
     (tmp_path / "valid.km").write_text((tmp_path / "train.km").read_text())
-    cfg = MelHubertPretrainingConfig(data=str(data), num_classes=1000, seed=3, max_sample_size=50)
+    cfg = MelHubertPretrainingConfig(data=str(data), label_dir=str(data), num_classes=1000, seed=3, max_sample_size=50)
     task = MelHubertPretrainingTask(cfg)
     task.load_dataset("valid")
     seen = []
@@ -79,7 +79,7 @@ def test_a_valid_split_scores_the_same_crops_at_every_validation(tmp_path):
 
 def test_update_ordered_indices_seed_is_refused(tmp_path):
     data = write_indexed_corpus(tmp_path, [400, 420])
-    task = MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), num_classes=1000, seed=3))
+    task = MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), label_dir=str(data), num_classes=1000, seed=3))
     task.load_dataset("train")
     with pytest.raises(ValueError, match="update_ordered_indices_seed"):
         task.get_batch_iterator(task.datasets["train"], max_tokens=200, seed=3 + 2, epoch=2)
@@ -236,7 +236,7 @@ def test_the_training_split_is_shuffled_whatever_its_name(tmp_path):
     for split in ("ls960", "dev"):
         (tmp_path / f"{split}.tsv").write_text((tmp_path / "train.tsv").read_text())
         (tmp_path / f"{split}.km").write_text((tmp_path / "train.km").read_text())
-    cfg = MelHubertPretrainingConfig(data=str(data), num_classes=1000, seed=3, max_sample_size=50, train_subset="ls960")
+    cfg = MelHubertPretrainingConfig(data=str(data), label_dir=str(data), num_classes=1000, seed=3, max_sample_size=50, train_subset="ls960")
     task = MelHubertPretrainingTask(cfg)
 
     def crops(split, epoch):
@@ -253,7 +253,7 @@ def test_the_training_split_is_shuffled_whatever_its_name(tmp_path):
 def test_fairseq_validate_can_score_the_training_split(tmp_path):
     # fairseq-validate passes its own --seed (default 1), not the checkpoint's common.seed.
     data = write_indexed_corpus(tmp_path, [400, 420])
-    task = MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), num_classes=1000, seed=1337))
+    task = MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), label_dir=str(data), num_classes=1000, seed=1337))
     task.load_dataset("train")
     itr = task.get_batch_iterator(task.datasets["train"], max_tokens=1000, seed=1, epoch=1)
     assert sum(len(b["id"]) for b in itr.next_epoch_itr(shuffle=False)) == 2

@@ -51,6 +51,14 @@ def write_wav(path: Path, samples: int = 8000, rate: int = 16000, channels: int 
     soundfile.write(path, wave, rate, subtype="PCM_16")
 
 
+def write_float_wav(path: Path, bad_value: float) -> None:
+    """A 32-bit float WAV of 8000 samples whose sample 100 is ``bad_value`` (NaN or Inf)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wave = np.random.default_rng(0).uniform(-0.3, 0.3, 8000).astype(np.float32)
+    wave[100] = bad_value
+    soundfile.write(path, wave, 16000, subtype="FLOAT")
+
+
 def feature_manifest(case: Path, array: np.ndarray, frames: int = 10) -> str:
     """``in/train.tsv`` with one row pointing at ``in/feats/u1.npy`` holding ``array``."""
     (case / "in" / "feats").mkdir(parents=True)
@@ -229,6 +237,59 @@ def _demo_corpus_exists(case, ckpt):
     return ["--out-dir", str(case / "in" / "corpus")]
 
 
+def _kmeans_rows(tool: str, kind: str):
+    """learn-kmeans / dump-km-labels on a manifest whose second row is absolute or leaves its root."""
+
+    def make(case, ckpt):
+        manifest = feature_manifest(case, np.random.default_rng(0).standard_normal((10, 40)).astype(np.float32))
+        feats = case / "in" / "feats"
+        row = {"dotdot": "../feats/u1.npy", "absolute": str(feats / "u1.npy")}[kind]
+        (case / "in" / "train.tsv").write_text(f"{feats}\nu1.npy\t10\n{row}\t10\n")
+        if tool == "learn-kmeans":
+            return ["--manifest", manifest, "--km-path", "out/km.npy", "--num-clusters", "2", "--no-progress"]
+        _write_kmeans(case / "in" / "km.npy")
+        return ["--manifest", manifest, "--km-path", "in/km.npy", "--out-dir", "out", "--no-progress"]
+
+    return make
+
+
+def _extract_nan_audio(case, ckpt):
+    write_wav(case / "in" / "audio" / "good.wav")
+    write_float_wav(case / "in" / "audio" / "nan.wav", np.nan)
+    return ["--checkpoint", str(ckpt), "--audio-dir", "in/audio", "--out-dir", "out", "--no-progress"]
+
+
+def _learn_kmeans_onto_features(link: bool):
+    """learn-kmeans --overwrite whose --km-path is an input feature file (or a symlink to one)."""
+
+    def make(case, ckpt):
+        manifest = feature_manifest(case, np.random.default_rng(0).standard_normal((10, 40)).astype(np.float32))
+        km_path = "in/feats/u1.npy"
+        if link:
+            os.symlink("feats/u1.npy", case / "in" / "km.npy")
+            km_path = "in/km.npy"
+        return ["--manifest", manifest, "--km-path", km_path, "--num-clusters", "2", "--no-progress", "--overwrite"]
+
+    return make
+
+
+def _wav_to_fbank_onto_its_manifest(case, ckpt):
+    return ["--manifest", _audio_manifest(case), "--out-dir", "in", "--overwrite"]
+
+
+def _average_onto_an_input(case, ckpt):
+    (case / "in").mkdir()
+    for name in ("a.pt", "b.pt"):
+        shutil.copy(ckpt, case / "in" / name)
+    return ["--inputs", "in/a.pt", "in/b.pt", "--output", "in/a.pt", "--overwrite"]
+
+
+def _export_onto_its_input(case, ckpt):
+    (case / "in").mkdir()
+    shutil.copy(ckpt, case / "in" / "a.pt")
+    return ["in/a.pt", "in/a.pt", "--overwrite"]
+
+
 BAD_INPUTS = {
     "make-demo-corpus existing corpus": BadInput("make-demo-corpus", _demo_corpus_exists, "corpus already exists; refusing"),
     "wav-to-fbank truncated wav": BadInput("wav-to-fbank", _truncated_wav, "cut.wav: truncated audio file"),
@@ -246,6 +307,30 @@ BAD_INPUTS = {
     ),
     "extract-features input inside the output": BadInput(
         "extract-features", _extract_rows("inside"), "rows.tsv:2 (u1): the input"
+    ),
+    # Rows that are absolute or leave their root are refused by every tool reading a manifest.
+    **{
+        f"{tool} {kind} row": BadInput(tool, _kmeans_rows(tool, kind), "in/train.tsv:3 (u1): path ")
+        for tool in ("learn-kmeans", "dump-km-labels") for kind in ("dotdot", "absolute")
+    },
+    "extract-features NaN audio": BadInput(
+        "extract-features", _extract_nan_audio, "utterance nan: in/audio/nan.wav: 1 of 8000 samples are NaN or infinite"
+    ),
+    # An output that is an input is refused with --overwrite too (after resolving links).
+    "learn-kmeans --km-path an input feature file": BadInput(
+        "learn-kmeans", _learn_kmeans_onto_features(link=False), "in/feats/u1.npy: this output is an input of the run"
+    ),
+    "learn-kmeans --km-path a link to an input": BadInput(
+        "learn-kmeans", _learn_kmeans_onto_features(link=True), "in/km.npy: this output is an input of the run ("
+    ),
+    "wav-to-fbank --out-dir holding its manifest": BadInput(
+        "wav-to-fbank", _wav_to_fbank_onto_its_manifest, "in/train.tsv: this output is an input of the run"
+    ),
+    "average-checkpoints --output an input": BadInput(
+        "average-checkpoints", _average_onto_an_input, "in/a.pt: this output is an input of the run"
+    ),
+    "export-original onto its input": BadInput(
+        "export-original", _export_onto_its_input, "in/a.pt: this output is an input of the run"
     ),
     "convert-original garbage": BadInput("convert-original", _garbage_checkpoint, "model.ckpt"),
     "average-checkpoints garbage": BadInput("average-checkpoints", _average_garbage, "a.pt"),
@@ -334,8 +419,11 @@ def test_bad_input_gives_one_error_line_exit_2_and_writes_nothing(tool_runs, cas
         (lambda path: write_wav(path, channels=2), "x.wav: has 2 channels"),
         (lambda path: corrupt_flac(path), "x.wav: cannot read audio"),
         (lambda path: os.mkfifo(path), "x.wav is a FIFO"),
+        (lambda path: write_float_wav(path, np.nan), "x.wav: 1 of 8000 samples are NaN or infinite"),
+        (lambda path: write_float_wav(path, np.inf), "x.wav: 1 of 8000 samples are NaN or infinite"),
+        (lambda path: soundfile.write(path, np.zeros(0, np.float32), 16000), "x.wav: has no audio samples"),
     ],
-    ids=["8kHz", "stereo", "corrupt-flac", "fifo"],
+    ids=["8kHz", "stereo", "corrupt-flac", "fifo", "nan", "inf", "empty"],
 )
 def test_bad_audio_through_the_console_entry_point(tmp_path, capsys, monkeypatch, hang_guard, write, message):
     from melhubert_fairseq.tools import wav_to_fbank

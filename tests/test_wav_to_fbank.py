@@ -12,7 +12,7 @@ from melhubert_fairseq.data.fbank import (
     load_audio,
     num_fbank_frames,
 )
-from melhubert_fairseq.data.features import load_mean_std
+from melhubert_fairseq.data.features import FeatureNormalization, load_mean_std
 from melhubert_fairseq.data.manifest import read_manifest
 from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.tools import make_demo_corpus, wav_to_fbank
@@ -154,10 +154,28 @@ def test_raw_features_stats_and_manifest(audio_dir, tmp_path):
         np.testing.assert_array_equal(feats[i], expected)
         assert manifest.num_frames[i] == len(expected)
     stacked = np.concatenate(feats).astype(np.float64)
-    stats = load_mean_std(os.path.join(out, "mean-std.npy"))
+    # Raw features' statistics carry the split's name: no mean-std.npy claims they are normalised.
+    stats = load_mean_std(os.path.join(out, "train.mean-std.npy"))
     np.testing.assert_allclose(stats.mean, stacked.mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(stats.std, stacked.std(axis=0), rtol=1e-4)
-    assert sorted(os.listdir(out)) == ["a.npy", "b.npy", "mean-std.npy", "spk", "train.tsv"]
+    assert sorted(os.listdir(out)) == ["a.npy", "b.npy", "spk", "train.features.json", "train.mean-std.npy", "train.tsv"]
+    record = FeatureNormalization.read(os.path.join(out, "train.tsv"))
+    assert record == FeatureNormalization(False, os.path.join(out, "train.mean-std.npy"), "melhubert-wav-to-fbank")
+
+
+def test_normalisation_is_recorded_and_raw_splits_share_a_folder(audio_dir, tmp_path):
+    out = str(tmp_path / "feats")
+    wav_to_fbank.main(["--audio-dir", audio_dir, "--out-dir", out])
+    wav_to_fbank.main(["--audio-dir", os.path.join(audio_dir, "spk"), "--out-dir", out, "--split", "valid",
+                       "--mean-std", os.path.join(out, "mean-std.npy")])
+    assert FeatureNormalization.read(os.path.join(out, "train.tsv")) == FeatureNormalization(
+        True, os.path.join(out, "mean-std.npy"), "melhubert-wav-to-fbank")
+    assert FeatureNormalization.read(os.path.join(out, "valid.tsv")).mean_std == os.path.join(out, "mean-std.npy")
+    raw = str(tmp_path / "raw")
+    for split, audio in (("train", audio_dir), ("valid", os.path.join(audio_dir, "spk"))):
+        wav_to_fbank.main(["--audio-dir", audio, "--out-dir", raw, "--split", split, "--no-normalize"])
+        assert not FeatureNormalization.read(os.path.join(raw, f"{split}.tsv")).normalized
+    assert not os.path.exists(os.path.join(raw, "mean-std.npy"))
 
 
 def test_default_normalises_by_corpus_stats(audio_dir, tmp_path):
@@ -177,7 +195,7 @@ def test_default_normalises_by_corpus_stats(audio_dir, tmp_path):
 def test_given_mean_std_and_float16(audio_dir, tmp_path):
     train_out, dev_out = str(tmp_path / "train"), str(tmp_path / "dev")
     wav_to_fbank.main(["--audio-dir", audio_dir, "--out-dir", train_out, "--no-normalize"])
-    stats_path = os.path.join(train_out, "mean-std.npy")
+    stats_path = os.path.join(train_out, "train.mean-std.npy")
     wav_to_fbank.main(
         ["--audio-dir", audio_dir, "--out-dir", dev_out, "--split", "dev", "--mean-std", stats_path, "--dtype", "float16"]
     )
@@ -288,7 +306,7 @@ normalised = ["--audio-dir", audio, "--out-dir", out]
 wav_to_fbank.main(normalised)
 new = snapshot()
 shutil.rmtree(out)
-wav_to_fbank.main(normalised + ["--no-normalize"])  # the old outputs: raw log-Mel features
+wav_to_fbank.main(normalised + ["--dtype", "float16"])  # the old outputs: float16 features
 old = snapshot()
 shutil.copytree(out, old_copy)
 results, step = [], 0
@@ -314,7 +332,7 @@ while True:
     if "train.tsv" in state:
         after_kill = "old" if state == old else "new" if state == new else "manifest over mixed features"
     else:
-        # (mean-std.npy is the same in both: raw and normalised runs share the raw statistics)
+        # (mean-std.npy and train.features.json are the same in both: only the dtype differs)
         whose = {"old" if old.get(p) == d else "new" if new.get(p) == d else "half"
                  for p, d in state.items() if old.get(p) != new.get(p)}
         after_kill = "no manifest" if whose <= {"old"} or whose <= {"new"} else "mixed: " + ",".join(sorted(whose))
@@ -356,4 +374,4 @@ def test_staging_folder_of_a_killed_run_is_removed_by_the_next_run(audio_dir, tm
     (out / ".train.wav_to_fbank.lock").write_text("")  # its lock file; the kill released the lock itself
     wav_to_fbank.main(["--audio-dir", audio_dir, "--out-dir", str(out)])
     assert "note: removed the staging folder" in capsys.readouterr().err
-    assert sorted(os.listdir(out)) == ["a.npy", "b.npy", "mean-std.npy", "spk", "train.tsv"]
+    assert sorted(os.listdir(out)) == ["a.npy", "b.npy", "mean-std.npy", "spk", "train.features.json", "train.tsv"]

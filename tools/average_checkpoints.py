@@ -25,7 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 
-from melhubert_fairseq.atomic_output import check_writable
+from melhubert_fairseq.atomic_output import check_writable, refuse_replacing_inputs
 from melhubert_fairseq.cli import console_main, with_progress
 from melhubert_fairseq.errors import InputError
 
@@ -154,7 +154,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     from melhubert_fairseq.checkpoint_io import atomic_torch_save  # after parsing: --help needs no torch
 
     started = time.perf_counter()
-    check_writable(args.output, args.overwrite)
     update_based = args.num_update_checkpoints is not None
     count = args.num_update_checkpoints if update_based else args.num_epoch_checkpoints
     if count is not None:
@@ -170,6 +169,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 f"{folder} is a folder: add --num-update-checkpoints N or --num-epoch-checkpoints N to average its "
                 f"newest checkpoints, or name the files; its .pt files: {name_list(found)}"
             )
+    refuse_replacing_inputs([args.output], paths)
+    check_writable(args.output, args.overwrite)
     state = average_checkpoints(paths)
     atomic_torch_save(state, args.output, overwrite=args.overwrite)
     num_params = sum(t.numel() for t in state["model"].values())

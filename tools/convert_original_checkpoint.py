@@ -28,7 +28,7 @@ import time
 from typing import List, Optional
 
 
-from melhubert_fairseq.atomic_output import check_writable
+from melhubert_fairseq.atomic_output import check_writable, refuse_replacing_inputs
 from melhubert_fairseq.data.features import load_mean_std
 from melhubert_fairseq.cli import console_main, progress_bar
 
@@ -72,6 +72,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from melhubert_fairseq.original_checkpoint import convert_original_checkpoint, describe_attention, training_overrides
 
     started = time.perf_counter()
+    refuse_replacing_inputs([args.output], [args.checkpoint, args.mean_std])
     check_writable(args.output, args.overwrite)
     mean_std = load_mean_std(args.mean_std) if args.mean_std else None
     with progress_bar(total=2, desc="convert", unit="step") as progress:

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import check_writable
+from melhubert_fairseq.atomic_output import check_writable, refuse_replacing_inputs
 from melhubert_fairseq.data.features import label_stride, open_feature_file, open_npy
 from melhubert_fairseq.data.manifest import (
     ManifestRows,
@@ -106,10 +106,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
     out_dir = os.path.abspath(args.out_dir)
     split = args.split or os.path.basename(feature_dir.rstrip(os.sep))
     manifest_path = os.path.join(out_dir, f"{split}.tsv")
-    check_writable(manifest_path, args.overwrite)
-
     feature_files = find_npy_files(feature_dir)
     label_files = find_npy_files(os.path.abspath(args.label_dir)) if args.label_dir else None
+    inputs = [os.path.join(feature_dir, rel) for rel, _ in feature_files]
+    if label_files is not None:
+        inputs += [os.path.join(os.path.abspath(args.label_dir), rel) for rel, _ in label_files]
+    refuse_replacing_inputs([manifest_path], inputs)
+    check_writable(manifest_path, args.overwrite)
     all_rows = ManifestRows(
         feature_dir,
         [rel for rel, _ in feature_files],
@@ -143,6 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
             write_new_manifest=True,
             dropped=match.dropped_rows(),
             stride=label_stride(args.label_rate),
+            inputs=inputs,
         )
     print(summary_line("listed", len(rows.utt_ids), int(rows.num_frames.sum()), time.perf_counter() - start, written))
     return written

@@ -8,13 +8,14 @@ R is labelled into ``{split}_{R}_{N}.km``; merge the shards with
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
 from typing import List, Optional
 
 
-from melhubert_fairseq.atomic_output import atomic_output, check_writable
+from melhubert_fairseq.atomic_output import atomic_output, check_writable, refuse_replacing_inputs
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ
 from melhubert_fairseq.data.manifest import LabelLineFormatter, dictionary_needs_writing, write_dictionary
 from melhubert_fairseq.data.shards import shard_file_name, shard_range, split_name
@@ -24,6 +25,7 @@ from melhubert_fairseq.kmeans import (
     add_feature_source_arguments,
     feature_source_from_args,
     load_kmeans,
+    sidecar_path,
 )
 from melhubert_fairseq.cli import console_main, set_torch_threads, with_progress
 
@@ -54,12 +56,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     set_torch_threads(parser, args.threads)
     split = args.split or split_name(args.manifest)
     out_path = os.path.join(args.out_dir, shard_file_name(split, args.rank, args.nshard, ".km"))
+    dict_path = os.path.join(args.out_dir, "dict.km.txt")
+    source = feature_source_from_args(args)
+    refuse_replacing_inputs(
+        [out_path, dict_path], itertools.chain([args.km_path, sidecar_path(args.km_path)], source.input_files())
+    )
     check_writable(out_path, args.overwrite)
     model = load_kmeans(args.km_path)
-    dict_path = os.path.join(args.out_dir, "dict.km.txt")
     # Before labelling: a dictionary for another K fails now, not after the whole shard.
     write_dict = dictionary_needs_writing(dict_path, model.num_clusters, args.overwrite, "the k-means model has")
-    source = feature_source_from_args(args)
     trained_on = model.metadata.get("feature_source", {})
     known = trained_on.get("kind") != IMPORTED_SOURCE_KIND  # fairseq's models do not say what they clustered
     if known and (trained_on.get("kind") != source.kind or trained_on.get("layer") != getattr(source, "layer", None)):

@@ -24,9 +24,10 @@ import time
 from typing import List, Optional
 
 
-from melhubert_fairseq.atomic_output import check_writable
+from melhubert_fairseq.atomic_output import check_writable, refuse_replacing_inputs
 from melhubert_fairseq.cli import console_main, progress_bar
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, FBANK_NUM_MEL_BINS, save_mean_std
+from melhubert_fairseq.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +56,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from melhubert_fairseq.original_checkpoint import export_original_checkpoint, is_old_mask_checkpoint
 
     started = time.perf_counter()
+    if args.mean_std_out and os.path.abspath(args.mean_std_out) == os.path.abspath(args.output):
+        raise InputError(f"{args.output}: given as the output and as --mean-std-out; name two files")
+    refuse_replacing_inputs([args.output, args.mean_std_out], [args.checkpoint])
     check_writable(args.output, args.overwrite)
     if args.mean_std_out:
         check_writable(args.mean_std_out, args.overwrite)

@@ -26,6 +26,7 @@ and outputs that would land on an input are refused before any work.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import StagedOutputs, check_writable, safe_relative_path
+from melhubert_fairseq.atomic_output import StagedOutputs, check_writable, refuse_replacing_inputs, safe_relative_path, save_npy
 from melhubert_fairseq.data.fbank import load_audio, num_fbank_frames
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, read_feature_file
 from melhubert_fairseq.data.manifest import read_manifest
@@ -126,33 +127,30 @@ def audio_utterances(reader: MelHubertFeatureReader, args: argparse.Namespace) -
     return [Utterance(item.feature_path, item.where, item.full_path, loader(item)) for item in items]
 
 
-def check_outputs(utterances: List[Utterance], out_dir: str, layers: List[int], overwrite: bool) -> None:
+def check_outputs(
+    utterances: List[Utterance], out_dir: str, layers: List[int], overwrite: bool, input_files: List[str]
+) -> None:
     """Fail before any work if two inputs share an output, an input lies in a layer folder being
-    written, an output would be an input (paths resolved, also with --overwrite), or outputs exist
-    (without --overwrite)."""
+    written, an output would be an input (an utterance's or one of ``input_files``: also with
+    --overwrite), or outputs exist (without --overwrite)."""
     seen = {}
     for utt in utterances:
         other = seen.setdefault(utt.output_path, utt)
         if other is not utt:
             raise InputError(f"{other.where} and {utt.where} would both be written to {utt.output_path}")
     layer_dirs = [os.path.realpath(os.path.join(out_dir, f"layer{layer}")) for layer in layers]
-    inputs = {}
     for utt in utterances:
         real_input = os.path.realpath(utt.input_path)
-        inputs[real_input] = utt
         for layer_dir in layer_dirs:
             if os.path.commonpath([layer_dir, real_input]) == layer_dir:
                 raise InputError(
                     f"{utt.where}: the input {utt.input_path} lies in {layer_dir}, a folder this run writes to; "
                     "choose another --out-dir"
                 )
-    for layer in layers:
-        for utt in utterances:
-            final = os.path.join(out_dir, f"layer{layer}", utt.output_path)
-            clash = inputs.get(os.path.realpath(final))
-            if clash is not None:
-                raise InputError(f"{utt.where}: its layer {layer} output {final} would replace the input of {clash.where}")
-            check_writable(final, overwrite)
+    finals = [os.path.join(out_dir, f"layer{layer}", utt.output_path) for layer in layers for utt in utterances]
+    refuse_replacing_inputs(finals, itertools.chain(input_files, (utt.input_path for utt in utterances)))
+    for final in finals:
+        check_writable(final, overwrite)
 
 
 @console_main
@@ -183,14 +181,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     with StagedOutputs("extract_features", [out_dir], args.overwrite) as staged:
         # After the recovery on entry: files a killed run published are gone again.
-        check_outputs(utterances, out_dir, layers, args.overwrite)
+        manifest = args.manifest or args.audio_manifest
+        check_outputs(utterances, out_dir, layers, args.overwrite, [args.checkpoint] + ([manifest] if manifest else []))
         for index, states in with_progress(
             reader.iter_batched(model_inputs(), layers), total=len(utterances),
             desc="extract", unit="utt", disable=args.no_progress,
         ):
             for layer, state in zip(layers, states):
                 path = staged.path(os.path.join(out_dir, f"layer{layer}", utterances[index].output_path))
-                np.save(path, state.astype(args.dtype, copy=False), allow_pickle=False)
+                save_npy(path, state.astype(args.dtype, copy=False))
             written.append((utterances[index].output_path, len(states[0])))
         if written:
             staged.publish([os.path.join(out_dir, f"layer{layer}", rel) for layer in layers for rel, _ in written])

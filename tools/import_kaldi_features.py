@@ -7,7 +7,9 @@ was written on another machine, so an ark whose written path does not exist
 is looked up by file name in ``--ark-dir`` and in the scp's own folder.
 
 Output, in ``--out-dir``: one normalised ``{feature-dir}/{utt_id}.npy`` per
-utterance, ``mean-std.npy`` (2, dim) and, written last, ``{split}.tsv``.
+utterance, ``mean-std.npy`` (2, dim; with ``--no-normalize``, raw features and
+``{split}.mean-std.npy``), ``{split}.features.json`` (whether the features are
+normalised, and by what: checked by training) and, written last, ``{split}.tsv``.
 Features are written into a hidden staging folder that is renamed into place
 only after every utterance was read, then mean-std.npy and, last, the manifest
 (melhubert_fairseq.atomic_output.StagedOutputs): a bad utterance leaves nothing
@@ -31,8 +33,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import StagedOutputs, check_writable
-from melhubert_fairseq.data.features import MeanStd, check_feature_array, load_mean_std, save_mean_std
+from melhubert_fairseq.atomic_output import StagedOutputs, check_writable, refuse_replacing_inputs, save_npy
+from melhubert_fairseq.data.features import (
+    MEAN_STD_NAME,
+    FeatureNormalization,
+    MeanStd,
+    check_feature_array,
+    load_mean_std,
+    normalization_record_path,
+    raw_stats_name,
+    save_mean_std,
+)
 from melhubert_fairseq.data.kaldi import ScpEntry, load_normalization_stats, read_feature_matrix, read_scp, resolve_ark_paths
 from melhubert_fairseq.data.manifest import write_manifest
 from melhubert_fairseq.cli import console_main, progress_bar, summary_line
@@ -82,7 +93,7 @@ def import_chunk(job: FeatureJob, ark_path: str, items: Sequence[ChunkItem]) -> 
         for index, utt_id, offset in items:
             feats = read_feature_matrix(handle, offset, utt_id, ark_path, job.check_key)
             out = prepare_features(feats, utt_id, ark_path, job)
-            np.save(os.path.join(job.feature_dir, f"{utt_id}.npy"), out, allow_pickle=False)
+            save_npy(os.path.join(job.feature_dir, f"{utt_id}.npy"), out)
             done.append((index, int(out.shape[0])))
     return done
 
@@ -190,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-normalize",
         action="store_true",
-        help="write raw fbank instead of (x - mean) / std (mean-std.npy is still written)",
+        help="write raw fbank instead of (x - mean) / std, and the statistics as {split}.mean-std.npy (train with task.mean_std_path)",
     )
     parser.add_argument(
         "--skip-key-check",
@@ -213,7 +224,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
     if feature_dir == out_dir:
         raise InputError(f"--feature-dir must be a folder of its own, not the output folder {out_dir}")
     manifest_path = os.path.join(out_dir, f"{split}.tsv")
-    mean_std_path = os.path.join(out_dir, "mean-std.npy")
+    # Raw features' statistics carry the split's name: a mean-std.npy means "normalised by this".
+    mean_std_path = os.path.join(out_dir, raw_stats_name(split) if args.no_normalize else MEAN_STD_NAME)
+    record_path = normalization_record_path(manifest_path)
 
     stats = load_normalization_stats(args.mean_var)
     entries = read_scp(args.scp)
@@ -225,10 +238,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
         roots.append(os.path.dirname(feature_dir))  # staged on the feature folder's own file system
     with StagedOutputs(f"{split}.import_kaldi_features", roots, args.overwrite) as staged:
         # After the recovery on entry, which undoes what a killed run had published.
-        check_writable(manifest_path, args.overwrite)
-        check_feature_dir_replaceable(feature_dir, args.overwrite)
         # The statistics given as input are never rewritten onto themselves, even with --overwrite.
         reads_own_output = os.path.realpath(args.mean_var) == os.path.realpath(mean_std_path)
+        refuse_replacing_inputs(
+            [manifest_path, record_path, feature_dir] + ([] if reads_own_output else [mean_std_path]),
+            [args.scp, *resolved.values()] + ([] if reads_own_output else [args.mean_var]),
+        )
+        check_writable(manifest_path, args.overwrite)
+        check_writable(record_path, args.overwrite)
+        check_feature_dir_replaceable(feature_dir, args.overwrite)
         need_mean_std = not reads_own_output and check_mean_std_writable(mean_std_path, stats, args.overwrite)
         staged_features = staged.path(feature_dir)
         os.mkdir(staged_features)
@@ -240,6 +258,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
             save_mean_std(staged.path(mean_std_path), stats)
             finals.append(mean_std_path)
             written["mean/std"] = mean_std_path
+        FeatureNormalization(not args.no_normalize, mean_std_path, "melhubert-import-kaldi-features").write(
+            staged.path(record_path), manifest_path
+        )
+        finals.append(record_path)
         rows = ((f"{entry.utt_id}.npy", count) for entry, count in zip(entries, frames.tolist()))
         write_manifest(staged.path(manifest_path), feature_dir, rows)
         finals.append(manifest_path)

@@ -118,6 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
             write_new_manifest=bool(match.no_labels),
             dropped=dropped,
             stride=label_stride(args.label_rate),
+            inputs=[args.manifest, args.label_scp, *resolved.values()],
         )
     print(summary_line("labelled", len(rows.utt_ids), int(rows.num_frames.sum()), time.perf_counter() - start, written))
     return written

@@ -16,7 +16,7 @@ import os
 import sys
 from typing import List, Optional
 
-from melhubert_fairseq.atomic_output import check_writable
+from melhubert_fairseq.atomic_output import check_writable, refuse_replacing_inputs
 from melhubert_fairseq.cli import console_main
 from melhubert_fairseq.errors import InputError, check_regular_file
 from melhubert_fairseq.kmeans import read_simple_kmeans_joblib, save_kmeans, sidecar_path
@@ -43,8 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "pass --trust-pickle to unpickle it (only for files you trust)"
         )
     outputs = [args.km_path, sidecar_path(args.km_path)]
-    if any(os.path.realpath(path) == os.path.realpath(args.joblib) for path in outputs):
-        raise InputError(f"{args.joblib}: --km-path {args.km_path} would overwrite the input")
+    refuse_replacing_inputs(outputs, [args.joblib])
     for path in outputs:  # before unpickling
         check_writable(path, args.overwrite)
     model, notes = read_simple_kmeans_joblib(args.joblib)

@@ -23,7 +23,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import check_writable
+from melhubert_fairseq.atomic_output import check_writable, refuse_replacing_inputs
 from melhubert_fairseq.data.shards import split_name
 from melhubert_fairseq.kmeans import (
     BACKENDS,
@@ -143,7 +143,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not sample_only:
         backend = resolve_backend(args.backend)  # before sampling: a missing faiss is known now
     outputs = [sample_shard_path(args, split, args.rank)] if sample_only else [args.km_path]
-    for path in outputs:  # fail before hours of sampling, not after
+    if from_shards:
+        shard_paths = [sample_shard_path(args, split, rank) for rank in range(args.nshard)]
+        inputs = [args.manifest] + shard_paths + [sidecar_path(path) for path in shard_paths]
+    else:
+        feature_source = feature_source_from_args(args)
+        inputs = feature_source.input_files()
+    # Fail before hours of sampling, not after.
+    refuse_replacing_inputs(outputs + [sidecar_path(path) for path in outputs], inputs)
+    for path in outputs:
         check_writable(path, args.overwrite)
         check_writable(sidecar_path(path), args.overwrite)
 
@@ -153,7 +161,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         source = shard_meta["feature_source"]
         sampling = {key: shard_meta[key] for key in sampling}  # how the shards were drawn
     else:
-        feature_source = feature_source_from_args(args)
         source = feature_source.describe()
         rank = args.rank if sample_only else 0
         sample = sample_frames(

@@ -37,7 +37,7 @@ import numpy as np
 import soundfile
 
 from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, num_fbank_frames, resample_audio
-from melhubert_fairseq.atomic_output import StagedOutputs
+from melhubert_fairseq.atomic_output import StagedOutputs, writing
 from melhubert_fairseq.cli import console_main, with_progress
 from melhubert_fairseq.errors import InputError
 
@@ -254,7 +254,7 @@ def synthesize(utt: Utterance, espeak: str, noise_rng: np.random.Generator) -> n
 
 def write_audio_manifest(path: str, rows: List[tuple]) -> None:
     """fairseq audio manifest with root ``.`` (the manifest's own directory)."""
-    with open(path, "w", encoding="utf-8") as handle:
+    with writing(path, "w") as handle:
         handle.write(".\n")
         for rel_path, num_samples in rows:
             handle.write(f"{rel_path}\t{num_samples}\n")
@@ -270,8 +270,8 @@ def build_corpus(out_dir: str, num_speakers: int, seed: int, espeak: str) -> tup
     for position, utt in enumerate(with_progress(utterances, desc="synthesising", unit="utt")):
         audio = synthesize(utt, espeak, noise_rng)
         path = os.path.join(out_dir, utt.relative_path)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        soundfile.write(path, audio, FBANK_SAMPLE_RATE, format="FLAC", subtype="PCM_16", compression_level=1.0)
+        with writing(path) as handle:  # a full disk is one error line naming the file
+            soundfile.write(handle, audio, FBANK_SAMPLE_RATE, format="FLAC", subtype="PCM_16", compression_level=1.0)
         split = "valid" if position % VALID_EVERY == VALID_EVERY - 1 else "train"
         split_rows[split].append((utt.relative_path, len(audio)))
         transcript_lines.append(
@@ -282,7 +282,7 @@ def build_corpus(out_dir: str, num_speakers: int, seed: int, espeak: str) -> tup
         total_frames += num_fbank_frames(len(audio))
     for split, rows in split_rows.items():
         write_audio_manifest(os.path.join(out_dir, f"{split}.tsv"), sorted(rows))
-    with open(os.path.join(out_dir, "transcripts.tsv"), "w", encoding="utf-8") as handle:
+    with writing(os.path.join(out_dir, "transcripts.tsv"), "w") as handle:
         handle.write("\n".join(transcript_lines) + "\n")
     return utterances, total_samples, total_frames
 

@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import atomic_output, check_writable
+from melhubert_fairseq.atomic_output import atomic_output, check_writable, refuse_replacing_inputs
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, expected_label_count, label_stride
 from melhubert_fairseq.data.manifest import index_label_file, read_manifest
 from melhubert_fairseq.data.shards import shard_file_name, shard_range, split_name
@@ -59,6 +59,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.perf_counter()
     split = args.split or split_name(args.manifest)
     out_path = args.out or os.path.join(args.label_dir, f"{split}.km")
+    shards = [os.path.join(args.label_dir, shard_file_name(split, r, args.nshard, ".km")) for r in range(args.nshard)]
+    refuse_replacing_inputs([out_path], [args.manifest] + shards)
     check_writable(out_path, args.overwrite)
     try:
         stride = label_stride(args.label_rate_hz)
@@ -66,7 +68,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.error(f"--label-rate-hz: {err}")
     manifest = read_manifest(args.manifest)
     expected = expected_label_count(manifest.num_frames, stride)
-    shards = [os.path.join(args.label_dir, shard_file_name(split, r, args.nshard, ".km")) for r in range(args.nshard)]
     missing = [p for p in shards if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"{len(missing)} of {args.nshard} label shards are missing: {missing[:5]}")

@@ -8,7 +8,10 @@ sorted). Output, in ``--out-dir``:
 * ``<relative/path>.npy`` per utterance: (frames, 40) fbank, float32 (or
   ``--dtype float16``), exactly the original Mel-HuBERT features;
 * ``mean-std.npy``: (2, 40) corpus mean and std of the raw log-Mel features,
-  accumulated in float64 in the same pass that computes them;
+  accumulated in float64 in the same pass that computes them (with
+  ``--no-normalize``: ``{split}.mean-std.npy``; with ``--mean-std``: none);
+* ``{split}.features.json``: whether the features are normalised and with
+  which statistics, which training checks (melhubert_fairseq.data.features.FeatureNormalization);
 * ``{split}.tsv``: feature manifest (root = the output directory, relative
   ``.npy`` paths, frame counts), written last.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import multiprocessing
 import os
 import sys
@@ -36,14 +40,18 @@ from typing import Callable, Iterable, Iterator, List, Optional
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import StagedOutputs, check_writable, safe_relative_path
+from melhubert_fairseq.atomic_output import StagedOutputs, check_writable, refuse_replacing_inputs, safe_relative_path, save_npy
 from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, FBANK_WINDOW_SAMPLES, compute_fbank, load_audio
 from melhubert_fairseq.data.features import (
     FBANK_FRAME_RATE_HZ,
     FBANK_NUM_MEL_BINS,
+    MEAN_STD_NAME,
+    FeatureNormalization,
     MeanStd,
     MeanStdAccumulator,
     load_mean_std,
+    normalization_record_path,
+    raw_stats_name,
     save_mean_std,
 )
 from melhubert_fairseq.data.manifest import AUDIO, iter_tsv_manifest, write_manifest
@@ -51,7 +59,6 @@ from melhubert_fairseq.cli import console_main, with_progress
 from melhubert_fairseq.errors import InputError
 
 AUDIO_EXTENSIONS = (".wav", ".flac")
-MEAN_STD_NAME = "mean-std.npy"
 
 
 @dataclass(frozen=True)
@@ -131,15 +138,20 @@ def list_audio_dir(audio_dir: str) -> List[AudioItem]:
     return sorted(items, key=lambda item: item.relative_path)
 
 
-def check_outputs(items: List[AudioItem], out_dir: str, output_names: List[str], overwrite: bool) -> None:
-    """Fail before any work if two inputs share a feature file, an output is an input, or outputs exist."""
+def check_outputs(
+    items: List[AudioItem], out_dir: str, output_names: List[str], overwrite: bool, input_files: List[str]
+) -> None:
+    """Fail before any work if two inputs share a feature file, an output is an input (the audio, the
+    manifest, ``input_files``: also with --overwrite), or outputs exist (without --overwrite)."""
     seen = {}
     for item in items:
         other = seen.setdefault(item.feature_path, item)
         if other is not item:
             raise InputError(f"{other.where} and {item.where} would both be written to {item.feature_path}")
-        if os.path.realpath(os.path.join(out_dir, item.feature_path)) == os.path.realpath(item.full_path):
-            raise InputError(f"{item.where}: its feature file would replace the input {item.full_path}")
+    refuse_replacing_inputs(
+        [os.path.join(out_dir, item.feature_path) for item in items] + [os.path.join(out_dir, name) for name in output_names],
+        itertools.chain(input_files, (item.full_path for item in items)),
+    )
     for name in output_names:
         check_writable(os.path.join(out_dir, name), overwrite)
     if not overwrite:
@@ -149,12 +161,6 @@ def check_outputs(items: List[AudioItem], out_dir: str, output_names: List[str],
                 f"{len(existing)} feature files already exist in {out_dir} (first: {existing[0]}); "
                 "refusing to overwrite them (pass --overwrite to replace them)"
             )
-
-
-def save_npy(path: str, array: np.ndarray) -> None:
-    """np.save into the (private) staging directory, creating subdirectories."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.save(path, array, allow_pickle=False)
 
 
 def extract_one(item: AudioItem, options: ExtractOptions) -> ExtractResult:
@@ -182,7 +188,7 @@ def extract_one(item: AudioItem, options: ExtractOptions) -> ExtractResult:
 
 def normalize_staged(path: str, stats: MeanStd, dtype: str) -> None:
     """Second pass: replace a staged raw feature file by its normalised version."""
-    np.save(path, stats.normalize(np.load(path)).astype(dtype, copy=False), allow_pickle=False)
+    save_npy(path, stats.normalize(np.load(path)).astype(dtype, copy=False))
 
 
 def run_parallel(func: Callable, tasks: Iterable, total: int, workers: int, desc: str) -> Iterator:
@@ -211,7 +217,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--split", help="manifest name {split}.tsv (default: the input manifest's name, or 'train')")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="dtype of the feature files")
     norm = parser.add_mutually_exclusive_group()
-    norm.add_argument("--no-normalize", action="store_true", help="write raw log-Mel features (mean-std.npy is still written)")
+    norm.add_argument("--no-normalize", action="store_true", help="write raw log-Mel features and their statistics as {split}.mean-std.npy (train with task.mean_std_path)")
     norm.add_argument("--mean-std", help="normalise with this (2, 40) mean-std.npy instead of this split's statistics")
     parser.add_argument("--resample", action="store_true", help="resample audio that is not 16 kHz (default: error)")
     parser.add_argument("--downmix", action="store_true", help="average the channels of multi-channel audio (default: error)")
@@ -238,12 +244,15 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise InputError(f"{args.mean_std}: has {given_stats.dim} dims, fbank features have {FBANK_NUM_MEL_BINS}")
     out_dir = os.path.abspath(args.out_dir)
     manifest_name = f"{args.split}.tsv"
+    record_name = os.path.basename(normalization_record_path(manifest_name))
     computes_stats = given_stats is None
-    output_names = [manifest_name] + ([MEAN_STD_NAME] if computes_stats else [])
+    # Raw features get their statistics under their split's name: a mean-std.npy means "normalised by this".
+    stats_name = raw_stats_name(args.split) if args.no_normalize else MEAN_STD_NAME
+    output_names = [manifest_name, record_name] + ([stats_name] if computes_stats else [])
 
     with StagedOutputs(f"{args.split}.wav_to_fbank", [out_dir], args.overwrite) as staged:
         # After the recovery on entry: files a killed run published are gone again.
-        check_outputs(items, out_dir, output_names, args.overwrite)
+        check_outputs(items, out_dir, output_names, args.overwrite, [p for p in (args.manifest, args.mean_std) if p])
         options = ExtractOptions(
             staging_dir=staged.mirror(out_dir),
             dtype=args.dtype,
@@ -278,8 +287,13 @@ def main(argv: Optional[List[str]] = None) -> None:
                 pass
         finals = [os.path.join(out_dir, rel) for rel, _ in kept]
         if stats is not None:
-            finals.append(os.path.join(out_dir, MEAN_STD_NAME))
+            finals.append(os.path.join(out_dir, stats_name))
             save_mean_std(staged.path(finals[-1]), stats)
+        finals.append(os.path.join(out_dir, record_name))
+        stats_path = os.path.abspath(args.mean_std) if given_stats is not None else os.path.join(out_dir, stats_name)
+        FeatureNormalization(not args.no_normalize, stats_path, "melhubert-wav-to-fbank").write(
+            staged.path(finals[-1]), os.path.join(out_dir, manifest_name)
+        )
         finals.append(os.path.join(out_dir, manifest_name))
         write_manifest(staged.path(finals[-1]), out_dir, kept)
         staged.publish(finals)
@@ -288,7 +302,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     frames = sum(count for _, count in kept)
     audio_seconds = total_samples / FBANK_SAMPLE_RATE
     normalised = (
-        "raw log-Mel" if args.no_normalize else f"normalised by {args.mean_std if given_stats else MEAN_STD_NAME}"
+        f"raw log-Mel (statistics: {stats_name})" if args.no_normalize
+        else f"normalised by {args.mean_std if given_stats else MEAN_STD_NAME}"
     )
     print(
         f"{args.split}: {len(kept)} utterances ({len(skipped)} skipped), "

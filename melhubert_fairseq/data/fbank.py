@@ -133,6 +133,20 @@ def check_audio_header(path: str, info) -> None:
             )
 
 
+def check_audio(waveform: np.ndarray, where: str) -> None:
+    """Refuse audio no feature can honestly be computed from, as features are checked before use: no samples
+    (an empty file), or NaN / infinite samples (a broken float WAV or conversion); ``where`` names it."""
+    if waveform.size == 0:
+        raise InputError(f"{where}: has no audio samples (an empty recording)")
+    finite = np.isfinite(waveform)
+    if not finite.all():
+        bad = np.flatnonzero(~finite.reshape(-1))
+        raise InputError(
+            f"{where}: {len(bad)} of {waveform.size} samples are NaN or infinite (the first is sample {bad[0]}); "
+            "fix or drop this recording"
+        )
+
+
 def load_audio(
     path: str,
     expected_sr: int = FBANK_SAMPLE_RATE,
@@ -146,7 +160,8 @@ def load_audio(
     set; more than one channel is an error unless ``downmix`` is set (then the
     channels are averaged). A truncated file, a file that decodes to fewer
     frames than its header says, or one whose length is not ``expected_samples``
-    (an audio manifest's count) is an error, as is anything but a regular file.
+    (an audio manifest's count) is an error, as is anything but a regular file,
+    an empty file and NaN / infinite samples (:func:`check_audio`).
     16-bit files come back as int16 / 2**15 exactly, the same values
     ``torchaudio.load`` gave the original.
     """
@@ -166,6 +181,7 @@ def load_audio(
         raise InputError(
             f"{path}: has {num_channels} channels, expected mono (downmix=True / --downmix averages them)"
         )
+    check_audio(audio, path)
     waveform = audio[:, 0] if num_channels == 1 else audio.mean(axis=1, dtype=np.float32)
     if sample_rate != expected_sr:
         if not resample:

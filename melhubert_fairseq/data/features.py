@@ -6,13 +6,14 @@ may run at a coarser rate by concatenating ``stack`` consecutive frames
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import atomic_save_npy
+from melhubert_fairseq.atomic_output import atomic_save_npy, writing
 from melhubert_fairseq.errors import InputError, check_regular_file
 
 #: Mel bins of one fbank frame, in every feature file of this project (the original's num_mel_bins=40).
@@ -279,6 +280,74 @@ def load_mean_std(path: str) -> MeanStd:
 def save_mean_std(path: str, stats: MeanStd, overwrite: bool = False) -> None:
     """Write ``stats`` atomically in the original (2, dim) ``mean-std.npy`` layout."""
     atomic_save_npy(path, stats.to_array(), overwrite=overwrite)
+
+
+#: File name of the statistics a tool writes next to the manifests it normalised (the original's name).
+MEAN_STD_NAME = "mean-std.npy"
+
+
+def raw_stats_name(split: str) -> str:
+    """File name of the statistics of a raw (``--no-normalize``) split: ``{split}.mean-std.npy``, so raw
+    train and valid splits share a folder and no ``mean-std.npy`` claims they are normalised."""
+    return f"{split}.{MEAN_STD_NAME}"
+
+
+def normalization_record_path(manifest_path: str) -> str:
+    """The record next to a feature manifest: ``{split}.tsv`` -> ``{split}.features.json``."""
+    stem = manifest_path[: -len(".tsv")] if manifest_path.endswith(".tsv") else manifest_path
+    return stem + ".features.json"
+
+
+@dataclass(frozen=True)
+class FeatureNormalization:
+    """Whether the features a manifest lists are normalised on disk, and with which statistics.
+
+    Written by the tools that write features (``melhubert-wav-to-fbank``,
+    ``melhubert-import-kaldi-features``) as ``{split}.features.json`` next to
+    ``{split}.tsv``, and checked by training: normalised features must not be
+    normalised again (``task.mean_std_path``), raw ones must be. ``mean_std``
+    is the statistics file: the one the features were normalised with, or for
+    raw features their own (``{split}.mean-std.npy``), to pass as
+    ``task.mean_std_path``. Folders written before this record existed have
+    none (:meth:`read` returns None).
+    """
+
+    normalized: bool
+    mean_std: Optional[str]  # absolute path
+    written_by: str
+
+    def write(self, path: str, manifest_path: str) -> None:
+        """Write the record to ``path`` (a staged file), naming ``mean_std`` relative to the folder of the
+        manifest it will sit next to (``manifest_path``, final name) when it lies below it."""
+        folder = os.path.dirname(os.path.abspath(manifest_path))
+        mean_std = self.mean_std
+        if mean_std is not None:
+            mean_std = os.path.abspath(mean_std)
+            if os.path.commonpath([folder, mean_std]) == folder:
+                mean_std = os.path.relpath(mean_std, folder)
+        with writing(path, "w") as handle:
+            json.dump({"normalized": self.normalized, "mean_std": mean_std, "written_by": self.written_by}, handle, indent=2)
+            handle.write("\n")
+
+    @classmethod
+    def read(cls, manifest_path: str) -> Optional["FeatureNormalization"]:
+        """The record next to ``manifest_path``, or None when there is none (features written before it existed)."""
+        path = normalization_record_path(manifest_path)
+        if not os.path.lexists(path):
+            return None
+        check_regular_file(path, what="normalisation record")
+        try:
+            with open(path, "r", encoding="utf-8") as handle:
+                record = json.load(handle)
+            normalized, mean_std = record["normalized"], record["mean_std"]
+            if not isinstance(normalized, bool) or not (mean_std is None or isinstance(mean_std, str)):
+                raise ValueError("'normalized' must be true or false and 'mean_std' a path or null")
+        except (ValueError, KeyError, TypeError) as err:
+            raise InputError(f"{path}: not a feature normalisation record ({err!r}); rewrite the features with "
+                             "the tool that made them") from None
+        if mean_std is not None:
+            mean_std = os.path.join(os.path.dirname(os.path.abspath(manifest_path)), mean_std)
+        return cls(normalized, mean_std, str(record.get("written_by", "")))
 
 
 class MeanStdAccumulator:

@@ -34,7 +34,14 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import StagedOutputs, atomic_output, check_writable
+from melhubert_fairseq.atomic_output import (
+    StagedOutputs,
+    atomic_output,
+    check_writable,
+    refuse_replacing_inputs,
+    safe_relative_path,
+    writing,
+)
 from melhubert_fairseq.cli import format_ids, with_progress
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, expected_label_count, label_count_tolerance
 from melhubert_fairseq.errors import InputError, check_regular_file
@@ -125,7 +132,8 @@ def iter_tsv_manifest(
 
     The format of both fbank (:data:`FEATURES`, ``num_frames``) and audio (:data:`AUDIO`,
     ``num_samples``) manifests: a root line, then ``relative/path<TAB>count`` rows. ``root`` is the
-    resolved absolute root (:func:`resolve_root`). Errors name the file and line; a manifest of the
+    resolved absolute root (:func:`resolve_root`); a row that is absolute or leaves the root (``..``) is
+    refused, for every reader alike (tools write outputs named after rows, which must stay below their folder). Errors name the file and line; a manifest of the
     other kind is refused with ``other_kind_advice`` (default: the tool to run).
     """
     count_name = COUNT_COLUMN[kind]
@@ -147,6 +155,8 @@ def iter_tsv_manifest(
             except ValueError:
                 raise ValueError(f"{path}:{line_no}: {count_name} {fields[1]!r} is not an integer") from None
             where = f"{path}:{line_no} ({os.path.splitext(os.path.basename(fields[0]))[0]})"
+            if ".." in fields[0] or fields[0].startswith(os.sep) or not fields[0].strip("./"):
+                safe_relative_path(fields[0], where)  # the slow, exact check only for rows that may fail it
             check_manifest_kind(fields[0], count, kind, where, other_kind_advice)
             if count <= 0:
                 raise ValueError(f"{path}:{line_no}: {count_name} must be positive, got {count}")
@@ -496,12 +506,13 @@ def write_label_outputs(
     write_new_manifest: bool,
     dropped: Sequence[Tuple[str, str]] = (),
     stride: int = 1,
+    inputs: Iterable[str] = (),
 ) -> Dict[str, str]:
     """Write ``{split}.km`` (row-aligned with ``rows``), ``dict.km.txt``, the dropped list and, last, the manifest.
 
     ``read_labels(i)`` returns the labels of row ``i``; each is validated
     against the row's frame count. Every output is checked for writability
-    before any work, staged, and published by renames (StagedOutputs), so a
+    (and against the ``inputs`` files: none is ever replaced) before any work, staged, and published by renames (StagedOutputs), so a
     bad utterance leaves none of them behind and a kill never leaves new labels
     beside an old manifest. Returns the paths written, by kind.
     """
@@ -511,6 +522,10 @@ def write_label_outputs(
     dropped_path = os.path.join(out_dir, f"{split}.dropped.txt")
     with StagedOutputs(f"{split}.labels", [out_dir], overwrite) as staged:
         # After the recovery on entry, which undoes what a killed run had published.
+        refuse_replacing_inputs(
+            [km_path, dict_path] + ([manifest_path] if write_new_manifest else []) + ([dropped_path] if dropped else []),
+            inputs,
+        )
         check_writable(km_path, overwrite)
         if write_new_manifest:
             check_writable(manifest_path, overwrite)
@@ -519,7 +534,7 @@ def write_label_outputs(
         need_dict = dictionary_needs_writing(dict_path, num_classes, overwrite, "--num-classes is")
 
         format_line = LabelLineFormatter(num_classes)
-        with open(staged.path(km_path), "w", encoding="utf-8") as handle:
+        with writing(staged.path(km_path), "w") as handle:
             for i in with_progress(range(len(rows.utt_ids)), desc=f"{split}.km", unit="utt", mininterval=1.0):
                 labels = validate_labels(
                     read_labels(i), int(rows.num_frames[i]), num_classes, rows.utt_ids[i], label_source, stride
@@ -532,7 +547,7 @@ def write_label_outputs(
             finals.append(dict_path)
             written["dictionary"] = dict_path
         if dropped:
-            with open(staged.path(dropped_path), "w", encoding="utf-8") as handle:
+            with writing(staged.path(dropped_path), "w") as handle:
                 for utt_id, reason in dropped:
                     handle.write(f"{utt_id}\t{reason}\n")
             finals.append(dropped_path)

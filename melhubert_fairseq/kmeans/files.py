@@ -17,7 +17,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import StagedOutputs, check_writable
+from melhubert_fairseq.atomic_output import StagedOutputs, check_writable, save_npy, writing
 from melhubert_fairseq.data.features import open_npy
 from melhubert_fairseq.errors import InputError, check_regular_file
 from melhubert_fairseq.kmeans.sample import FrameSample
@@ -48,9 +48,8 @@ def save_array_with_sidecar(
     with StagedOutputs(os.path.basename(npy_path), [directory], overwrite) as staged:
         check_writable(npy_path, overwrite)
         check_writable(json_path, overwrite)
-        with open(staged.path(npy_path), "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
-        with open(staged.path(json_path), "w", encoding="utf-8") as handle:
+        save_npy(staged.path(npy_path), array)
+        with writing(staged.path(json_path), "w") as handle:
             json.dump(metadata, handle, indent=2, sort_keys=True)
             handle.write("\n")
         staged.publish([json_path, npy_path])

@@ -54,6 +54,17 @@ class FeatureSource(ABC):
     def where(self, row: int) -> str:
         """Name row ``row`` in error messages."""
 
+    def input_files(self) -> Iterator[str]:
+        """Every file the source reads: its manifest, its own files (mean/std, checkpoint), each row's features."""
+        yield self.manifest.path
+        yield from self.own_files()
+        for row in range(len(self.manifest)):
+            yield self.manifest.full_path(row)
+
+    @abstractmethod
+    def own_files(self) -> Iterable[str]:
+        """The files besides the manifest and its rows this source reads."""
+
     def iter_shard(self, nshard: int, rank: int) -> FeatureIterator:
         """Yield ``(row, frames)`` for every row of shard ``rank``, in manifest order."""
         start, end = shard_range(len(self.manifest), nshard, rank)
@@ -74,6 +85,10 @@ class FbankSource(FeatureSource):
     def expected_frames(self, row: int) -> int:
         """Frames row ``row`` yields (the manifest's 10 ms count)."""
         return int(self.manifest.num_frames[row])
+
+    def own_files(self) -> Iterable[str]:
+        """``--mean-std``, if given."""
+        return [self.mean_std_path] if self.mean_std_path else []
 
     def describe(self) -> Dict[str, object]:
         """What the frames are, for the k-means JSON sidecar."""
@@ -136,6 +151,10 @@ class ModelLayerSource(FeatureSource):
     def expected_frames(self, row: int) -> int:
         """Model frames of row ``row``: its 10 ms frames stacked by the model's stack factor."""
         return num_stacked_frames(int(self.manifest.num_frames[row]), self.stack)
+
+    def own_files(self) -> Iterable[str]:
+        """The checkpoint."""
+        return [self.checkpoint_path]
 
     def describe(self) -> Dict[str, object]:
         """What the frames are, for the k-means JSON sidecar."""

@@ -14,7 +14,15 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING, open_dict
 
-from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, FBANK_NUM_MEL_BINS, MeanStd, load_mean_std
+from melhubert_fairseq.data.features import (
+    FBANK_FRAME_RATE_HZ,
+    FBANK_NUM_MEL_BINS,
+    MEAN_STD_NAME,
+    FeatureNormalization,
+    MeanStd,
+    load_mean_std,
+    normalization_record_path,
+)
 from melhubert_fairseq.data.fbank_label_dataset import EpochTaggedBatches, FbankLabelDataset, FrameRates
 from melhubert_fairseq.data.manifest import index_label_file, read_dictionary_size, read_manifest
 from melhubert_fairseq.errors import InputError
@@ -29,7 +37,11 @@ class MelHubertPretrainingConfig(FairseqDataclass):
 
     data: str = field(default=MISSING, metadata={"help": "directory holding {split}.tsv fbank manifests"})
     label_dir: Optional[str] = field(
-        default=None, metadata={"help": "directory holding {split}.{labels} and dict.{labels}.txt (default: data)"}
+        default=None,
+        metadata={
+            "help": "directory holding {split}.{labels} and dict.{labels}.txt; required to train or validate (stage 1 "
+            "and stage 2 labels of one corpus live in different folders, so it never defaults to task.data)"
+        },
     )
     labels: Optional[str] = field(
         default="km",
@@ -54,7 +66,10 @@ class MelHubertPretrainingConfig(FairseqDataclass):
     )
     mean_std_path: Optional[str] = field(
         default=None,
-        metadata={"help": "mean-std.npy (2 x feat_dim) to normalise features with at load; null = features are already normalised"},
+        metadata={
+            "help": "mean-std.npy (2 x feat_dim) to normalise raw features with at load; null = features are normalised "
+            "on disk. Checked against the {split}.features.json the feature tools write"
+        },
     )
     max_sample_size: Optional[int] = field(
         default=None, metadata={"help": "crop utterances to at most this many model frames (750 at 20 ms)"}
@@ -93,16 +108,31 @@ class MelHubertPretrainingConfig(FairseqDataclass):
     )
 
 
-def is_training_split(split: str, cfg) -> bool:
-    """Whether ``split`` is the one trained on: ``cfg.train_subset`` when it resolves (a task built from a
-    fairseq config or a checkpoint), else fairseq's default name (a task config built on its own)."""
+def _same_stats(path_a: str, path_b: str) -> bool:
+    """Whether two mean-std files hold the same statistics (one file, or equal values)."""
+    if os.path.realpath(path_a) == os.path.realpath(path_b):
+        return True
+    a, b = load_mean_std(path_a), load_mean_std(path_b)
+    return a.dim == b.dim and np.allclose(a.to_array(), b.to_array(), rtol=1e-6, atol=0)
+
+
+def training_split_name(cfg) -> Optional[str]:
+    """``cfg.train_subset`` (fairseq's dataset.train_subset) when it resolves: a task built from a fairseq config
+    or a checkpoint; None for a task config built on its own."""
     try:
         train_subset = cfg.train_subset
     except Exception:  # omegaconf: an interpolation with no dataset group to resolve against
         train_subset = None
     if isinstance(train_subset, str) and train_subset and not train_subset.startswith("${"):
-        return split == train_subset
-    return split.startswith("train")
+        return train_subset
+    return None
+
+
+def is_training_split(split: str, cfg) -> bool:
+    """Whether ``split`` is the one trained on: ``cfg.train_subset`` when it resolves, else fairseq's
+    default name (a task config built on its own)."""
+    train_subset = training_split_name(cfg)
+    return split == train_subset if train_subset is not None else split.startswith("train")
 
 
 @register_task("mel_hubert_pretraining", dataclass=MelHubertPretrainingConfig)
@@ -149,11 +179,77 @@ class MelHubertPretrainingTask(FairseqTask):
         return self._mean_std
 
     def training_feature_stats(self) -> Optional[MeanStd]:
-        """Corpus stats of the training features: ``mean_std_path``, else ``{data}/mean-std.npy`` written by tools/."""
+        """Corpus stats the model's inputs were normalised with (stored in the checkpoint for audio input):
+        ``mean_std_path``; else those the training split's ``{split}.features.json`` names; else, for
+        features written before that record existed, ``{data}/mean-std.npy``."""
         if self.cfg.mean_std_path:
             return self.mean_std
-        stats_path = os.path.join(self.cfg.data, "mean-std.npy")
+        record = FeatureNormalization.read(self._manifest_path(self._train_split()))
+        if record is not None:
+            return load_mean_std(record.mean_std) if record.normalized and record.mean_std else None
+        stats_path = os.path.join(self.cfg.data, MEAN_STD_NAME)
         return load_mean_std(stats_path) if os.path.isfile(stats_path) else None
+
+    def _manifest_path(self, split: str) -> str:
+        return os.path.join(self.cfg.data, f"{split}.tsv")
+
+    def _train_split(self) -> str:
+        """The name of the split trained on (see :func:`is_training_split`)."""
+        return training_split_name(self.cfg) or "train"
+
+    def check_normalization(self, split: str, dataset: FbankLabelDataset) -> None:
+        """Refuse features normalised twice, raw features fed as normalised, and splits normalised with other
+        statistics than the training split, from the ``{split}.features.json`` the feature tools write.
+
+        Folders written before that record existed (``{data}/mean-std.npy`` alone, which
+        ``--no-normalize`` also wrote then) are taken as normalised, as before, unless the first
+        utterance is plainly raw log-Mel (its mean is nearer the statistics' mean than 0).
+        """
+        manifest_path = self._manifest_path(split)
+        record_path = normalization_record_path(manifest_path)
+        record = FeatureNormalization.read(manifest_path)
+        train = record if is_training_split(split, self.cfg) else FeatureNormalization.read(
+            self._manifest_path(self._train_split())
+        )
+        if record is None:
+            self._check_unrecorded_features(manifest_path, dataset)
+        elif record.normalized and self.cfg.mean_std_path:
+            raise ValueError(
+                f"{record_path}: the features of {split}.tsv are already normalised (by {record.mean_std}); "
+                f"task.mean_std_path={self.cfg.mean_std_path} would normalise them twice: leave it unset"
+            )
+        elif not record.normalized and not self.cfg.mean_std_path:
+            stats = train.mean_std if train is not None and not train.normalized and train.mean_std else record.mean_std
+            raise ValueError(
+                f"{record_path}: the features of {split}.tsv are raw log-Mel (written with --no-normalize): "
+                f"normalise them at load with task.mean_std_path={stats or '<the training split mean-std.npy>'}"
+            )
+        elif record.normalized and train is not None and train.normalized and record is not train:
+            if record.mean_std and train.mean_std and not _same_stats(record.mean_std, train.mean_std):
+                raise ValueError(
+                    f"{record_path}: {split}.tsv is normalised by {record.mean_std}, the training split by "
+                    f"{train.mean_std}: rewrite it with melhubert-wav-to-fbank --mean-std {train.mean_std}"
+                )
+
+    def _check_unrecorded_features(self, manifest_path: str, dataset: FbankLabelDataset) -> None:
+        """Features without a record: refuse plainly raw log-Mel taken as normalised (see check_normalization)."""
+        stats_path = os.path.join(self.cfg.data, MEAN_STD_NAME)
+        if self.cfg.mean_std_path or not os.path.isfile(stats_path):
+            return
+        stats = load_mean_std(stats_path)
+        raw_mean, raw_std = float(np.mean(stats.mean)), float(np.mean(stats.std))
+        if abs(raw_mean) < raw_std:  # statistics of features near 0 anyway: raw and normalised look alike
+            return
+        first = dataset.read_frames(0, 0, int(dataset.sizes[0]))
+        mean = float(np.mean(first, dtype=np.float64))
+        if abs(mean - raw_mean) < abs(mean):
+            raise ValueError(
+                f"{manifest_path}: its features look raw (mean {mean:.1f}, like the mean {raw_mean:.1f} of "
+                f"{stats_path}), yet with no task.mean_std_path they are taken as normalised (no "
+                f"{os.path.basename(normalization_record_path(manifest_path))}: written before normalisation was "
+                f"recorded, e.g. with --no-normalize); pass task.mean_std_path={stats_path}, or rewrite them "
+                "with melhubert-wav-to-fbank"
+            )
 
     @classmethod
     def setup_task(cls, cfg: MelHubertPretrainingConfig, **kwargs) -> "MelHubertPretrainingTask":
@@ -162,8 +258,14 @@ class MelHubertPretrainingTask(FairseqTask):
 
     @property
     def label_dir(self) -> str:
-        """Directory of the label files."""
-        return self.cfg.label_dir if self.cfg.label_dir else self.cfg.data
+        """Directory of the label files (``task.label_dir``, which must be set)."""
+        if not self.cfg.label_dir:
+            raise ValueError(
+                f"task.label_dir is not set: name the folder holding {{split}}.{self.cfg.labels} and "
+                f"dict.{self.cfg.labels}.txt (task.label_dir=DIR; fairseq-validate: --label-dir DIR); "
+                "it does not default to task.data"
+            )
+        return self.cfg.label_dir
 
     def _resolve_num_classes(self) -> int:
         dict_path = os.path.join(self.label_dir, f"dict.{self.cfg.labels}.txt")
@@ -217,6 +319,7 @@ class MelHubertPretrainingTask(FairseqTask):
         # Fail before training, not at the first batch: read one utterance fully.
         dataset = self.datasets[split]
         dataset.read_frames(0, 0, int(dataset.sizes[0]))
+        self.check_normalization(split, dataset)
 
     def build_model(self, cfg, from_checkpoint: bool = False):
         """Build the model and check it reads this task's frames and labels."""
