@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -310,7 +310,7 @@ class BeamSearchDecoder:
             lm_weight=options.lm_weight, word_score=options.word_score, unk_score=options.unk_score,
             sil_score=options.sil_score, log_add=False, criterion_type=fl.CriterionType.CTC,
         )
-        self.lm = lm  # the decoder holds a reference too; kept for clarity of ownership
+        self.lm = lm  # kept alive with the decoder, which refers to it
         self.decoder = fl.LexiconDecoder(
             decoder_options, trie, lm, silence, blank, self.word_dict.get_index(UNK_WORD), [], False
         )
@@ -398,14 +398,3 @@ class ErrorCounts:
     def wer(self) -> float:
         """Word error rate in percent: fairseq's ``wer``."""
         return 100.0 * self.word_errors / self.words if self.words else float("nan")
-
-
-@dataclass
-class DecodeResult:
-    """Every row's hypothesis (manifest order) and, with references, the counts."""
-
-    hypotheses: List[Hypothesis]
-    counts: Optional[ErrorCounts] = None
-    frames: int = 0
-    samples: int = 0
-    extra: Dict[str, object] = field(default_factory=dict)
