@@ -6,14 +6,12 @@ import itertools
 import json
 import math
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import REPO_ROOT
 from melhubert_fairseq.checkpoint_io import load_fairseq_state
 from melhubert_fairseq.tools import decode
 
@@ -171,15 +169,7 @@ def test_beam_search_with_an_ngram_lm_emits_only_its_words(lively_checkpoint, ti
     assert words and set(words) <= set(chosen)
 
 
-def decode_cli(*args: str) -> subprocess.CompletedProcess:
-    """melhubert-decode as a console script (what the user runs)."""
-    return subprocess.run(
-        [sys.executable, "-c", "import sys; from melhubert_fairseq.tools.decode import main; sys.exit(main())", *args],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-    )
-
-
-def test_bad_input_is_one_error_line_and_writes_nothing(tiny_checkpoint, tiny_finetuned, tmp_path):
+def test_bad_input_is_one_error_line_and_writes_nothing(tiny_checkpoint, tiny_finetuned, tmp_path, monkeypatch, capsys):
     manifest = tiny_finetuned.data / "valid.tsv"
     short_refs = tmp_path / "short.ltr"
     short_refs.write_text("".join((tiny_finetuned.data / "valid.ltr").read_text().splitlines(True)[:5]))
@@ -195,8 +185,10 @@ def test_bad_input_is_one_error_line_and_writes_nothing(tiny_checkpoint, tiny_fi
                       rf"error: {re.escape(str(bad_arpa))}: KenLM cannot load it: "))
     for args, message in cases:
         out = tmp_path / "out"
-        result = decode_cli(*args, "--manifest", str(manifest), "--out-dir", str(out))
-        assert result.returncode == 2, result.stderr
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and re.match(message, lines[0]), result.stderr
+        # as the console script runs it: no argv, so user errors become the error line and exit 2
+        monkeypatch.setattr(sys, "argv", ["melhubert-decode", *args, "--manifest", str(manifest), "--out-dir", str(out)])
+        assert decode.main() == 2
+        stderr = capsys.readouterr().err
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and re.match(message, lines[0]), stderr
         assert not out.exists()
