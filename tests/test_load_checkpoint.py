@@ -57,3 +57,14 @@ def test_without_importing_the_plugin_fairseq_cannot_load_a_pretrained_checkpoin
     result = run_fresh(WITHOUT_THE_IMPORT, tiny_checkpoint, tmp_path)
     assert result.returncode != 0
     assert "Could not infer task type from {'_name': 'mel_hubert_pretraining'" in result.stderr
+
+
+def test_a_fine_tuned_checkpoint_loads_without_its_data_folder(tiny_finetuned, tmp_path):
+    """The letter dictionary is stored in the checkpoint (fairseq's task_state): decoding on another machine
+    needs neither the fine-tuning data folder nor the pretrained checkpoint."""
+    import melhubert_fairseq
+
+    _model, cfg, task = melhubert_fairseq.load_checkpoint(tiny_finetuned.checkpoint, arg_overrides={"data": str(tmp_path / "gone")})
+    symbols = [line.split()[0] for line in (tiny_finetuned.data / "dict.ltr.txt").read_text().splitlines()]
+    assert cfg.task.data == str(tmp_path / "gone")
+    assert [task.target_dictionary[i] for i in range(task.target_dictionary.nspecial, len(task.target_dictionary))] == symbols
