@@ -148,7 +148,7 @@ say "training: run_downstream.py -m train -u melhubert_fairseq_local -k $CKPT -d
 "$PY" "$S3PRL_DIR/run_downstream.py" -m train -u melhubert_fairseq_local -k "$CKPT" -d voxceleb1 \
     -c "$WORK/voxceleb1_config.yaml" -p "$EXPDIR" --device "$DEVICE" > "$WORK/train.log" 2>&1 \
     || { tail -30 "$WORK/train.log"; say "training failed (log: $WORK/train.log)"; exit 1; }
-grep -E "^dev acc" "$WORK/train.log" | sed 's/^/[s3prl_runner_check] during training: /'
+grep -E "^dev acc" "$WORK/train.log" | sed 's/^/[s3prl_runner_check] during training: /' || true
 # dev-best.ckpt is written when the dev accuracy improves on 0; states-STEPS.ckpt always
 EVAL_CKPT=$EXPDIR/dev-best.ckpt
 [ -f "$EVAL_CKPT" ] || EVAL_CKPT=$EXPDIR/states-$STEPS.ckpt
