@@ -56,6 +56,10 @@ setup(
         # The faster k-means backend of melhubert-learn-kmeans; without it scikit-learn fits. An extra, so an
         # installed faiss-gpu is not replaced by (or clashes with) faiss-cpu.
         "faiss": ["faiss-cpu"],
+        # Beam search (with an optional KenLM n-gram) for melhubert-decode: flashlight-text is the CTC decoder
+        # behind torchaudio's ctc_decoder, a binary wheel with KenLM built in that needs neither torch nor
+        # torchaudio (docs/decoding.md says why not pyctcdecode + kenlm). Greedy decoding needs nothing extra.
+        "decode": ["flashlight-text"],
     },
     entry_points={
         "console_scripts": [
@@ -74,6 +78,7 @@ setup(
             "melhubert-extract-features = melhubert_fairseq.tools.extract_features:main",
             "melhubert-average-checkpoints = melhubert_fairseq.tools.average_checkpoints:main",
             "melhubert-user-dir = melhubert_fairseq.tools.user_dir:main",
+            "melhubert-decode = melhubert_fairseq.tools.decode:main",
         ]
     },
 )

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from helpers import make_fbank_corpus, run_hydra_train
+from helpers import make_fbank_corpus, run_ctc_finetuning, run_hydra_train, small_corpus
 
 
 @pytest.fixture
@@ -23,6 +24,17 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     np.save(data_dir / "mean-std.npy", np.stack([np.full(40, 0.5), np.full(40, 2.0)]).astype(np.float32))
     run_hydra_train(data_dir, root / "ckpt")
     return root / "ckpt" / "checkpoint_last.pt"
+
+
+@pytest.fixture(scope="session")
+def tiny_finetuned(tiny_checkpoint, tmp_path_factory) -> SimpleNamespace:
+    """``tiny_checkpoint`` fine-tuned 3 updates with wav2vec_ctc (config/finetune_demo.yaml) on 4 bundled
+    utterances, validated on 6: ``checkpoint`` (checkpoint_last.pt), ``data`` (its audio_finetuning folder),
+    ``log`` (its hydra_train.log)."""
+    root = tmp_path_factory.mktemp("tiny_finetune")
+    data = small_corpus(root, train=4, valid=6)
+    log = run_ctc_finetuning(tiny_checkpoint, data, root / "ft")
+    return SimpleNamespace(checkpoint=root / "ft" / "checkpoint_last.pt", data=data, log=log)
 
 
 @pytest.fixture

@@ -183,6 +183,38 @@ def run_and_kill_during_save(command, nth_save: int, delay: float) -> bool:
     return saves == nth_save and not finished
 
 
+def small_corpus(directory: Path, train: int = 4, valid: int = 2) -> Path:
+    """The first ``train``/``valid`` utterances of the bundled corpus in fairseq's audio_finetuning layout."""
+    from melhubert_fairseq.finetuning import write_finetuning_data
+
+    manifests = {}
+    for split, count in (("train", train), ("valid", valid)):
+        lines = (DEMO_CORPUS / f"{split}.tsv").read_text().splitlines()
+        path = directory / "manifests" / f"{split}.tsv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{DEMO_CORPUS}\n" + "\n".join(lines[1 : 1 + count]) + "\n")
+        manifests[split] = str(path)
+    write_finetuning_data(manifests, str(DEMO_CORPUS / "transcripts.tsv"), str(directory / "data"))
+    return directory / "data"
+
+
+def run_ctc_finetuning(w2v_path: Path, data_dir: Path, save_dir: Path, max_update: int = 3) -> Path:
+    """fairseq-hydra-train with config/finetune_demo.yaml (wav2vec_ctc) for ``max_update`` updates, validating
+    at the end, from the repo root, one thread; returns its hydra_train.log."""
+    command = [
+        sys.executable, "-m", "fairseq_cli.hydra_train", "--config-dir", "config", "--config-name", "finetune_demo",
+        "common.user_dir=melhubert_fairseq", f"task.data={data_dir}", f"model.w2v_path={w2v_path}",
+        f"checkpoint.save_dir={save_dir}", f"hydra.run.dir={save_dir}/hydra", f"optimization.max_update={max_update}",
+        "model.freeze_finetune_updates=1", "common.log_interval=1", "dataset.max_tokens=120000",
+    ]
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"fine-tuning failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return save_dir / "hydra" / "hydra_train.log"
+
+
 def write_indexed_corpus(directory: Path, lengths, dim: int = FBANK_NUM_MEL_BINS, label_stride: int = 1) -> Path:
     """Features whose value is the frame index (plus dim/100), labels = frame index (mod 1000)."""
     feat_dir = directory / "feats"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import DEMO_CORPUS, REPO_ROOT, assert_bit_identical, run_and_kill_during_save
+from helpers import DEMO_CORPUS, REPO_ROOT, assert_bit_identical, run_and_kill_during_save, small_corpus
 from melhubert_fairseq.checkpoint_io import CheckpointFormatError, safe_torch_load
 from melhubert_fairseq.finetuning import (
     check_finetuning_checkpoint,
@@ -25,19 +25,6 @@ from melhubert_fairseq.finetuning import (
 )
 from melhubert_fairseq.models.waveform_frontend import collate_waveforms
 
-
-
-def small_corpus(directory: Path, train: int = 4, valid: int = 2) -> Path:
-    """The first ``train``/``valid`` utterances of the bundled corpus in fairseq's audio_finetuning layout."""
-    manifests = {}
-    for split, count in (("train", train), ("valid", valid)):
-        lines = (DEMO_CORPUS / f"{split}.tsv").read_text().splitlines()
-        path = directory / "manifests" / f"{split}.tsv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"{DEMO_CORPUS}\n" + "\n".join(lines[1 : 1 + count]) + "\n")
-        manifests[split] = str(path)
-    write_finetuning_data(manifests, str(DEMO_CORPUS / "transcripts.tsv"), str(directory / "data"))
-    return directory / "data"
 
 
 def ctc_encoder(w2v_path: Path, data_dir: Path, **overrides):
