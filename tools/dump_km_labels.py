@@ -57,12 +57,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     split = args.split or split_name(args.manifest)
     out_path = os.path.join(args.out_dir, shard_file_name(split, args.rank, args.nshard, ".km"))
     dict_path = os.path.join(args.out_dir, "dict.km.txt")
+    model = load_kmeans(args.km_path)  # first: a file that is no k-means model is named as such
     source = feature_source_from_args(args)
     refuse_replacing_inputs(
         [out_path, dict_path], itertools.chain([args.km_path, sidecar_path(args.km_path)], source.input_files())
     )
     check_writable(out_path, args.overwrite)
-    model = load_kmeans(args.km_path)
     # Before labelling: a dictionary for another K fails now, not after the whole shard.
     write_dict = dictionary_needs_writing(dict_path, model.num_clusters, args.overwrite, "the k-means model has")
     trained_on = model.metadata.get("feature_source", {})
