@@ -37,6 +37,18 @@ def tiny_finetuned(tiny_checkpoint, tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(checkpoint=root / "ft" / "checkpoint_last.pt", data=data, log=log)
 
 
+#: Session fixtures that run fairseq-hydra-train: every test that uses one (directly or through another fixture) is slow.
+TRAINING_FIXTURES = ("tiny_checkpoint", "tiny_finetuned")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by -m
+def pytest_collection_modifyitems(items):
+    """Mark ``slow`` every test that needs a trained fixture, so that ``-m "not slow"`` never trains."""
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in TRAINING_FIXTURES):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def hang_guard():
     """Fail a test that blocks (e.g. reading a FIFO) after 30 s instead of hanging the suite."""

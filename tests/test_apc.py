@@ -156,6 +156,7 @@ def apc_run(tmp_path_factory):
     return root, data, result
 
 
+@pytest.mark.slow  # apc_run trains with fairseq-hydra-train
 def test_causal_apc_trains_on_real_frames_without_labels(apc_run):
     root, data, result = apc_run
     assert not list(data.glob("*.km"))
@@ -178,6 +179,7 @@ def test_causal_apc_trains_on_real_frames_without_labels(apc_run):
         torch.testing.assert_close(b[:, :21], a[:, :21], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow  # apc_run trains with fairseq-hydra-train
 def test_the_apc_checkpoint_goes_downstream_like_any_mel_hubert_checkpoint(apc_run, tmp_path):
     from melhubert_fairseq.data.manifest import read_manifest
     from melhubert_fairseq.feature_reader import MelHubertFeatureReader

@@ -28,6 +28,7 @@ def run_benchmark(script: str, arguments, results_dir) -> subprocess.CompletedPr
     return result
 
 
+@pytest.mark.slow  # each benchmark runs in a fresh interpreter (the speed ones time training steps)
 @pytest.mark.parametrize(
     "script, extra",
     [
@@ -48,6 +49,7 @@ def test_speed_benchmark_prints_ratios_against_hubert(tmp_path, script, extra):
     assert len(saved) == 1 and "x HuBERT same precision" in saved[0].read_text()
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch
 def test_pos_conv_benchmark_prints_both_passes(tmp_path):
     small = ["--frames", "50", "--dim", "64", "--kernel", "16", "--groups", "4", "--repeats", "1"]
     result = run_benchmark("bench_pos_conv.py", small, tmp_path)
@@ -56,6 +58,7 @@ def test_pos_conv_benchmark_prints_both_passes(tmp_path):
     assert (tmp_path / "pos_conv_cpu.md").exists()
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch
 def test_dropout_benchmark_prints_every_pair(tmp_path):
     small = ["--frames", "40", "--heads", "2", "--head-dim", "8", "--ffn-dim", "32", "--repeats", "1"]
     result = run_benchmark("bench_dropout.py", small, tmp_path)
@@ -64,6 +67,7 @@ def test_dropout_benchmark_prints_every_pair(tmp_path):
     assert (tmp_path / "dropout_cpu.md").exists()
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and times 3 s of audio per front end
 def test_waveform_frontend_benchmark_prints_accuracy_and_speed(tmp_path):
     result = run_benchmark("bench_waveform_frontend.py", ["--seconds", "3", "--repeats", "1"], tmp_path)
     rows = {line.split("|")[1].strip(): line.split("|") for line in result.stdout.splitlines() if line.startswith("| ")}
@@ -76,6 +80,7 @@ def test_waveform_frontend_benchmark_prints_accuracy_and_speed(tmp_path):
 # --- benchmarks/gpu_check.sh: the one-call GPU check, kept working by its CPU quick mode ------------
 
 
+@pytest.mark.slow  # trains, runs the GPU tests and the speed benchmark on CPU
 def test_gpu_check_quick_on_cpu_passes_and_writes_one_results_file(tmp_path):
     """``bash benchmarks/gpu_check.sh --device cpu --quick``: every stage runs on CPU and its verdicts land in the JSON."""
     env = {key: value for key, value in os.environ.items() if key != "OUT"}
@@ -107,6 +112,7 @@ def test_gpu_check_quick_on_cpu_passes_and_writes_one_results_file(tmp_path):
     assert "done: all checks passed" in result.stdout
 
 
+@pytest.mark.slow  # each case starts a fresh interpreter that imports torch
 @pytest.mark.parametrize(
     "prelude, arguments, message",
     [
@@ -169,6 +175,8 @@ def test_speed_cases_resize_to_any_batch():
             handle.remove()
             assert seen == [3], (mode, case.name)
 
+
+@pytest.mark.slow  # kills and reruns a tool in fresh interpreters
 def test_fault_injection_kills_reruns_and_classifies(tmp_path):
     """Smoke test of benchmarks/fault_injection.py: one kill of one scenario, table and summary printed."""
     out = tmp_path / "fault_injection.md"

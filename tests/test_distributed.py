@@ -16,11 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import melhubert_fairseq  # noqa: F401  (allow-lists fairseq checkpoint types for the safe loader)
 
 from helpers import REPO_ROOT, TINY_MODEL_OVERRIDES, make_fbank_corpus
+
+pytestmark = pytest.mark.slow  # every test here runs torchrun with two training processes
 
 LAUNCHER = r'''
 """fairseq-hydra-train with per-rank records of sample ids (each step) and model hash (each save)."""

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import REPO_ROOT, hydra_train_command, make_fbank_corpus
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -25,6 +27,7 @@ def test_user_dir_is_the_installed_package():
     assert (Path(user_dir()) / "tasks" / "mel_hubert_pretraining.py").is_file()
 
 
+@pytest.mark.slow  # trains with fairseq-hydra-train
 def test_training_runs_from_any_directory_and_under_a_config_that_changes_directory(tmp_path):
     data_dir = make_fbank_corpus(tmp_path / "data")
     elsewhere = tmp_path / "elsewhere"
@@ -57,6 +60,7 @@ def test_fairseq_validate_scores_every_utterance_with_fairseqs_defaults(tiny_che
     assert int(summary.group(1)) == 12  # bsz: the number of utterances scored
 
 
+@pytest.mark.slow  # a fresh interpreter imports fairseq and the plugin
 def test_plain_name_resolves_from_anywhere_in_a_regular_install_layout(tmp_path):
     # A regular install puts the package next to fairseq in site-packages; fairseq's
     # import_user_module falls back to <fairseq>/../<user_dir>. Lay that out in tmp_path

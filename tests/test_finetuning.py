@@ -188,6 +188,7 @@ def test_checkpoint_without_fbank_statistics_is_named(tiny_checkpoint, tmp_path)
         encoder(source=batch, padding_mask=padding_mask)
 
 
+@pytest.mark.slow  # two fresh interpreters run the demo's console script
 def test_non_mel_hubert_w2v_path_is_a_one_line_error(tmp_path):
     random_file = tmp_path / "random.pt"
     random_file.write_bytes(os.urandom(256))

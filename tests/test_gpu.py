@@ -241,6 +241,7 @@ def device_overrides(device: torch.device):
     return ["common.cpu=true"] if device.type == "cpu" else []
 
 
+@pytest.mark.slow  # trains with fairseq-hydra-train
 def test_checkpoints_move_between_device_and_cpu(tmp_path):
     """A run on the device resumes on the CPU and back; its checkpoints load on either with the same outputs."""
     data = make_fbank_corpus(tmp_path / "data", num_utts=8)

@@ -57,6 +57,7 @@ def base_run(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow  # base_run trains with fairseq-hydra-train
 def test_average_of_update_checkpoints_is_their_mean_and_initialises_training(base_run, tmp_path):
     run = base_run / "run"
     assert newest_checkpoints(str(run), 2, update_based=True) == [str(run / "checkpoint_1_2.pt"), str(run / "checkpoint_1_1.pt")]
@@ -90,6 +91,7 @@ def test_average_of_update_checkpoints_is_their_mean_and_initialises_training(ba
     assert updates(initialised) == 1 and adam_steps(initialised) == {1}
 
 
+@pytest.mark.slow  # base_run trains with fairseq-hydra-train
 def test_averaging_refuses_mismatched_checkpoints(base_run, tmp_path):
     state = load_state(base_run / "run" / "checkpoint_1_1.pt")
     state["model"]["final_proj.weight"] = state["model"]["final_proj.weight"][:8]
@@ -111,6 +113,7 @@ def test_epoch_checkpoint_selection_takes_the_newest(tmp_path):
         newest_checkpoints(str(tmp_path), 2, update_based=True)
 
 
+@pytest.mark.slow  # base_run trains with fairseq-hydra-train
 def test_initialise_with_weights_and_optimizer_state(base_run, tmp_path):
     # The original's `-i CKPT --init_optimizer_from_initial_weight`: restore_file without reset_optimizer.
     start = base_run / "run" / "checkpoint_last.pt"
@@ -132,6 +135,7 @@ def test_initialise_with_weights_and_optimizer_state(base_run, tmp_path):
     assert updates(load_state(tmp_path / "cont" / "checkpoint_last.pt")) == 5
 
 
+@pytest.mark.slow  # base_run trains with fairseq-hydra-train
 def test_converted_original_continues_with_its_adam_state(base_run, tmp_path):
     cfg = {**TINY_ORIGINAL_CONFIG, "encoder_embed_dim": 64, "encoder_ffn_embed_dim": 128, "conv_pos": 16, "num_cluster": 32}
     save_original(tmp_path / "orig.ckpt", make_reference(cfg), cfg, step=10)
@@ -145,6 +149,7 @@ def test_converted_original_continues_with_its_adam_state(base_run, tmp_path):
     assert adam_steps(after) == {2} and updates(after) == 11  # the original's one Adam step, plus one here
 
 
+@pytest.mark.slow  # base_run trains with fairseq-hydra-train
 def test_resume_on_another_machine_with_moved_data(base_run, tmp_path):
     # Machine A: a copy of the base run. Machine B gets the run folder and the data at new paths.
     shutil.copytree(base_run / "run", tmp_path / "a" / "run")

@@ -185,6 +185,7 @@ def test_bidirectional_model_sees_every_frame():
     assert (outputs_up_to(model, changed, 0)[-1] - outputs_up_to(model, feat, 0)[-1]).abs().max() > 1e-3
 
 
+@pytest.mark.slow  # trains with fairseq-hydra-train
 def test_a_converted_release_causal_checkpoint_trains_with_the_printed_overrides(tmp_path, capsys):
     cfg = causal_config("20ms-postLN")
     save_original(tmp_path / "causal.ckpt", make_reference(cfg), cfg, section="hubert", args=RELEASE_ARGS)

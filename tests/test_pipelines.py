@@ -4,13 +4,15 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import torch
-
 
 from helpers import make_fbank_corpus, run_hydra_train
 from melhubert_fairseq.checkpoint_io import load_fairseq_state
 from melhubert_fairseq.data.manifest import load_km_labels, read_manifest
 from melhubert_fairseq.tools import dump_km_labels, learn_kmeans, run_demo
+
+pytestmark = pytest.mark.slow  # both pipelines train with fairseq-hydra-train
 
 
 def test_stage2_trains_from_stage1_checkpoint_on_layer_labels(tmp_path):

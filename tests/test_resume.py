@@ -125,6 +125,7 @@ def run_in_parallel(*jobs):
         return [future.result() for future in [pool.submit(train, *job) for job in jobs]]
 
 
+@pytest.mark.slow  # trains with fairseq-hydra-train
 @pytest.mark.parametrize("update_freq", [1, 2])
 def test_resume_anywhere_repeats_the_uninterrupted_run_bit_for_bit(tmp_path, update_freq):
     data = make_fbank_corpus(tmp_path / "data", num_utts=10)
@@ -148,6 +149,7 @@ def test_resume_anywhere_repeats_the_uninterrupted_run_bit_for_bit(tmp_path, upd
 # --- checkpoints that survive a crash -------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains with fairseq-hydra-train
 @pytest.mark.parametrize("damage", ["truncated", "empty"])
 def test_unreadable_checkpoint_last_resumes_from_the_newest_good_checkpoint(tmp_path, damage):
     data = make_fbank_corpus(tmp_path / "data", num_utts=10)
@@ -166,6 +168,7 @@ def test_unreadable_checkpoint_last_resumes_from_the_newest_good_checkpoint(tmp_
     assert_bit_identical(straight, broken, f"resumed past a {damage} checkpoint_last.pt")
 
 
+@pytest.mark.slow  # trains with fairseq-hydra-train
 def test_rerunning_a_finished_run_says_so_and_changes_nothing(tmp_path):
     data = make_fbank_corpus(tmp_path / "data", num_utts=10)
     save_dir = tmp_path / "run"
@@ -179,6 +182,7 @@ def test_rerunning_a_finished_run_says_so_and_changes_nothing(tmp_path):
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in save_dir.glob("*.pt")} == before
 
 
+@pytest.mark.slow  # trains with fairseq-hydra-train
 def test_killing_training_during_checkpoint_saves_never_breaks_resume(tmp_path):
     """SIGKILL while fairseq writes or copies a checkpoint, again and again: rerunning the same
     command always resumes, and the run ends bit for bit where an uninterrupted one ends."""

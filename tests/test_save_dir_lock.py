@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from helpers import REPO_ROOT, hydra_train_command, make_fbank_corpus, run_hydra_train
 from melhubert_fairseq import checkpoint_io
 from melhubert_fairseq.checkpoint_io import SAVE_DIR_LOCK, checkpoint_load_problem, checkpoint_num_updates
@@ -29,6 +31,7 @@ def saved_update(save_dir: Path) -> int:
     return checkpoint_num_updates(str(last)) if last.exists() and checkpoint_load_problem(str(last)) is None else -1
 
 
+@pytest.mark.slow  # two fairseq-hydra-train runs
 def test_a_second_training_into_a_busy_save_dir_is_refused_and_a_killed_run_never_blocks(tmp_path):
     data = make_fbank_corpus(tmp_path / "data", num_utts=10)
     save_dir = tmp_path / "run"
