@@ -74,6 +74,7 @@ setup(
             "melhubert-extract-features = melhubert_fairseq.tools.extract_features:main",
             "melhubert-average-checkpoints = melhubert_fairseq.tools.average_checkpoints:main",
             "melhubert-user-dir = melhubert_fairseq.tools.user_dir:main",
+            "melhubert-probe = melhubert_fairseq.tools.probe:main",
         ]
     },
 )
