@@ -31,8 +31,8 @@ class WeightedLayerSum(nn.Module):
         return F.softmax(self.logits, dim=0)
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
-        weights = self.weights().view(-1, *([1] * (states.dim() - 1)))
-        return (weights * states).sum(dim=0)
+        # One contraction: no (S, ..., C) product is materialised, forward or backward.
+        return torch.tensordot(self.weights(), states, dims=1)
 
 
 class LinearProbe(nn.Module):

@@ -254,3 +254,11 @@ def beats(better: ProbeResult, worse: ProbeResult) -> bool:
     """Whether ``better`` wins by more than both spreads together (means at least one spread apart each side)."""
     gap = better.mean - worse.mean if METRICS[better.task][1] else worse.mean - better.mean
     return gap > better.spread + worse.spread
+
+
+def paired_gap(better: ProbeResult, worse: ProbeResult) -> tuple:
+    """(mean, spread) over seeds of how much ``better`` beats ``worse`` (positive = better), seed by seed: the
+    same seed gives both the same head initialisation and, for few-shot SID, the same split."""
+    sign = 1.0 if METRICS[better.task][1] else -1.0
+    gaps = [sign * (b - w) for b, w in zip(better.values, worse.values)]
+    return statistics.fmean(gaps), statistics.stdev(gaps) if len(gaps) > 1 else 0.0
