@@ -226,3 +226,52 @@ def test_demo_corpus_labels_line_up_with_its_manifests():
     assert data.phones[0].tokens[:6] == ("D", "@2", "m", "O@", "n", "I")
     with pytest.raises(InputError, match="valid.phn:8 .spk08-051.: phone 't\\[' never occurs"):
         check_probe_data(load_probe_data([str(corpus / "train.tsv")], [str(corpus / "valid.tsv")], ("pr",)), ("pr",), None)
+
+
+# --- the probe during pretraining ------------------------------------------------------------------
+
+
+def train_with_validation(data: Path, save_dir: Path, max_update: int, probe: Path = None):
+    """A tiny run validating after every update (valid = train), saving every update, with the probe every
+    second validation when ``probe`` (a probe manifest) is given."""
+    overrides = [
+        "dataset.disable_validation=false", "dataset.validate_interval_updates=1", "dataset.valid_subset=valid",
+        "checkpoint.save_interval_updates=1", "checkpoint.keep_interval_updates=-1",
+        "task.max_sample_size=60", "task.min_sample_size=null",
+    ]
+    if probe is not None:
+        overrides += [
+            f"task.probe_train={probe}", f"task.probe_test={probe}", "task.probe_interval=2", "task.probe_pr_steps=20",
+            "task.probe_sid_steps=20",
+        ]
+    result = run_hydra_train(data, save_dir, max_update=max_update, max_tokens=240, overrides=overrides)
+    return result.stdout + result.stderr
+
+
+def valid_lines(log: str):
+    return [json.loads(line) for line in re.findall(r"\]\[valid\]\[INFO\] - (\{.*\})", log)]
+
+
+def test_the_probe_during_training_logs_its_metrics_and_leaves_a_resumed_run_bit_exact(tmp_path):
+    from test_resume import assert_bit_identical
+
+    data = make_fbank_corpus(tmp_path / "data", num_utts=10)
+    for suffix in ("tsv", "km"):
+        (data / f"valid.{suffix}").write_text((data / f"train.{suffix}").read_text())
+    probe = write_probe_set(tmp_path / "probe")
+    plain, probed = tmp_path / "plain", tmp_path / "probed"
+    train_with_validation(data, plain, 4)
+    first = train_with_validation(data, probed, 1, probe)
+    resumed = train_with_validation(data, probed, 4, probe)
+    # Training is untouched: the probed run, stopped after update 1 and resumed, ends bit for bit where the
+    # run without the probe ends.
+    assert_bit_identical(plain, probed, "probed every second validation, resumed after update 1")
+    # Probed at validations 1 and 3 (updates 1 and 3): the resumed run kept counting validations.
+    lines = valid_lines(first) + valid_lines(resumed)
+    assert [int(line["valid_num_updates"]) for line in lines] == [1, 2, 3, 4]
+    probed_updates = [int(line["valid_num_updates"]) for line in lines if "valid_probe_sid_acc" in line]
+    assert probed_updates == [1, 3], lines
+    for line in lines:
+        if "valid_probe_sid_acc" in line:
+            assert 0 <= float(line["valid_probe_pr_per"]) and 0 <= float(line["valid_probe_sid_acc"]) <= 100
+            assert "valid_acc_m" in line  # next to the masked accuracy
