@@ -167,7 +167,7 @@ def extract_probe_features(
     longest = 0
     for row in with_progress(rows, desc=f"features ({upstream.name})", unit="utt", disable=not progress):
         x = upstream.model_input(row)
-        size = len(x) // 320 if x.ndim == 1 else len(x)  # about model frames, for batching only
+        size = upstream.reader.num_model_frames(x) if upstream.reader is not None else len(x)
         if pending and max(longest, size) * (len(pending) + 1) > max_batch_frames:
             consume(pending)
             pending, longest = [], 0
