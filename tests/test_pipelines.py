@@ -69,7 +69,7 @@ def test_demo_pipeline_runs_from_corpus_to_checkpoint_and_fine_tunes_it(tmp_path
     # The frozen probes: one table, fbank / random init / pretrained x PR / SID, then the verdicts.
     table = re.search(r"Frozen probes on demo/corpus.*?\n(.*?)\n  details:", summary, re.S).group(1).splitlines()
     assert [row.split("  ")[0] for row in table[-3:]] == ["fbank", "random init", "pretrained"], table
-    assert all(len(re.findall(r"[0-9.]+ ± [0-9.]+", row)) == 2 for row in table[-3:]), table
+    assert all(len(re.findall(r"[0-9.]+ ± +[0-9.]+", row)) == 2 for row in table[-3:]), table
     assert "108 train / 12 valid utterances; SID: 2 utterances per speaker train, 96 test" in summary
     assert re.search(r"  SID: pretrained accuracy [0-9.]+ ± [0-9.]+ (beats|is worse than|is within)", summary)
 
