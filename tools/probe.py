@@ -110,10 +110,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             settings = replace(settings, lr=args.lr)
         if task == PR:
             settings = replace(settings, steps=args.pr_steps or settings.steps)
-            result = run_pr(features, data, seeds, settings, device, args.per_layer)
+            result = run_pr(features, data, seeds, settings, device, args.per_layer, progress=not args.no_progress)
         else:
             settings = replace(settings, steps=args.sid_steps or settings.steps)
-            result = run_sid(features, data, seeds, args.shots, settings, device, args.per_layer)
+            result = run_sid(features, data, seeds, args.shots, settings, device, args.per_layer, progress=not args.no_progress)
         results.append(result)
         print(result.describe(), flush=True)
     end = time.perf_counter()

@@ -226,8 +226,8 @@ def probe(checkout: Path, checkpoint: Path, args: argparse.Namespace) -> list:
     results = []
     for name in PROBE_UPSTREAMS:
         features = extract_probe_features(load_upstream(name, str(checkpoint)), data.rows, keep_frames=True, keep_pooled=True)
-        results.append(run_pr(features, data, list(range(1, args.probe_pr_seeds + 1)), pr_settings))
-        results.append(run_sid(features, data, list(range(1, args.probe_seeds + 1)), args.probe_shots, sid_settings))
+        results.append(run_pr(features, data, list(range(1, args.probe_pr_seeds + 1)), pr_settings, progress=True))
+        results.append(run_sid(features, data, list(range(1, args.probe_seeds + 1)), args.probe_shots, sid_settings, progress=True))
     return results
 
 

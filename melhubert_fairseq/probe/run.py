@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from melhubert_fairseq.cli import with_progress
 from melhubert_fairseq.probe.features import ManifestRow, ProbeFeatures, read_probe_manifest
 from melhubert_fairseq.probe.heads import (
     HeadSettings,
@@ -177,9 +178,10 @@ class ProbeResult:
 
 def run_pr(
     features: ProbeFeatures, data: ProbeData, seeds: Sequence[int], settings: HeadSettings = DEFAULT_SETTINGS[PR],
-    device: str = "cpu", per_layer: bool = False,
+    device: str = "cpu", per_layer: bool = False, progress: bool = False,
 ) -> ProbeResult:
-    """Linear CTC heads trained on the training rows, PER on the test rows, once per seed."""
+    """Linear CTC heads trained on the training rows, PER on the test rows, once per seed (a progress bar
+    over the heads with ``progress``)."""
     vocabulary, targets = phone_targets(data)
     result = ProbeResult(PR, features.upstream, [], [], len(data.train_rows), len(data.test_rows))
     layers = [None] + (list(range(features.num_states)) if per_layer and features.num_states > 1 else [])
@@ -187,7 +189,8 @@ def run_pr(
         states = None if layer is None else [layer]
         train = padded_batches(features.frames, features.offsets, data.train_rows, settings.batch_frames, states)
         test = padded_batches(features.frames, features.offsets, data.test_rows, settings.batch_frames, states)
-        for seed in seeds:
+        desc = f"pr heads ({features.upstream}{'' if layer is None else f', state {layer}'})"
+        for seed in with_progress(seeds, desc=desc, unit="head", disable=not progress):
             head = train_pr_head(train, targets, len(vocabulary), settings, seed, device)
             per = evaluate_pr_head(head, test, targets, device)
             if layer is None:
@@ -201,6 +204,7 @@ def run_pr(
 def run_sid(
     features: ProbeFeatures, data: ProbeData, seeds: Sequence[int], shots: Optional[int] = None,
     settings: HeadSettings = DEFAULT_SETTINGS[SID], device: str = "cpu", per_layer: bool = False,
+    progress: bool = False,
 ) -> ProbeResult:
     """Linear speaker classifiers on mean-pooled states, accuracy on held-out rows, once per seed.
 
@@ -212,7 +216,7 @@ def run_sid(
     pooled = torch.from_numpy(np.ascontiguousarray(features.pooled.transpose(1, 0, 2)))  # (S, N, C)
     result = ProbeResult(SID, features.upstream, [], [], 0, 0)
     layers = [None] + (list(range(features.num_states)) if per_layer and features.num_states > 1 else [])
-    for seed in seeds:
+    for seed in with_progress(seeds, desc=f"sid heads ({features.upstream})", unit="seed", disable=not progress):
         if shots:
             train, test = few_shot_split(data.speakers, shots, seed, data.label_source(SPEAKERS))
         else:
