@@ -255,8 +255,8 @@ def probe_summary(results: list, shots: int) -> str:
         gap, gap_spread = paired_gap(pretrained, random_init)
         lines.append(
             f"  {task.upper()}: pretrained {pretrained.metric} {pretrained.mean:.1f} ± {pretrained.spread:.1f} {verdict} "
-            f"({random_init.mean:.1f} ± {random_init.spread:.1f}); seed by seed it is {gap:+.1f} ± {gap_spread:.1f} "
-            "points better"
+            f"({random_init.mean:.1f} ± {random_init.spread:.1f}); seed by seed, pretrained minus random init: "
+            f"{gap:+.1f} ± {gap_spread:.1f} points in pretraining's favour"
         )
     return "\n".join(lines)
 
