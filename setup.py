@@ -79,6 +79,7 @@ setup(
             "melhubert-average-checkpoints = melhubert_fairseq.tools.average_checkpoints:main",
             "melhubert-user-dir = melhubert_fairseq.tools.user_dir:main",
             "melhubert-decode = melhubert_fairseq.tools.decode:main",
+            "melhubert-probe = melhubert_fairseq.tools.probe:main",
         ]
     },
 )

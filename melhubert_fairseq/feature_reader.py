@@ -71,8 +71,22 @@ class MelHubertFeatureReader:
     """Runs a checkpoint over fbank frames exactly as training fed it (normalisation, stacking), or over audio."""
 
     def __init__(self, checkpoint_path: str, device: str = "cpu", max_batch_frames: int = 20000) -> None:
+        model, task_cfg = load_mel_hubert(checkpoint_path, device)
+        self._setup(checkpoint_path, model, task_cfg, device, max_batch_frames)
+
+    @classmethod
+    def for_model(
+        cls, model, task_cfg, device: str = "cpu", max_batch_frames: int = 20000, name: str = "the model being trained"
+    ) -> "MelHubertFeatureReader":
+        """A reader of a ``mel_hubert`` model already in memory (its task config says how it reads features);
+        ``name`` stands for the checkpoint path in messages."""
+        reader = cls.__new__(cls)
+        reader._setup(name, model, task_cfg, device, max_batch_frames)
+        return reader
+
+    def _setup(self, checkpoint_path: str, model, task_cfg, device: str, max_batch_frames: int) -> None:
         self.checkpoint_path = checkpoint_path
-        self.model, self.task_cfg = load_mel_hubert(checkpoint_path, device)
+        self.model, self.task_cfg = model, task_cfg
         self.device = device
         self.max_batch_frames = max_batch_frames
         self.stack = int(self.task_cfg.stack_frames)

@@ -54,7 +54,8 @@ def test_demo_pipeline_runs_from_corpus_to_checkpoint_and_fine_tunes_it(tmp_path
     out = tmp_path / "demo"
     status = run_demo.main([
         "--out-dir", str(out), "--max-update", "3", "--min-accuracy-ratio", "0", "--workers", "1",
-        "--finetune-max-update", "2",
+        "--finetune-max-update", "2", "--probe-seeds", "2", "--probe-pr-seeds", "1", "--probe-pr-steps", "2",
+        "--probe-sid-steps", "2",
         "model.encoder_layers=1", "dataset.num_workers=0", "checkpoint.save_interval_updates=0",
     ])
     assert status == 0
@@ -66,6 +67,13 @@ def test_demo_pipeline_runs_from_corpus_to_checkpoint_and_fine_tunes_it(tmp_path
     log = (out / "hydra" / "hydra_train.log").read_text()
     train_lines = [json.loads(m) for m in re.findall(r"\]\[train\]\[INFO\] - (\{.*\})", log)]
     assert train_lines and int(train_lines[-1]["train_num_updates"]) == 3
+
+    # The frozen probes: one table, fbank / random init / pretrained x PR / SID, then the verdicts.
+    table = re.search(r"Frozen probes on demo/corpus.*?\n(.*?)\n  details:", summary, re.S).group(1).splitlines()
+    assert [row.split("  ")[0] for row in table[-3:]] == ["fbank", "random init", "pretrained"], table
+    assert all(len(re.findall(r"[0-9.]+ ± +[0-9.]+", row)) == 2 for row in table[-3:]), table
+    assert "108 train / 12 valid utterances; SID: 2 utterances per speaker train, 96 test" in summary
+    assert re.search(r"  SID: pretrained accuracy [0-9.]+ ± [0-9.]+ (beats|is worse than|is within)", summary)
 
     # CTC fine-tuning of that checkpoint, and of a random init of the same network, on the transcripts
     data = out / "finetune" / "data"

@@ -17,6 +17,14 @@ Outputs, under ``--out-dir`` (default ``demo/corpus``):
   every 10th utterance goes to valid.
 * ``transcripts.tsv``: ``utt_id, voice, speed_wpm, pitch, amplitude, num_samples, text``
   with a header line.
+* ``train.phn`` / ``valid.phn``: the phones espeak-ng spoke, one line of space-separated
+  phones per manifest row (``espeak-ng -x`` with the utterance's voice, stress marks and
+  pauses removed), for ``melhubert-probe pr``;
+* ``train.spk`` / ``valid.spk``: the speaker of each manifest row (``spk01`` ...), for
+  ``melhubert-probe sid``.
+
+``--labels-only`` writes the ``.phn`` and ``.spk`` files of an existing corpus from its
+``transcripts.tsv`` and manifests, without touching the audio.
 
 Needs the ``espeak-ng`` program (Debian/Ubuntu: ``apt-get install espeak-ng``).
 """
@@ -37,7 +45,7 @@ import numpy as np
 import soundfile
 
 from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, num_fbank_frames, resample_audio
-from melhubert_fairseq.atomic_output import StagedOutputs, writing
+from melhubert_fairseq.atomic_output import StagedOutputs, atomic_output, writing
 from melhubert_fairseq.cli import console_main, with_progress
 from melhubert_fairseq.errors import InputError
 
@@ -252,6 +260,45 @@ def synthesize(utt: Utterance, espeak: str, noise_rng: np.random.Generator) -> n
     return np.clip(resampled, -1.0, 32767 / 32768)
 
 
+def espeak_phones(voice: str, text: str, espeak: str) -> List[str]:
+    """The phones espeak-ng speaks for ``text`` in ``voice``: its ``-x`` mnemonics one by one, without stress
+    marks (``'`` and ``,``) and pauses (``_:``, ``_!``), across the clause lines it prints."""
+    command = [espeak, "-x", "-q", "--sep= ", "-v", voice, text]
+    result = subprocess.run(command, capture_output=True, check=False, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{voice} {text!r}: espeak-ng -x failed (exit {result.returncode}): {result.stderr.strip()}")
+    phones = [token.replace("'", "").replace(",", "") for token in result.stdout.split()]
+    return [phone for phone in phones if phone and not phone.startswith("_")]
+
+
+def speaker_of(utt_id: str) -> str:
+    """The speaker label of a demo utterance: its id's prefix (``spk03-013`` -> ``spk03``)."""
+    return utt_id.split("-")[0]
+
+
+def write_probe_labels(out_dir: str, espeak: str) -> int:
+    """``{split}.phn`` and ``{split}.spk`` for every manifest of the corpus in ``out_dir``, row by row, from
+    its ``transcripts.tsv``; return the number of utterances labelled."""
+    transcripts = {}
+    with open(os.path.join(out_dir, "transcripts.tsv"), encoding="utf-8") as handle:
+        next(handle)
+        for line in handle:
+            utt_id, voice, *_, text = line.rstrip("\n").split("\t")
+            transcripts[utt_id] = (voice, text)
+    count = 0
+    for split in ("train", "valid"):
+        with open(os.path.join(out_dir, f"{split}.tsv"), encoding="utf-8") as handle:
+            rows = [line.split("\t")[0] for line in list(handle)[1:] if line.strip()]
+        utt_ids = [os.path.splitext(os.path.basename(row))[0] for row in rows]
+        phones = [" ".join(espeak_phones(*transcripts[utt_id], espeak)) for utt_id in utt_ids]
+        with atomic_output(os.path.join(out_dir, f"{split}.phn"), overwrite=True) as handle:
+            handle.write("".join(line + "\n" for line in phones))
+        with atomic_output(os.path.join(out_dir, f"{split}.spk"), overwrite=True) as handle:
+            handle.write("".join(speaker_of(utt_id) + "\n" for utt_id in utt_ids))
+        count += len(utt_ids)
+    return count
+
+
 def write_audio_manifest(path: str, rows: List[tuple]) -> None:
     """fairseq audio manifest with root ``.`` (the manifest's own directory)."""
     with writing(path, "w") as handle:
@@ -284,6 +331,7 @@ def build_corpus(out_dir: str, num_speakers: int, seed: int, espeak: str) -> tup
         write_audio_manifest(os.path.join(out_dir, f"{split}.tsv"), sorted(rows))
     with writing(os.path.join(out_dir, "transcripts.tsv"), "w") as handle:
         handle.write("\n".join(transcript_lines) + "\n")
+    write_probe_labels(out_dir, espeak)
     return utterances, total_samples, total_frames
 
 
@@ -296,9 +344,21 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=1234, help="seed for speaker, pitch and rate choices (default: 1234)")
     parser.add_argument("--espeak", default="espeak-ng", help="espeak-ng executable (default: espeak-ng on PATH)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing corpus directory")
+    parser.add_argument(
+        "--labels-only", action="store_true",
+        help="only (re)write the .phn and .spk files of the existing corpus in --out-dir from its transcripts.tsv",
+    )
     args = parser.parse_args(argv)
 
     out_dir = os.path.abspath(args.out_dir)
+    if args.labels_only:
+        if not os.path.isfile(os.path.join(out_dir, "transcripts.tsv")):
+            raise InputError(f"{out_dir}: no transcripts.tsv; --labels-only labels an existing demo corpus")
+        if shutil.which(args.espeak) is None:
+            raise InputError(f"{args.espeak} not found; install espeak-ng (e.g. apt-get install espeak-ng)")
+        count = write_probe_labels(out_dir, args.espeak)
+        print(f"wrote phones (.phn) and speakers (.spk) of {count} utterances to {out_dir}")
+        return
     if os.path.exists(out_dir) and not args.overwrite:
         raise InputError(f"{out_dir} already exists; refusing to overwrite it (pass --overwrite to replace it)")
     if shutil.which(args.espeak) is None:

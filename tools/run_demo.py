@@ -1,8 +1,13 @@
-"""The whole Mel-HuBERT stage-1 pipeline on the bundled demo corpus, then CTC fine-tuning, on CPU, in minutes.
+"""The whole Mel-HuBERT stage-1 pipeline on the bundled demo corpus, then frozen probes and CTC fine-tuning,
+on CPU, in minutes.
 
 demo/corpus (FLAC) -> fbank + mean/std + manifests -> k-means labels -> fairseq-hydra-train
 with config/demo.yaml -> how well the model predicts the masked frames' clusters compared
-with chance. Then the transcripts in fairseq's audio_finetuning layout -> fairseq-hydra-train
+with chance. Then SUPERB-style frozen probes (melhubert_fairseq.probe) of the normalised
+fbank, of the same network randomly initialised and of the pretrained one: phone recognition
+(linear CTC on the corpus's espeak-ng phones, train -> valid) and few-shot speaker
+identification (2 utterances per speaker train, the other 8 test), mean ± spread over seeds,
+in one table. Then the transcripts in fairseq's audio_finetuning layout -> fairseq-hydra-train
 with config/finetune_demo.yaml (fairseq's wav2vec_ctc on the pretrained model) twice: from
 the pretrained weights and from a random initialisation of the same network
 (model.no_pretrained_weights=true) -> the valid character error rate of both.
@@ -36,10 +41,19 @@ CONFIG_DIR = Path("config")
 SPLITS = ("train", "valid")
 #: Files the demo reads from a checkout; a folder holding them all is one.
 CHECKOUT_FILES = (
-    *(CORPUS / name for name in ("train.tsv", "valid.tsv", "transcripts.tsv")),
+    *(CORPUS / name for name in ("train.tsv", "valid.tsv", "transcripts.tsv", "train.phn", "valid.phn", "train.spk", "valid.spk")),
     CONFIG_DIR / "demo.yaml",
     CONFIG_DIR / "finetune_demo.yaml",
 )
+#: Upstreams the probe table compares, in its row order (melhubert_fairseq.probe.features' names).
+PROBE_UPSTREAMS = ("fbank", "random init", "pretrained")
+#: The demo's PR heads: Adam steps, half the tool's default (CTC heads are the demo's costliest probe; on a
+#: 50-update demo checkpoint one head's PER was 41.5 after 300 steps and 41.9 after 400).
+DEMO_PR_STEPS = 300
+#: The demo's SID classifiers: full-batch Adam steps.
+DEMO_SID_STEPS = 200
+#: Phone folding of the demo's PR probe (one espeak-ng allophone occurs only in valid).
+PHONE_MAP = CORPUS / "phones.map"
 #: The two fine-tunings the demo compares: name -> extra overrides.
 FINETUNE_INITS = {"pretrained": [], "random init": ["model.no_pretrained_weights=true"]}
 
@@ -53,10 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-accuracy-ratio", type=float, default=5.0, help="fail unless final masked accuracy exceeds this many times chance (0 = no check)")
     parser.add_argument("--workers", type=int, default=2, help="processes for the fbank extraction")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing --out-dir first")
-    parser.add_argument("--no-finetune", action="store_true", help="pretraining only: skip the CTC fine-tunings")
+    parser.add_argument("--no-finetune", action="store_true", help="skip the CTC fine-tunings")
+    parser.add_argument("--no-probe", action="store_true", help="skip the frozen probes (PR, few-shot SID)")
+    parser.add_argument("--probe-seeds", type=int, default=5, help="SID heads (few-shot splits) per upstream; the table shows mean ± spread")
+    parser.add_argument("--probe-pr-seeds", type=int, default=3, help="PR heads per upstream (each costs as much as all SID heads)")
+    parser.add_argument("--probe-shots", type=int, default=2, help="SID: training utterances per speaker; the other 8 test")
+    parser.add_argument("--probe-pr-steps", type=int, default=DEMO_PR_STEPS, help="PR: Adam steps of each CTC head")
+    parser.add_argument("--probe-sid-steps", type=int, default=DEMO_SID_STEPS, help="SID: steps of each classifier")
     parser.add_argument(
         "--pretrained", metavar="CHECKPOINT",
-        help="skip pretraining and fine-tune this mel_hubert checkpoint (it must record its fbank statistics)",
+        help="skip pretraining; probe and fine-tune this mel_hubert checkpoint (it must record its fbank statistics)",
     )
     parser.add_argument("--finetune-max-update", type=int, help="override config/finetune_demo.yaml's optimization.max_update")
     parser.add_argument(
@@ -185,9 +205,60 @@ def finetune_summary(results: Dict[str, Dict[str, str]], valid_size: str) -> str
         verdict = f"pretraining did not help: random init is {pretrained - random_init:.1f} CER points lower"
     else:
         verdict = "pretrained and random init reach the same valid CER"
-    return f"CTC fine-tuning on demo/corpus ({valid_size}; greedy decoding; CER counts letters, apostrophes and word boundaries):\n" + (
+    return f"CTC fine-tuning of the whole network (not a frozen probe) on demo/corpus ({valid_size}; greedy decoding; CER counts letters, apostrophes and word boundaries):\n" + (
         "\n".join(lines) + f"\n  {verdict}"
     )
+
+
+def probe(checkout: Path, checkpoint: Path, args: argparse.Namespace) -> list:
+    """PR (train -> valid) and few-shot SID (``--probe-shots`` per speaker -> the rest) of fbank, the
+    checkpoint's network randomly initialised, and the checkpoint, each over several seeds."""
+    from dataclasses import replace
+
+    from melhubert_fairseq.probe.features import extract_probe_features, load_upstream
+    from melhubert_fairseq.probe.run import DEFAULT_SETTINGS, PR, SID, TASKS, check_probe_data, load_probe_data, run_pr, run_sid
+
+    corpus = checkout / CORPUS
+    data = load_probe_data([str(corpus / "train.tsv")], [str(corpus / "valid.tsv")], TASKS, str(checkout / PHONE_MAP))
+    check_probe_data(data, TASKS, args.probe_shots)
+    pr_settings = replace(DEFAULT_SETTINGS[PR], steps=args.probe_pr_steps)
+    sid_settings = replace(DEFAULT_SETTINGS[SID], steps=args.probe_sid_steps)
+    results = []
+    for name in PROBE_UPSTREAMS:
+        features = extract_probe_features(load_upstream(name, str(checkpoint)), data.rows, keep_frames=True, keep_pooled=True)
+        results.append(run_pr(features, data, list(range(1, args.probe_pr_seeds + 1)), pr_settings, progress=True))
+        results.append(run_sid(features, data, list(range(1, args.probe_seeds + 1)), args.probe_shots, sid_settings, progress=True))
+    return results
+
+
+def probe_summary(results: list, shots: int) -> str:
+    """The probe table (ProbeResults), each result's seeds and state weights, and whether pretraining beat random init."""
+    from melhubert_fairseq.probe.run import PR, SID, TASKS, beats, format_table, paired_gap
+
+    example = {r.task: r for r in results}
+    title = (
+        f"Frozen probes on demo/corpus (SUPERB-style: learnable weighted sum of all states + linear head; mean ± "
+        f"spread over {len(example[PR].values)} PR / {len(example[SID].values)} SID seeds):\n"
+        f"  PR: linear CTC over espeak-ng phones, {example[PR].num_train} train / {example[PR].num_test} valid utterances; "
+        f"SID: {shots} utterances per speaker train, {example[SID].num_test} test"
+    )
+    lines = [format_table(results, PROBE_UPSTREAMS, title), "  details:"]
+    lines += ["    " + r.describe().replace("\n", "\n    ") for r in results]
+    by_key = {(r.upstream, r.task): r for r in results}
+    for task in TASKS:
+        pretrained, random_init = by_key[("pretrained", task)], by_key[("random init", task)]
+        verdict = (
+            "beats random init beyond the spread" if beats(pretrained, random_init)
+            else "is worse than random init beyond the spread" if beats(random_init, pretrained)
+            else "is within the spread of random init"
+        )
+        gap, gap_spread = paired_gap(pretrained, random_init)
+        lines.append(
+            f"  {task.upper()}: pretrained {pretrained.metric} {pretrained.mean:.1f} ± {pretrained.spread:.1f} {verdict} "
+            f"({random_init.mean:.1f} ± {random_init.spread:.1f}); seed by seed, pretrained minus random init: "
+            f"{gap:+.1f} ± {gap_spread:.1f} points in pretraining's favour"
+        )
+    return "\n".join(lines)
 
 
 def pretrain(args: argparse.Namespace, checkout: Path, out: Path) -> Tuple[Path, bool]:
@@ -218,8 +289,8 @@ def pretrain(args: argparse.Namespace, checkout: Path, out: Path) -> Tuple[Path,
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the demo end to end; return 0 when the pretrained model learned (accuracy above the threshold)."""
     args = build_parser().parse_args(argv)
-    if args.pretrained and args.no_finetune:
-        raise SystemExit("--pretrained fine-tunes a given checkpoint; it makes no sense with --no-finetune")
+    if args.pretrained and args.no_finetune and args.no_probe:
+        raise SystemExit("--pretrained probes and fine-tunes a given checkpoint; it makes no sense with --no-finetune --no-probe")
     if args.pretrained:
         check_finetuning_checkpoint(args.pretrained)  # before anything is written
     checkout = find_checkout()
@@ -234,6 +305,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         checkpoint = Path(args.pretrained).resolve()
     else:
         checkpoint, learned = pretrain(args, checkout, out)
+    if not args.no_probe:
+        probe_start = time.time()
+        results = probe(checkout, checkpoint, args)
+        print(
+            f"probes finished in {time.time() - probe_start:.0f} s (demo: {time.time() - start:.0f} s so far); "
+            + probe_summary(results, args.probe_shots),
+            flush=True,
+        )
     if not args.no_finetune:
         finetune_start = time.time()
         results, valid_size = finetune(checkout, out, checkpoint, args.finetune_max_update, args.finetune_override)

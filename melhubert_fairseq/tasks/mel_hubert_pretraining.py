@@ -30,6 +30,9 @@ from melhubert_fairseq.models.masking import SpanMaskError
 
 logger = logging.getLogger(__name__)
 
+#: The fairseq metrics aggregator counting validations for the in-training probe (saved in checkpoints).
+PROBE_SCHEDULE_AGGREGATOR = "mel_hubert_probe_schedule"
+
 
 @dataclass
 class MelHubertPretrainingConfig(FairseqDataclass):
@@ -97,6 +100,27 @@ class MelHubertPretrainingConfig(FairseqDataclass):
             "help": "whether waveforms fed to the model are normalised per utterance (fairseq fine-tuning checks its "
             "task.normalize against this); always false: the fbank is computed from the raw audio"
         },
+    )
+    probe_train: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "probe the model during training: manifest (audio or fbank) of a small held-out probe set the "
+            "heads train on, with .phn (PR) and/or .spk (SID) beside it (see melhubert-probe); null = no probe"
+        },
+    )
+    probe_test: Optional[str] = field(
+        default=None, metadata={"help": "manifest PR is scored on (.phn beside it); SID's few-shot split uses both"}
+    )
+    probe_tasks: str = field(default="pr,sid", metadata={"help": "probes to run: pr (logs probe_pr_per), sid (probe_sid_acc)"})
+    probe_interval: int = field(
+        default=10, metadata={"help": "probe at the first validation and then every N-th one"}
+    )
+    probe_shots: int = field(default=2, metadata={"help": "SID: training utterances per speaker (few-shot); the rest test"})
+    probe_seeds: int = field(default=1, metadata={"help": "heads per probe (seeds 1..N); the logged value is their mean"})
+    probe_pr_steps: int = field(default=600, metadata={"help": "PR: Adam steps of the CTC head"})
+    probe_sid_steps: int = field(default=200, metadata={"help": "SID: full-batch steps of the speaker classifier"})
+    probe_phone_map: Optional[str] = field(
+        default=None, metadata={"help": "PR: 'phone replacement' lines folding phones before training the head"}
     )
     seed: int = II("common.seed")
     train_subset: str = field(
@@ -170,6 +194,13 @@ class MelHubertPretrainingTask(FairseqTask):
         else:
             self.num_classes = self._resolve_num_classes()
         self._mean_std: Optional[MeanStd] = None
+        # Read and checked now, so a bad probe set fails before training, not at a validation.
+        self.training_probe = None
+        if cfg.probe_train and not from_checkpoint:
+            from melhubert_fairseq.probe.during_training import TrainingProbe
+
+            self.training_probe = TrainingProbe.from_task_config(cfg)
+        self._last_validated_update: Optional[int] = None
 
     @property
     def mean_std(self) -> Optional[MeanStd]:
@@ -412,9 +443,37 @@ class MelHubertPretrainingTask(FairseqTask):
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def valid_step(self, sample, model, criterion):
-        """fairseq's valid_step; an utterance too short to mask is named by its manifest line."""
+        """fairseq's valid_step; an utterance too short to mask is named by its manifest line. The first batch
+        of every ``probe_interval``-th validation also probes the model (``task.probe_train``)."""
+        if self.training_probe is not None:
+            self._probe_at_validation_start(model)
         with naming_unmaskable_utterances(sample):
             return super().valid_step(sample, model, criterion)
+
+    def _probe_at_validation_start(self, model) -> None:
+        """Count validations (one per update number) and probe at the first, then every ``probe_interval``-th.
+
+        The count is a meter of its own fairseq metrics aggregator: the trainer saves every aggregator in
+        its checkpoints (``extra_state["metrics"]``) and restores them on resume, so a resumed run probes
+        at the validations the uninterrupted one would have.
+        """
+        from fairseq.logging import metrics
+
+        module = getattr(model, "module", model)
+        num_updates = int(getattr(module, "num_updates", 0))
+        if num_updates == self._last_validated_update:
+            return  # a later batch (or valid subset) of the same validation
+        self._last_validated_update = num_updates
+        with metrics.aggregate(PROBE_SCHEDULE_AGGREGATOR, new_root=True) as schedule:
+            metrics.log_scalar_sum("validations", 1)
+        validations = int(round(schedule["validations"].sum))
+        if (validations - 1) % self.cfg.probe_interval != 0:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return  # one rank probes: the others would log the same figures at the same cost
+        device = str(next(module.parameters()).device)
+        for name, value in self.training_probe.run(module, self.cfg, device).items():
+            metrics.log_scalar(name, value, weight=1, round=2)
 
     def max_positions(self) -> Tuple[int, int]:
         return (sys.maxsize, sys.maxsize)
