@@ -2,7 +2,7 @@
 
 Everything the two benchmarks compare is built here from the real code:
 
-* Mel-HuBERT (``mel_hubert``) from the model section of ``config/stage1.yaml``,
+* Mel-HuBERT (``mel_hubert``) from the model section of ``config/pretrain/stage1.yaml``,
   at 10, 20 or 40 ms frames (``stack_frames`` 1, 2, 4);
 * the "straightforward implementation": the same model with every ``self_attn``
   swapped for fairseq's ``MultiheadAttention`` running its Python multi-head
@@ -34,7 +34,7 @@ from melhubert_fairseq.models.components import Dropout, SelfAttention
 from melhubert_fairseq.models.mel_hubert import MelHubertConfig, MelHubertModel
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGE1_CONFIG = os.path.join(REPO_ROOT, "config", "stage1.yaml")
+STAGE1_CONFIG = os.path.join(REPO_ROOT, "config", "pretrain", "stage1.yaml")
 DEMO_CORPUS = os.path.join(REPO_ROOT, "demo", "corpus")
 NUM_CLASSES = 512
 
@@ -80,7 +80,7 @@ def fbank_inputs(waves: Sequence[np.ndarray], stack: int) -> torch.Tensor:
 
 
 def mel_hubert_config(stack: int, **overrides) -> MelHubertConfig:
-    """The Base model of config/stage1.yaml at ``stack`` fbank frames per model frame."""
+    """The Base model of config/pretrain/stage1.yaml at ``stack`` fbank frames per model frame."""
     stage1 = OmegaConf.load(STAGE1_CONFIG)
     model_section = OmegaConf.to_container(stage1["model"])
     model_section.pop("_name", None)
@@ -90,7 +90,7 @@ def mel_hubert_config(stack: int, **overrides) -> MelHubertConfig:
 
 
 def build_mel_hubert(stack: int, **overrides) -> MelHubertModel:
-    """Mel-HuBERT Base (stage1.yaml) at 10/20/40 ms for ``stack`` 1/2/4."""
+    """Mel-HuBERT Base (pretrain/stage1.yaml) at 10/20/40 ms for ``stack`` 1/2/4."""
     return MelHubertModel(mel_hubert_config(stack, **overrides))
 
 
