@@ -22,6 +22,10 @@ in ``--out``, default ``$OUT``, else benchmarks/results) and summed up in a prin
 
 Exit status: 0 when every check passed, 1 when one failed or did not finish in ``--budget``
 seconds, 2 when the machine lacks what the run needs.
+
+This file holds the preflight, stage 1 and the report; stages 2 and 3 are gpu_check_train.py and
+gpu_check_speed.py. All three import only the standard library at the top, so the preflight can name
+what is missing before anything else fails.
 """
 from __future__ import annotations
 
