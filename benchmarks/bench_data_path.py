@@ -34,7 +34,9 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speed_common import RESULTS_DIR, build_mel_hubert, make_optimizer, mel_hubert_train_step, save_text  # noqa: E402
+from speed_common import RESULTS_DIR, save_text  # noqa: E402
+from speed_models import build_mel_hubert  # noqa: E402
+from speed_steps import make_optimizer, mel_hubert_train_step  # noqa: E402
 
 from melhubert_fairseq.data.fbank_label_dataset import FbankLabelDataset, FrameRates  # noqa: E402
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, FBANK_NUM_MEL_BINS, stack_frames  # noqa: E402

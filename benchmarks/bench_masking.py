@@ -29,7 +29,9 @@ from typing import Callable, Dict, List
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speed_common import RESULTS_DIR, build_mel_hubert, make_optimizer, mel_hubert_train_step, save_text  # noqa: E402
+from speed_common import RESULTS_DIR, save_text  # noqa: E402
+from speed_models import build_mel_hubert  # noqa: E402
+from speed_steps import make_optimizer, mel_hubert_train_step  # noqa: E402
 
 from fairseq.data.data_utils import compute_mask_indices  # noqa: E402
 from melhubert_fairseq.models.masking import SpanMaskConfig, span_mask  # noqa: E402

@@ -22,19 +22,19 @@ in ``--out``, default ``$OUT``, else benchmarks/results) and summed up in a prin
 
 Exit status: 0 when every check passed, 1 when one failed or did not finish in ``--budget``
 seconds, 2 when the machine lacks what the run needs.
+
+This file holds the preflight, stage 1 and the report; stages 2 and 3 are gpu_check_train.py and
+gpu_check_speed.py. All three import only the standard library at the top, so the preflight can name
+what is missing before anything else fails.
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import json
-import math
 import os
 import platform
-import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,10 +42,12 @@ import time
 import traceback
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from gpu_check_common import REPO_ROOT, Budget, log
+from gpu_check_speed import run_speed_stage
+from gpu_check_train import run_train_stage
+
 BENCHMARKS_DIR = REPO_ROOT / "benchmarks"
 STAGES = ("tests", "train", "speed")
 #: Import name -> pip name of everything the run imports that is not in the standard library.
@@ -62,39 +64,8 @@ REQUIRED_MODULES = {
     "soundfile": "soundfile",
     "pytest": "pytest",
 }
-#: fairseq skips the updates whose fp16 gradients overflow while its loss scale settles.
-MAX_OVERFLOW_SKIPS = 5
 #: The environment variable tests/test_gpu.py reads its device from.
 TEST_DEVICE_VARIABLE = "MELHUBERT_TEST_DEVICE"
-#: Encoder sizes of the --quick models (the tests' tiny model), for both Mel-HuBERT and HuBERT.
-QUICK_SIZES = dict(encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128, encoder_attention_heads=4, conv_pos=16, conv_pos_groups=4)
-#: HuBERT's conv front end at 32 instead of 512 channels for --quick (same strides: 50 Hz frames).
-QUICK_HUBERT_FRONT_END = dict(conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2")
-#: fairseq's HuBERT runs half precision only with the whole model converted (common.bf16/fp16):
-#: the reference row for each of our precisions.
-HUBERT_REFERENCE = {"fp32": "fp32", "bf16": "bf16w", "bf16w": "bf16w", "fp16": "fp16w", "fp16w": "fp16w"}
-GIB = float(2**30)
-
-
-class Budget:
-    """Wall-clock budget of the whole check: stages ask it how long they may still run."""
-
-    def __init__(self, seconds: float) -> None:
-        self.start = time.perf_counter()
-        self.seconds = seconds
-
-    def elapsed(self) -> float:
-        """Seconds since the check started."""
-        return time.perf_counter() - self.start
-
-    def left(self) -> float:
-        """Seconds left of the budget (may be negative)."""
-        return self.seconds - self.elapsed()
-
-
-def log(message: str) -> None:
-    """Progress line, flushed at once (the device tool returns the output's tail)."""
-    print(message, flush=True)
 
 
 # --- preflight -----------------------------------------------------------------------------------
@@ -214,378 +185,6 @@ def run_tests_stage(args, budget: Budget, work: Path) -> Dict:
     for failure in summary["failed"]:
         log(f"[tests] FAILED {failure['test']}: {failure['message'][:300]}")
     return summary
-
-
-# --- stage 2: mixed-precision training through fairseq-hydra-train ------------------------------------
-
-
-def write_learnable_corpus(directory: Path, num_utts: int, num_frames: int, num_classes: int, seed: int = 0) -> Path:
-    """A synthetic fbank corpus whose k-means-like labels follow its features.
-
-    Each utterance is a run of segments of 8-30 frames (10 ms each); a segment's frames
-    are its class's 40-dim centroid plus noise and carry that class as label. A masked
-    frame's label can thus be inferred from its unmasked neighbours: the --quick model
-    gets below chance (log2 of the class count) in its 16 updates; Base at the recipe's
-    learning rate falls from about chance + 0.3 bits to about chance in 100 (measured
-    on CPU: 9.31 -> 9.11 bits over 60 updates of 2 crops).
-    """
-    import numpy as np
-
-    from melhubert_fairseq.atomic_output import atomic_save_npy
-    from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS
-    from melhubert_fairseq.data.manifest import write_dictionary, write_km, write_manifest
-
-    rng = np.random.default_rng(seed)
-    centroids = rng.standard_normal((num_classes, FBANK_NUM_MEL_BINS)).astype(np.float32)
-    feature_dir = directory / "feats"
-    feature_dir.mkdir(parents=True, exist_ok=True)
-    rows, labels = [], []
-    for index in range(num_utts):
-        lengths = rng.integers(8, 31, size=num_frames // 8 + 1)
-        classes = np.repeat(rng.integers(0, num_classes, size=len(lengths)), lengths)[:num_frames]
-        features = centroids[classes] + 0.5 * rng.standard_normal((num_frames, FBANK_NUM_MEL_BINS)).astype(np.float32)
-        atomic_save_npy(str(feature_dir / f"utt{index:04d}.npy"), features.astype(np.float32))
-        rows.append((f"utt{index:04d}.npy", num_frames))
-        labels.append(classes)
-    write_manifest(str(directory / "train.tsv"), str(feature_dir), rows)
-    write_km(str(directory / "train.km"), labels)
-    write_dictionary(str(directory / "dict.km.txt"), num_classes)
-    return directory
-
-
-def train_inner_lines(text: str) -> List[Dict[str, str]]:
-    """fairseq's json ``train_inner`` log records, in order."""
-    return [json.loads(m) for m in re.findall(r"\[train_inner\]\[INFO\] - (\{.*\})", text)]
-
-
-def loss_summary(records: List[Dict[str, str]], num_classes: int) -> Dict:
-    """Mean loss (bits per masked frame) over the first and the last tenth of updates, and the verdicts."""
-    losses = [float(r["loss"]) for r in records]
-    window = max(1, min(10, len(losses) // 4))
-    first, last = statistics.fmean(losses[:window]), statistics.fmean(losses[-window:])
-    return {
-        "window": window,
-        "first_loss": round(first, 3),
-        "last_loss": round(last, 3),
-        "chance_loss": round(math.log2(num_classes), 3),
-        "last_acc_m": float(records[-1].get("acc_m", "nan")),
-        "finite": all(math.isfinite(v) for v in losses),
-        "falls": last < first,
-    }
-
-
-def training_command(args, data: Path, save_dir: Path, precision_overrides: Sequence[str]) -> List[str]:
-    """``fairseq-hydra-train`` on config/stage1.yaml as the README runs it, sized for a short check."""
-    # The tiny model learns in a few updates at 10x the recipe's learning rate.
-    quick = [f"model.{k}={v}" for k, v in QUICK_SIZES.items()]
-    quick += ["task.max_sample_size=100", "dataset.max_tokens=400", "optimization.lr=[0.001]"]
-    return [
-        sys.executable, "-m", "fairseq_cli.hydra_train",
-        "--config-dir", "config", "--config-name", "stage1",
-        "common.user_dir=melhubert_fairseq",
-        f"task.data={data}", f"task.label_dir={data}", f"task.num_classes={args.train_classes}",
-        f"optimization.max_update={args.updates}",
-        "optimization.update_freq=[1]",  # one GPU step per update: ~100 updates fit the time budget
-        f"dataset.num_workers={0 if args.device == 'cpu' else 2}",
-        "common.log_interval=1",
-        "common.tensorboard_logdir=null",
-        "dataset.disable_validation=true",  # the synthetic corpus has no valid split
-        f"checkpoint.save_dir={save_dir}",
-        "checkpoint.no_epoch_checkpoints=true",
-        f"hydra.run.dir={save_dir}/hydra",
-        *(["common.cpu=true"] if args.device == "cpu" else []),
-        *(quick if args.quick else []),
-        *precision_overrides,
-    ]
-
-
-def precision_overrides(precision: str, device: str) -> Tuple[List[str], Optional[str]]:
-    """fairseq overrides for ``precision`` on ``device`` and a note when CPU needs something else."""
-    if precision == "bf16":
-        return ["common.bf16=true"], None
-    if device == "cpu":
-        # fairseq's FP16Optimizer allocates its flat fp32 master copy on CUDA; unflattened it runs on CPU.
-        return ["common.fp16=true", "common.fp16_no_flatten_grads=true"], (
-            "CPU: common.fp16_no_flatten_grads=true added (fairseq's flattened FP16Optimizer allocates its fp32 master "
-            "weights with torch.cuda.current_device() and fails without CUDA)"
-        )
-    return ["common.fp16=true"], None
-
-
-def checkpoint_round_trip(checkpoint: Path, device: str) -> Dict:
-    """Load a checkpoint on the CPU and on ``device``; relative difference of their final-layer outputs in fp32."""
-    import numpy as np
-    import torch
-
-    from melhubert_fairseq.feature_reader import MelHubertFeatureReader
-
-    readers = {"cpu": MelHubertFeatureReader(str(checkpoint), device="cpu")}
-    readers[device] = MelHubertFeatureReader(str(checkpoint), device=device)
-    inputs = [np.random.default_rng(0).standard_normal((200, readers["cpu"].feat_dim * readers["cpu"].stack)).astype(np.float32)]
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        outputs = {name: reader.hidden_states(inputs)[0][-1] for name, reader in readers.items()}
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-    difference = float((outputs[device] - outputs["cpu"]).norm() / outputs["cpu"].norm())
-    return {"relative_difference": difference, "ok": math.isfinite(difference) and difference < 1e-4}
-
-
-def run_training(args, precision: str, data: Path, work: Path, budget: Budget) -> Dict:
-    """One fairseq-hydra-train run at ``precision`` (bf16 or fp16) and its verdicts."""
-    overrides, note = precision_overrides(precision, args.device)
-    save_dir = work / f"train_{precision}"
-    command = training_command(args, data, save_dir, overrides)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if args.device == "cpu":
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    log(f"[train {precision}] fairseq-hydra-train stage1 {' '.join(overrides)}, {args.updates} updates")
-    started = time.perf_counter()
-    timeout = max(30.0, min(args.train_timeout, budget.left()))
-    try:
-        result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"did not finish in {timeout:.0f} s", "overrides": overrides}
-    seconds = time.perf_counter() - started
-    text = result.stdout + result.stderr
-    records = train_inner_lines(result.stdout)
-    report: Dict = {"overrides": overrides, "returncode": result.returncode, "seconds": round(seconds, 1)}
-    if note:
-        report["note"] = note
-    if result.returncode != 0 or not records:
-        report.update(ok=False, error="fairseq-hydra-train failed", output_tail=text[-3000:])
-        log(f"[train {precision}] FAILED (exit {result.returncode}):\n{text[-1500:]}")
-        return report
-    updates = [int(r["num_updates"]) for r in records]
-    overflows = len(re.findall(r"gradient overflow detected", text))
-    report.update(loss_summary(records, args.train_classes))
-    report.update(
-        updates=updates[-1],
-        all_updates_logged=updates == list(range(1, args.updates + 1)),
-        overflow_skips=overflows,
-        loss_scale=records[-1].get("loss_scale"),
-        # fairseq's "wall": seconds since the trainer started (data loading and start-up included).
-        updates_per_second=round(args.updates / max(float(records[-1].get("wall", 0)) or seconds, 1e-9), 2),
-        loss_curve=[float(r["loss"]) for r in records],
-    )
-    checks = {
-        "finished": report["all_updates_logged"],
-        "finite": report["finite"],
-        "loss falls": report["falls"],
-        "overflow skips": overflows <= MAX_OVERFLOW_SKIPS,
-    }
-    checkpoint = save_dir / "checkpoint_last.pt"
-    if checkpoint.exists():
-        report["checkpoint_on_cpu"] = checkpoint_round_trip(checkpoint, args.device)
-        checks["checkpoint loads on cpu"] = report["checkpoint_on_cpu"]["ok"]
-    else:
-        checks["checkpoint loads on cpu"] = False
-    report["checks"] = checks
-    report["ok"] = all(checks.values())
-    log(
-        f"[train {precision}] loss {report['first_loss']} -> {report['last_loss']} bits (chance {report['chance_loss']}), "
-        f"acc_m {report['last_acc_m']}, {overflows} overflow skips, {seconds:.0f} s: "
-        + ("ok" if report["ok"] else "FAILED " + ", ".join(k for k, v in checks.items() if not v))
-    )
-    shutil.rmtree(save_dir, ignore_errors=True)  # Base checkpoints are ~1 GB each
-    return report
-
-
-def run_train_stage(args, budget: Budget, work: Path) -> Dict:
-    """The bf16 and fp16 fairseq runs on one synthetic corpus."""
-    # 10 ms frames; stage1 drops utterances under 160 model frames and crops to 750 (quick: 100).
-    frames = 360 if args.quick else 1600
-    data = write_learnable_corpus(work / "corpus", num_utts=16 if args.quick else 128, num_frames=frames, num_classes=args.train_classes)
-    runs = {}
-    for precision in ("bf16", "fp16"):
-        if budget.left() < 20:
-            runs[precision] = {"ok": False, "error": "skipped: time budget spent"}
-            continue
-        runs[precision] = run_training(args, precision, data, work, budget)
-    return {"ok": all(r["ok"] for r in runs.values()), "runs": runs}
-
-
-# --- stage 3: speed and memory --------------------------------------------------------------------
-
-
-def synchronize(device) -> None:
-    """Wait for the GPU (no-op on CPU)."""
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """True for the allocator's out-of-memory error (and the RuntimeErrors that wrap it)."""
-    import torch
-
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error)
-
-
-def release(case) -> None:
-    """Drop what a failed step left behind: gradients and cached blocks."""
-    import torch
-
-    if case.model is not None:
-        case.model.zero_grad(set_to_none=True)
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def step_peak_bytes(step: Callable[[], None], device) -> int:
-    """Bytes one call of ``step`` allocates above what was allocated before it (activations, grads, workspace)."""
-    import torch
-
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    step()
-    synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
-
-
-def largest_batch(fits: Callable[[int], bool], peak_at: Callable[[int], int], base: int, capacity: int, resident: int, tries: int = 3) -> Dict:
-    """Largest batch that fits: a linear fit of the step's peak at ``base`` and ``2 * base``, then verified.
-
-    ``peak_at(n)`` is a step's peak bytes above ``resident`` at batch n; ``fits(n)`` runs a
-    step at n and says whether it ran. The fit predicts n from ``capacity`` (what the
-    allocator can hold) minus ``resident`` bytes, with 3 % left for fragmentation; each try
-    that fails shrinks n by 15 %. ``verified`` is the largest batch seen to run (at least
-    ``2 * base``, which the fit ran).
-    """
-    small, large = peak_at(base), peak_at(2 * base)
-    per_item = max((large - small) / base, 1.0)
-    fixed = small - base * per_item
-    predicted = int((capacity * 0.97 - resident - fixed) // per_item)
-    report = {"per_item_gib": round(per_item / GIB, 3), "predicted": predicted, "verified": 2 * base, "tried": []}
-    batch = predicted
-    for _ in range(tries):
-        if batch <= 2 * base:
-            break
-        ok = fits(batch)
-        report["tried"].append([batch, ok])
-        if ok:
-            report["verified"] = batch
-            break
-        batch = int(batch * 0.85)
-    return report
-
-
-def speed_args(args):
-    """The namespace speed_common.build_cases reads."""
-    return SimpleNamespace(
-        device=args.device, threads=args.threads, utterances=args.utterances, seconds=args.seconds,
-        precisions=args.precisions, cases="hubert,ours_20ms,ours_40ms",
-        size_overrides=QUICK_SIZES if args.quick else None, hubert_overrides=QUICK_HUBERT_FRONT_END if args.quick else None,
-    )
-
-
-def measure_mode(args, mode: str, budget: Budget, reserve: float) -> Dict:
-    """Build, time and (on GPU) size every case of ``mode`` (train or infer); rows for the table."""
-    import torch
-
-    from speed_common import build_cases, time_interleaved
-
-    device = torch.device(args.device)
-    cases = build_cases(speed_args(args), mode, log=lambda m: log(f"[speed {mode}] {m}"))
-    log(f"[speed {mode}] timing {len(cases)} cases, {args.warmup} warm-up + {args.repeats} timed rounds")
-    times = time_interleaved(cases, args.repeats, args.warmup, device, log=lambda m: log(f"[speed {mode}] {m}"))
-    rows = []
-    for case in cases:
-        median = statistics.median(times[case.name])
-        rows.append({
-            "case": case.name, "model": case.name.split("@")[0], "precision": case.precision, "batch": case.batch,
-            "seconds_per_step": round(median, 4), "min_seconds_per_step": round(min(times[case.name]), 4),
-            "audio_seconds_per_second": round(case.audio_seconds / median, 2), "rounds": [round(t, 4) for t in times[case.name]],
-        })
-    if device.type == "cuda":
-        capacity = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
-        for case, row in zip(cases, rows):
-            row["peak_gib"] = round(step_peak_bytes(case.step, device) / GIB, 2)
-        if mode == "train":
-            for case, row in zip(cases, rows):
-                if budget.left() < reserve:
-                    row["largest_batch"] = {"skipped": "time budget"}
-                    continue
-                resident = torch.cuda.memory_allocated(device)
-
-                def fits(batch: int, case=case) -> bool:
-                    try:
-                        case.resize(batch)()
-                        synchronize(device)
-                        return True
-                    except RuntimeError as error:  # OOM, or a kernel's size limit at a huge batch
-                        if not is_out_of_memory(error):
-                            row.setdefault("largest_batch_errors", []).append(f"{batch}: {str(error)[:200]}")
-                        return False
-                    finally:
-                        release(case)
-
-                def peak_at(batch: int, case=case) -> int:
-                    try:
-                        return step_peak_bytes(case.resize(batch), device)
-                    finally:
-                        release(case)
-
-                try:
-                    row["largest_batch"] = largest_batch(fits, peak_at, case.batch, capacity, resident)
-                except RuntimeError as error:
-                    release(case)
-                    row["largest_batch"] = {"error": str(error)[:300]}
-                found = row["largest_batch"]
-                log(f"[speed {mode}] {case.name}: peak {row['peak_gib']} GiB at {case.batch} crops; largest batch {found.get('verified', found)}")
-    del cases
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return {"rows": rows}
-
-
-def add_ratios(rows: List[Dict]) -> None:
-    """Per row: x HuBERT at the same precision (HuBERT's half precision is fairseq's whole-model mode) and x own fp32."""
-    speed = {row["case"]: row["audio_seconds_per_second"] for row in rows}
-    for row in rows:
-        hubert = speed.get(f"hubert@{HUBERT_REFERENCE[row['precision']]}")
-        own_fp32 = speed.get(f"{row['model']}@fp32")
-        row["x_hubert_same_precision"] = round(row["audio_seconds_per_second"] / hubert, 2) if hubert else None
-        row["x_own_fp32"] = round(row["audio_seconds_per_second"] / own_fp32, 2) if own_fp32 else None
-
-
-def target_verdicts(train_rows: List[Dict]) -> List[Dict]:
-    """The issue's targets: ours_20ms >= 3x HuBERT at the same precision; ours_20ms bf16 >= 2x its fp32."""
-    verdicts = []
-    for row in train_rows:
-        if row["model"] != "ours_20ms":
-            continue
-        if row["x_hubert_same_precision"] is not None:
-            verdicts.append({"target": f"ours_20ms@{row['precision']} >= 3x hubert@{HUBERT_REFERENCE[row['precision']]} (train)",
-                             "value": row["x_hubert_same_precision"], "met": row["x_hubert_same_precision"] >= 3.0})
-        if row["precision"] in ("bf16", "bf16w") and row["x_own_fp32"] is not None:
-            verdicts.append({"target": f"ours_20ms@{row['precision']} >= 2x ours_20ms@fp32 (train)",
-                             "value": row["x_own_fp32"], "met": row["x_own_fp32"] >= 2.0})
-    return verdicts
-
-
-def run_speed_stage(args, budget: Budget, work: Path) -> Dict:
-    """Training and inference speed side by side, then the targets."""
-    report: Dict = {"utterances": args.utterances, "seconds": args.seconds, "precisions": args.precisions}
-    # Inference first: the training mode ends with the largest-batch probes, the part a short budget drops.
-    for mode in ("infer", "train"):
-        if budget.left() < (20 if args.quick else 45):
-            report[mode] = {"error": "skipped: time budget spent"}
-            continue
-        try:
-            report[mode] = measure_mode(args, mode, budget, reserve=20)
-            add_ratios(report[mode]["rows"])
-        except Exception as error:  # record and go on: the results file must still be written
-            report[mode] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-3000:]}
-            log(f"[speed {mode}] FAILED: {error}")
-    report["targets"] = target_verdicts(report.get("train", {}).get("rows", []))
-    report["ok"] = all("rows" in report.get(mode, {}) for mode in ("train", "infer"))
-    return report
 
 
 # --- report ---------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ from types import SimpleNamespace
 
 import pytest
 
-import gpu_check  # stdlib-only at import: its preflight reports missing packages
+import gpu_check  # stdlib-only at import (its stages' modules too): its preflight reports missing packages
+import gpu_check_common
+import gpu_check_speed
 from helpers import REPO_ROOT
 
 SMALL = ["--seconds", "0.5", "--repeats", "1", "--warmup", "0", "--precisions", "fp32,bf16w"]
@@ -150,11 +152,11 @@ def test_largest_batch_follows_the_memory_line_and_backs_off():
         return batch <= 40
 
     # 1 GiB + 2 GiB per crop; 100 GiB of which 10 are taken: (97 - 10 - 1) / 2 = 43 crops predicted.
-    report = gpu_check.largest_batch(fits, lambda n: (1 + 2 * n) * gib, base=4, capacity=100 * gib, resident=10 * gib)
+    report = gpu_check_speed.largest_batch(fits, lambda n: (1 + 2 * n) * gib, base=4, capacity=100 * gib, resident=10 * gib)
     assert report["predicted"] == 43 and report["per_item_gib"] == 2.0
     assert report["tried"] == [[43, False], [36, True]] and report["verified"] == 36 and ran == [43, 36]
     # A prediction at or under the 2 x base the fit already ran needs no further step.
-    tight = gpu_check.largest_batch(fits, lambda n: (1 + 2 * n) * gib, base=4, capacity=20 * gib, resident=10 * gib)
+    tight = gpu_check_speed.largest_batch(fits, lambda n: (1 + 2 * n) * gib, base=4, capacity=20 * gib, resident=10 * gib)
     assert tight["verified"] == 8 and tight["tried"] == []
 
 
@@ -164,7 +166,7 @@ def test_speed_cases_resize_to_any_batch():
 
     args = SimpleNamespace(
         device="cpu", threads=1, utterances=1, seconds=0.5, precisions="fp32,fp16w", cases="hubert,ours_20ms",
-        size_overrides=gpu_check.QUICK_SIZES, hubert_overrides=gpu_check.QUICK_HUBERT_FRONT_END,
+        size_overrides=gpu_check_common.QUICK_SIZES, hubert_overrides=gpu_check_common.QUICK_HUBERT_FRONT_END,
     )
     for mode in ("train", "infer"):
         for case in build_cases(args, mode, log=lambda message: None):

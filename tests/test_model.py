@@ -250,8 +250,8 @@ def test_every_masking_field_of_the_model_config_reaches_its_masker(monkeypatch)
 
 def test_model_input_dimensions_follow_the_task_in_the_recipe():
     """model.feat_dim and model.stack_frames come from the task, as fairseq-hydra-train fills and resolves
-    config/stage1.yaml: task.feat_dim=20 alone makes a model for 20-bin frames."""
-    recipe = OmegaConf.load(REPO_ROOT / "config" / "stage1.yaml")
+    config/pretrain/stage1.yaml: task.feat_dim=20 alone makes a model for 20-bin frames."""
+    recipe = OmegaConf.load(REPO_ROOT / "config" / "pretrain" / "stage1.yaml")
     cfg = OmegaConf.structured(FairseqConfig)
     with open_dict(cfg):
         cfg.task = OmegaConf.merge(recipe.task, {"data": "/data", "label_dir": "/data", "feat_dim": 20, "stack_frames": 4})

@@ -20,7 +20,7 @@ from melhubert_fairseq.criterions.hard_label_masked_ce import HardLabelMaskedCe
 from melhubert_fairseq.models.components import Dropout, SelfAttention, attention_mask, dropout, make_pos_conv
 from melhubert_fairseq.models.cpu_kernels import TimeMajorConv1d, keep_mask, softmax_attention, use_cpu_kernels
 from melhubert_fairseq.models.mel_hubert import MelHubertConfig, MelHubertModel
-import speed_common
+import speed_models
 
 
 def tiny_model(**overrides) -> MelHubertModel:
@@ -186,7 +186,7 @@ def test_time_major_conv_equals_conv1d(causal, depth):
 def test_benchmark_straightforward_model_is_the_same_function():
     torch.manual_seed(0)
     ours = tiny_model().eval()
-    plain = speed_common.straightforward_copy(ours).eval()
+    plain = speed_models.straightforward_copy(ours).eval()
     assert type(plain.encoder.layers[0].self_attn).__name__ == "PythonMultiheadAttention"
     assert type(plain.encoder.layers[0].dropout) is torch.nn.Dropout
     assert type(plain.encoder.pos_conv[0]) is torch.nn.Conv1d
