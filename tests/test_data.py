@@ -8,17 +8,11 @@ import numpy as np
 import pytest
 
 from helpers import make_fbank_corpus, write_indexed_corpus
-from melhubert_fairseq.data.fbank_label_dataset import FbankLabelDataset, FrameRates
-from melhubert_fairseq.data.features import label_stride, load_mean_std, stack_frames, subsample_labels
-from melhubert_fairseq.data.manifest import (
-    LabelLineFormatter,
-    index_label_file,
-    load_km_labels,
-    parse_label_line,
-    read_manifest,
-    write_km,
-    write_manifest,
-)
+from melhubert_fairseq.data.fbank_label_dataset import FbankLabelDataset
+from melhubert_fairseq.data.features import load_mean_std, stack_frames
+from melhubert_fairseq.data.frame_rates import FrameRates, label_stride, subsample_labels
+from melhubert_fairseq.data.labels import LabelLineFormatter, index_label_file, load_km_labels, parse_label_line, write_km
+from melhubert_fairseq.data.manifest import read_manifest, write_manifest
 from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.tasks.mel_hubert_pretraining import (
     MelHubertPretrainingConfig,
@@ -67,7 +61,7 @@ def test_read_manifest_rejects_bad_files(tmp_path, content, message):
 
 
 def test_a_relative_root_is_relative_to_the_manifest_folder_for_both_kinds(tmp_path, monkeypatch):
-    from melhubert_fairseq.tools.wav_to_fbank import read_audio_manifest
+    from melhubert_fairseq.data.audio_manifest import read_audio_manifest
 
     data = tmp_path / "corpus"
     data.mkdir()

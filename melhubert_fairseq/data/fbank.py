@@ -20,19 +20,18 @@ import kaldi_native_fbank as knf
 import numpy as np
 import soundfile
 
-from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, FBANK_NUM_MEL_BINS
+from melhubert_fairseq.data.features import (
+    FBANK_FRAME_RATE_HZ,
+    FBANK_NUM_MEL_BINS,
+    FBANK_SAMPLE_RATE,
+    FBANK_SHIFT_SAMPLES,
+    FBANK_WINDOW_SAMPLES,
+    INT16_SCALE,
+)
 from melhubert_fairseq.errors import InputError, check_regular_file
 
-#: Sample rate every fbank feature in this project is computed at.
-FBANK_SAMPLE_RATE = 16000
-#: 25 ms analysis window at 16 kHz.
-FBANK_WINDOW_SAMPLES = 400
-#: Frame shift at 16 kHz: 160 samples = 10 ms.
-FBANK_SHIFT_SAMPLES = FBANK_SAMPLE_RATE // FBANK_FRAME_RATE_HZ
 #: A line of libsndfile's header log where the file is shorter than a chunk's declared size.
 _TRUNCATED_CHUNK = re.compile(r"^(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)")
-#: torchaudio.load returns int16 audio divided by 2**15; the original multiplied it back.
-INT16_SCALE = float(2**15)
 
 
 def fbank_options(num_mel_bins: int = FBANK_NUM_MEL_BINS) -> knf.FbankOptions:

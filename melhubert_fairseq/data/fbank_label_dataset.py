@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -13,15 +12,13 @@ from melhubert_fairseq.data.features import (
     FBANK_FRAME_RATE_HZ,
     MeanStd,
     check_finite_frames,
-    expected_label_count,
-    label_count_tolerance,
-    label_stride,
     num_stacked_frames,
     open_feature_file,
     stack_frames,
-    subsample_labels,
 )
-from melhubert_fairseq.data.manifest import FeatureManifest, LabelIndex, parse_label_line
+from melhubert_fairseq.data.frame_rates import FrameRates, subsample_labels
+from melhubert_fairseq.data.labels import LabelIndex, parse_label_line
+from melhubert_fairseq.data.manifest import FeatureManifest
 
 logger = logging.getLogger(__name__)
 
@@ -56,46 +53,6 @@ class EpochTaggedBatches:
         """The batches fairseq built for ``epoch``, as lists of ``(index, epoch)`` (or ``fixed_epoch``)."""
         tag = int(epoch if self.fixed_epoch is None else self.fixed_epoch)
         return [[(int(index), tag) for index in batch] for batch in self.make_batches(dataset, epoch)]
-
-
-@dataclass(frozen=True)
-class FrameRates:
-    """How fbank frames, model frames and label frames line up (all in 10 ms fbank frames)."""
-
-    stack: int  # fbank frames per model frame
-    label_stride: int  # fbank frames per label
-
-    @classmethod
-    def from_config(cls, stack_frames: int, label_rate: float) -> "FrameRates":
-        """Validate that labels at ``label_rate`` Hz can be read at the model's rate."""
-        model_rate = FBANK_FRAME_RATE_HZ / stack_frames
-        error = ValueError(
-            f"label_rate={label_rate:g} Hz does not divide the model frame rate: the model runs at "
-            f"{model_rate:g} Hz (stack_frames={stack_frames}); labels must be at "
-            f"{FBANK_FRAME_RATE_HZ} Hz (one per fbank frame) or at a rate that is a multiple of "
-            f"{model_rate:g} Hz dividing {FBANK_FRAME_RATE_HZ}"
-        )
-        try:
-            stride = label_stride(label_rate)
-        except ValueError:
-            raise error from None
-        if stack_frames % stride:
-            raise error
-        return cls(stack=stack_frames, label_stride=stride)
-
-    @property
-    def labels_per_model_frame_step(self) -> int:
-        """Take every n-th label to get one label per model frame."""
-        return self.stack // self.label_stride
-
-    def expected_labels(self, fbank_frames: np.ndarray) -> np.ndarray:
-        """Number of labels a ``.km`` line should hold for utterances of ``fbank_frames`` frames."""
-        return expected_label_count(fbank_frames, self.label_stride)
-
-    @property
-    def label_tolerance(self) -> int:
-        """Allowed |labels - expected| (see ``label_count_tolerance``)."""
-        return label_count_tolerance(self.label_stride)
 
 
 class FbankLabelDataset(FairseqDataset):

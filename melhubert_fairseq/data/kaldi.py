@@ -20,7 +20,7 @@ import numpy as np
 from kaldiio.matio import read_kaldi
 
 from melhubert_fairseq.data.features import MeanStd, load_mean_std, mean_std_from_sums
-from melhubert_fairseq.data.manifest import parse_label_line
+from melhubert_fairseq.data.labels import parse_label_line
 from melhubert_fairseq.errors import InputError, check_regular_file
 
 _NPY_MAGIC = b"\x93NUMPY"

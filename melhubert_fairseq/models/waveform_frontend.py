@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, INT16_SCALE, fbank_options
+from melhubert_fairseq.data.fbank import fbank_options
+from melhubert_fairseq.data.features import FBANK_SAMPLE_RATE, INT16_SCALE
 
 
 def _unsupported_options(opts: knf.FbankOptions) -> list:

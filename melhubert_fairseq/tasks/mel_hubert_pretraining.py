@@ -23,8 +23,10 @@ from melhubert_fairseq.data.features import (
     load_mean_std,
     normalization_record_path,
 )
-from melhubert_fairseq.data.fbank_label_dataset import EpochTaggedBatches, FbankLabelDataset, FrameRates
-from melhubert_fairseq.data.manifest import index_label_file, read_dictionary_size, read_manifest
+from melhubert_fairseq.data.fbank_label_dataset import EpochTaggedBatches, FbankLabelDataset
+from melhubert_fairseq.data.frame_rates import LABEL_RATE_HELP, FrameRates
+from melhubert_fairseq.data.labels import dictionary_name, index_label_file, read_dictionary_size
+from melhubert_fairseq.data.manifest import read_manifest
 from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.models.masking import SpanMaskError
 
@@ -55,7 +57,7 @@ class MelHubertPretrainingConfig(FairseqDataclass):
     )
     label_rate: float = field(
         default=float(FBANK_FRAME_RATE_HZ),
-        metadata={"help": "labels per second: 100 = one per 10 ms fbank frame (stage 1), 50 = one per 20 ms model frame"},
+        metadata={"help": LABEL_RATE_HELP},
     )
     num_classes: int = field(
         default=512,
@@ -299,7 +301,7 @@ class MelHubertPretrainingTask(FairseqTask):
         return self.cfg.label_dir
 
     def _resolve_num_classes(self) -> int:
-        dict_path = os.path.join(self.label_dir, f"dict.{self.cfg.labels}.txt")
+        dict_path = os.path.join(self.label_dir, dictionary_name(self.cfg.labels))
         dict_size = read_dictionary_size(dict_path)
         if self.cfg.num_classes == -1:
             if dict_size is None:
