@@ -53,7 +53,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     # torch and the plugin's checkpoint code after parsing: --help needs neither.
     from melhubert_fairseq.checkpoint_io import atomic_torch_save
-    from melhubert_fairseq.original_checkpoint import export_original_checkpoint, is_old_mask_checkpoint
+    from melhubert_fairseq.original.export import export_original_checkpoint
+    from melhubert_fairseq.original.format import is_old_mask_checkpoint
 
     started = time.perf_counter()
     if args.mean_std_out and os.path.abspath(args.mean_std_out) == os.path.abspath(args.output):

@@ -22,6 +22,8 @@ ATTENTION_TYPE_CHOICES = ChoiceEnum(["original", "causal"])
 PREDICTION_HEAD_CHOICES = ChoiceEnum(["cluster_ids", "frames"])
 #: Added to the masking seed for channel masks, so that they do not repeat the frame masks' random draws.
 CHANNEL_MASK_SEED_OFFSET = 7919
+#: The name fairseq registers the model under (``model._name`` in configs and checkpoints).
+MODEL_NAME = "mel_hubert"
 
 
 @dataclass
@@ -135,7 +137,7 @@ class MelHubertConfig(FairseqDataclass):
     )
 
 
-@register_model("mel_hubert", dataclass=MelHubertConfig)
+@register_model(MODEL_NAME, dataclass=MelHubertConfig)
 class MelHubertModel(BaseFairseqModel):
     """Linear projection of (stacked) fbank frames -> conv positional embedding -> transformer -> pretraining head
     (``final_proj`` over k-means ids, or ``apc_proj`` onto the input frame: ``prediction_head``).
@@ -388,7 +390,7 @@ def record_checkpoint_in_config(state: Dict[str, Any], path: str) -> None:
     from omegaconf import open_dict
 
     cfg = state.get("cfg")
-    if cfg is None or cfg.get("model") is None or cfg.model.get("_name") != "mel_hubert":
+    if cfg is None or cfg.get("model") is None or cfg.model.get("_name") != MODEL_NAME:
         return
     stats = state.get("model", {}).get("fbank_mean_std")
     known = stats is not None and not bool(torch.isnan(stats).any())

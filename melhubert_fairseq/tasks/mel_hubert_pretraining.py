@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 #: The fairseq metrics aggregator counting validations for the in-training probe (saved in checkpoints).
 PROBE_SCHEDULE_AGGREGATOR = "mel_hubert_probe_schedule"
+#: The name fairseq registers the task under (``task._name``).
+TASK_NAME = "mel_hubert_pretraining"
 
 
 @dataclass
@@ -161,7 +163,7 @@ def is_training_split(split: str, cfg) -> bool:
     return split == train_subset if train_subset is not None else split.startswith("train")
 
 
-@register_task("mel_hubert_pretraining", dataclass=MelHubertPretrainingConfig)
+@register_task(TASK_NAME, dataclass=MelHubertPretrainingConfig)
 class MelHubertPretrainingTask(FairseqTask):
     """Masked prediction of hard k-means labels from log-Mel frames."""
 
