@@ -14,10 +14,8 @@ from melhubert_fairseq.data.frame_rates import FrameRates, label_stride, subsamp
 from melhubert_fairseq.data.labels import LabelLineFormatter, index_label_file, load_km_labels, parse_label_line, write_km
 from melhubert_fairseq.data.manifest import read_manifest, write_manifest
 from melhubert_fairseq.errors import InputError
-from melhubert_fairseq.tasks.mel_hubert_pretraining import (
-    MelHubertPretrainingConfig,
-    MelHubertPretrainingTask,
-)
+from melhubert_fairseq.tasks.mel_hubert_pretraining import MelHubertPretrainingTask
+from melhubert_fairseq.tasks.pretraining_config import MelHubertPretrainingConfig
 
 
 def make_task(data: Path, **overrides) -> MelHubertPretrainingTask:

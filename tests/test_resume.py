@@ -21,7 +21,8 @@ from helpers import (
     write_indexed_corpus,
 )
 from melhubert_fairseq.checkpoint_io import checkpoint_load_problem, safe_torch_load
-from melhubert_fairseq.tasks.mel_hubert_pretraining import MelHubertPretrainingConfig, MelHubertPretrainingTask
+from melhubert_fairseq.tasks.mel_hubert_pretraining import MelHubertPretrainingTask
+from melhubert_fairseq.tasks.pretraining_config import MelHubertPretrainingConfig
 
 
 def crop_starts_per_epoch(data: Path, num_workers: int, epochs: int = 3, resume_epoch: int = 1):

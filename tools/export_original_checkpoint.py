@@ -66,7 +66,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with progress_bar(total=2, desc="export", unit="step") as progress:
         result = export_original_checkpoint(args.checkpoint, with_optimizer=args.with_optimizer)
         if args.mean_std_out and result.mean_std is None:
-            raise ValueError(
+            raise InputError(
                 f"{args.checkpoint}: records no fbank mean/std, so --mean-std-out has nothing to write "
                 "(use the mean-std.npy of the corpus it was trained on)"
             )

@@ -215,7 +215,7 @@ def plan_corpus(num_speakers: int, seed: int) -> List[Utterance]:
     rng = random.Random(seed)
     combos = [(accent, variant) for accent in ACCENTS for variant in VARIANTS]
     if num_speakers > len(combos):
-        raise ValueError(f"at most {len(combos)} speakers are available, asked for {num_speakers}")
+        raise InputError(f"at most {len(combos)} speakers are available, asked for {num_speakers}")
     chosen = rng.sample(combos, num_speakers)
     speakers = [
         Speaker(

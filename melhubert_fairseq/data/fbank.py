@@ -82,12 +82,12 @@ def compute_fbank(waveform: np.ndarray, sample_rate: int = FBANK_SAMPLE_RATE) ->
     Audio shorter than one 25 ms window gives a (0, 40) array.
     """
     if sample_rate != FBANK_SAMPLE_RATE:
-        raise ValueError(
+        raise InputError(
             f"fbank needs {FBANK_SAMPLE_RATE} Hz audio, got {sample_rate} Hz (resample it first)"
         )
     waveform = np.asarray(waveform)
     if waveform.ndim != 1:
-        raise ValueError(f"fbank needs a 1-D mono waveform, got shape {waveform.shape}")
+        raise InputError(f"fbank needs a 1-D mono waveform, got shape {waveform.shape}")
     if np.issubdtype(waveform.dtype, np.integer):
         samples = waveform.astype(np.float32)
     elif np.issubdtype(waveform.dtype, np.floating):

@@ -19,6 +19,7 @@ from melhubert_fairseq.data.features import (
 from melhubert_fairseq.data.frame_rates import FrameRates, subsample_labels
 from melhubert_fairseq.data.labels import LabelIndex, parse_label_line
 from melhubert_fairseq.data.manifest import FeatureManifest
+from melhubert_fairseq.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -81,12 +82,12 @@ class FbankLabelDataset(FairseqDataset):
     ) -> None:
         super().__init__()
         if labels is not None and len(labels) != len(manifest):
-            raise ValueError(
+            raise InputError(
                 f"{labels.path} has {len(labels)} lines but manifest {manifest.path} has "
                 f"{len(manifest)} utterances: they must match line for line"
             )
         if mean_std is not None and mean_std.dim != feat_dim:
-            raise ValueError(f"mean/std has dim {mean_std.dim} but task.feat_dim is {feat_dim}")
+            raise InputError(f"mean/std has dim {mean_std.dim} but task.feat_dim is {feat_dim}")
         self.rates = rates
         self.feat_dim = feat_dim
         self.num_classes = num_classes
@@ -114,7 +115,7 @@ class FbankLabelDataset(FairseqDataset):
             if too_long.any():
                 logger.info(f"skipping {int(too_long.sum())} utterances longer than {max_keep_size} model frames")
         if not keep.any():
-            raise ValueError(f"{manifest.path}: no utterance left after min/max size filtering")
+            raise InputError(f"{manifest.path}: no utterance left after min/max size filtering")
         rows = np.flatnonzero(keep)
         self.manifest = manifest.select(rows) if len(rows) < len(manifest) else manifest
         #: None: no labels (a criterion that reads none); batches then have no ``target``.
@@ -135,7 +136,7 @@ class FbankLabelDataset(FairseqDataset):
                 f"{expected[i]} labels, {labels.path}:{i + 1} has {labels.counts[i]}"
                 for i in bad[:5]
             )
-            raise ValueError(
+            raise InputError(
                 f"{bad.size} utterances have a label count that does not match their frames "
                 f"(label stride {self.rates.label_stride} fbank frames): {examples}"
             )
@@ -193,7 +194,7 @@ class FbankLabelDataset(FairseqDataset):
         labels = parse_label_line(line, where)
         bad = (labels < 0) | (labels >= self.num_classes)
         if bad.any():
-            raise ValueError(
+            raise InputError(
                 f"{where}: label {int(labels[bad][0])} outside [0, {self.num_classes}) (task.num_classes)"
             )
         labels = subsample_labels(labels, self.rates.labels_per_model_frame_step)

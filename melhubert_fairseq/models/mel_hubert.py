@@ -14,6 +14,7 @@ from torch import nn
 from melhubert_fairseq.models.components import Dropout, TransformerEncoder, TransformerLayer
 from melhubert_fairseq.models.masking import SpanMaskConfig, check_span_mask_config, span_mask
 from melhubert_fairseq.models.waveform_frontend import WaveformFrontEnd
+from melhubert_fairseq.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +206,7 @@ class MelHubertModel(BaseFairseqModel):
         if cfg.fbank_mean_std is not None:
             stats = torch.tensor([list(row) for row in cfg.fbank_mean_std], dtype=torch.float32)
             if stats.shape != self.fbank_mean_std.shape:
-                raise ValueError(
+                raise InputError(
                     f"model.fbank_mean_std has shape {tuple(stats.shape)}, expected [mean, std] of feat_dim = "
                     f"{cfg.feat_dim} values each"
                 )
@@ -230,12 +231,12 @@ class MelHubertModel(BaseFairseqModel):
         return self.fbank_mean_std[0], self.fbank_mean_std[1]
 
     def require_fbank_stats(self, where: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`fbank_stats`, or a ValueError naming ``where`` (default: the checkpoint the model was
+        """:meth:`fbank_stats`, or an InputError naming ``where`` (default: the checkpoint the model was
         read from, if known) when they are unknown."""
         stats = self.fbank_stats()
         if stats is None:
             where = where or self.cfg.loaded_from or "this mel_hubert model"
-            raise ValueError(
+            raise InputError(
                 f"{where} does not record the corpus mean/std its features were normalised with, "
                 "so raw fbank or audio cannot be normalised: pass normalised features from a manifest instead, or "
                 "store the stats in the checkpoint (melhubert-convert-original --mean-std FILE, or train with "
@@ -319,12 +320,12 @@ class MelHubertModel(BaseFairseqModel):
         if source.dim() == 2:
             source, padding_mask = self.waveform_to_frames(source, padding_mask)
         elif source.dim() != 3:
-            raise ValueError(
+            raise InputError(
                 f"input has shape {tuple(source.shape)}: expected (batch, samples) 16 kHz audio or "
                 f"(batch, frames, {self.input_dim}) fbank frames"
             )
         if source.size(-1) != self.input_dim:
-            raise ValueError(
+            raise InputError(
                 f"input frames have dim {source.size(-1)}, model expects feat_dim x stack_frames = "
                 f"{self.cfg.feat_dim} x {self.cfg.stack_frames} = {self.input_dim}"
             )

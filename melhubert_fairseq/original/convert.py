@@ -33,7 +33,8 @@ from melhubert_fairseq.original.format import (
     read_original_checkpoint,
     release_lineage_evidence,
 )
-from melhubert_fairseq.tasks.mel_hubert_pretraining import TASK_NAME, MelHubertPretrainingConfig
+from melhubert_fairseq.tasks.mel_hubert_pretraining import TASK_NAME
+from melhubert_fairseq.tasks.pretraining_config import MelHubertPretrainingConfig
 
 
 @dataclass
@@ -309,7 +310,7 @@ def convert_original_checkpoint(
     model_state = convert_state_dict(source.model_state, model.state_dict(), path)
     if mean_std is not None:
         if mean_std.dim != FBANK_NUM_MEL_BINS:
-            raise ValueError(f"mean/std has {mean_std.dim} dims, the model reads {FBANK_NUM_MEL_BINS}-dim fbank")
+            raise InputError(f"mean/std has {mean_std.dim} dims, the model reads {FBANK_NUM_MEL_BINS}-dim fbank")
         model_state["fbank_mean_std"] = torch.from_numpy(mean_std.to_array())
     model.load_state_dict(model_state)  # final check: the converted dict builds our model
     optimizer = None
