@@ -109,7 +109,7 @@ def resample_audio(waveform: np.ndarray, orig_sr: int, target_sr: int) -> np.nda
     """Polyphase resampling (scipy.signal.resample_poly, Kaiser-windowed FIR) to ``target_sr``."""
     if orig_sr == target_sr:
         return waveform
-    from scipy.signal import resample_poly  # scipy comes with scikit-learn
+    from scipy.signal import resample_poly  # deferred on purpose: scipy.signal is slow to import and only resampling needs it
 
     divisor = math.gcd(int(orig_sr), int(target_sr))
     resampled = resample_poly(waveform, int(target_sr) // divisor, int(orig_sr) // divisor, axis=0)

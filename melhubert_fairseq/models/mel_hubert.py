@@ -8,7 +8,7 @@ import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from fairseq.modules.transformer_sentence_encoder import init_bert_params
-from omegaconf import II
+from omegaconf import II, open_dict
 from torch import nn
 
 from melhubert_fairseq.models.components import Dropout, TransformerEncoder, TransformerLayer
@@ -388,8 +388,6 @@ def record_checkpoint_in_config(state: Dict[str, Any], path: str) -> None:
     authority; None when unknown) and the file's own path into ``cfg.model.loaded_from``
     for errors. Configs saved before ``task.normalize`` existed get its only value, false.
     """
-    from omegaconf import open_dict
-
     cfg = state.get("cfg")
     if cfg is None or cfg.get("model") is None or cfg.model.get("_name") != MODEL_NAME:
         return

@@ -9,6 +9,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
+from fairseq.logging import metrics
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import open_dict
 
@@ -25,6 +26,7 @@ from melhubert_fairseq.data.labels import dictionary_name, index_label_file, rea
 from melhubert_fairseq.data.manifest import read_manifest
 from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.models.masking import SpanMaskError
+from melhubert_fairseq.probe.during_training import TrainingProbe
 from melhubert_fairseq.tasks.pretraining_config import MelHubertPretrainingConfig, is_training_split, training_split_name
 
 logger = logging.getLogger(__name__)
@@ -81,8 +83,6 @@ class MelHubertPretrainingTask(FairseqTask):
         # Read and checked now, so a bad probe set fails before training, not at a validation.
         self.training_probe = None
         if cfg.probe_train and not from_checkpoint:
-            from melhubert_fairseq.probe.during_training import TrainingProbe
-
             self.training_probe = TrainingProbe.from_task_config(cfg)
         self._last_validated_update: Optional[int] = None
 
@@ -341,8 +341,6 @@ class MelHubertPretrainingTask(FairseqTask):
         its checkpoints (``extra_state["metrics"]``) and restores them on resume, so a resumed run probes
         at the validations the uninterrupted one would have.
         """
-        from fairseq.logging import metrics
-
         module = getattr(model, "module", model)
         num_updates = int(getattr(module, "num_updates", 0))
         if num_updates == self._last_validated_update:
