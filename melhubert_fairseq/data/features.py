@@ -31,7 +31,8 @@ FBANK_SHIFT_SAMPLES = FBANK_SAMPLE_RATE // FBANK_FRAME_RATE_HZ
 INT16_SCALE = float(2**15)
 #: dtypes a feature matrix may have on disk (read as float32).
 FEATURE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
-_NPY_MAGIC = np.lib.format.MAGIC_PREFIX
+#: The first bytes of every ``.npy`` file.
+NPY_MAGIC = np.lib.format.MAGIC_PREFIX
 _PICKLE_PROTOCOL_2_PLUS = b"\x80"
 
 
@@ -48,8 +49,8 @@ def open_npy(path: str, where: str = "", what: str = ".npy file") -> np.ndarray:
     check_regular_file(path, where, what)
     try:
         with open(path, "rb") as handle:
-            start = handle.read(len(_NPY_MAGIC))
-            if not start.startswith(_NPY_MAGIC):
+            start = handle.read(len(NPY_MAGIC))
+            if not start.startswith(NPY_MAGIC):
                 if start.startswith(_PICKLE_PROTOCOL_2_PLUS):
                     raise InputError(f"{prefix}{path} is not a plain .npy array but a Python pickle; refusing to unpickle it")
                 raise InputError(f"{prefix}cannot read {path} (not a .npy file: it does not start with the .npy magic)")
