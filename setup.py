@@ -11,6 +11,7 @@ setup(
         "melhubert_fairseq.data",
         "melhubert_fairseq.kmeans",
         "melhubert_fairseq.models",
+        "melhubert_fairseq.original",
         "melhubert_fairseq.tasks",
         "melhubert_fairseq.criterions",
         "melhubert_fairseq.s3prl_upstream",

@@ -38,9 +38,11 @@ from speed_common import RESULTS_DIR, save_text  # noqa: E402
 from speed_models import build_mel_hubert  # noqa: E402
 from speed_steps import make_optimizer, mel_hubert_train_step  # noqa: E402
 
-from melhubert_fairseq.data.fbank_label_dataset import FbankLabelDataset, FrameRates  # noqa: E402
+from melhubert_fairseq.data.fbank_label_dataset import FbankLabelDataset  # noqa: E402
+from melhubert_fairseq.data.frame_rates import FrameRates  # noqa: E402
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, FBANK_NUM_MEL_BINS, stack_frames  # noqa: E402
-from melhubert_fairseq.data.manifest import index_label_file, read_manifest, write_km, write_manifest  # noqa: E402
+from melhubert_fairseq.data.labels import index_label_file, write_km  # noqa: E402
+from melhubert_fairseq.data.manifest import read_manifest, write_manifest  # noqa: E402
 
 LIBRISPEECH_960_UTTERANCES = 281241
 NUM_CLASSES = 512

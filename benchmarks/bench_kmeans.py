@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 
-from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS, MeanStdAccumulator, save_mean_std
+from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS, MEAN_STD_NAME, MeanStdAccumulator, save_mean_std
 from melhubert_fairseq.data.manifest import write_manifest
 from melhubert_fairseq.kmeans import (
     FbankSource,
@@ -91,7 +91,7 @@ def synthesise_corpus(out_dir: str, num_utterances: int, seed: int) -> str:
         rows.append((name, feats.shape[0]))
     os.unlink(wav_path)
     stats = accumulator.result(out_dir)
-    save_mean_std(os.path.join(out_dir, "mean-std.npy"), stats)
+    save_mean_std(os.path.join(out_dir, MEAN_STD_NAME), stats)
     norm_dir = os.path.join(out_dir, "feats")
     os.makedirs(norm_dir)
     for name, _ in rows:

@@ -35,7 +35,7 @@ from speed_common import RESULTS_DIR, save_text  # noqa: E402
 
 from melhubert_fairseq.data.fbank import compute_fbank, load_audio  # noqa: E402
 from melhubert_fairseq.models.waveform_frontend import KaldiFbank, collate_waveforms  # noqa: E402
-from melhubert_fairseq.tools.wav_to_fbank import list_audio_dir  # noqa: E402
+from melhubert_fairseq.data.audio_manifest import list_audio_dir  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,7 +14,8 @@ from typing import Callable, List
 import numpy as np
 
 from fault_injection_harness import REPO, Reference, Scenario, Trial, fresh, run_to_end, sha256_of_file, tool, tool_env
-from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS
+from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS, MEAN_STD_NAME
+from melhubert_fairseq.data.labels import KM_DICTIONARY_NAME
 
 
 def write_audio(folder: Path, num_utts: int = 150, seed: int = 0) -> None:
@@ -114,13 +115,13 @@ def prepare_checkpoint(assets: Path, work: Path, name: str = "ckpt", with_stats:
     data = fresh(assets / f"{name}_data")
     write_fbank_corpus(data, num_utts=12)
     if with_stats:
-        np.save(data / "mean-std.npy", np.stack([np.full(FBANK_NUM_MEL_BINS, 0.5), np.full(FBANK_NUM_MEL_BINS, 2.0)]).astype(np.float32))
+        np.save(data / MEAN_STD_NAME, np.stack([np.full(FBANK_NUM_MEL_BINS, 0.5), np.full(FBANK_NUM_MEL_BINS, 2.0)]).astype(np.float32))
     rng = np.random.default_rng(0)
     manifest = (data / "train.tsv").read_text().splitlines()
     (data / "train.km").write_text(
         "".join(" ".join(map(str, rng.integers(0, 32, int(row.split("\t")[1])))) + "\n" for row in manifest[1:])
     )
-    (data / "dict.km.txt").write_text("".join(f"{k} 1\n" for k in range(32)))
+    (data / KM_DICTIONARY_NAME).write_text("".join(f"{k} 1\n" for k in range(32)))
     command = [
         sys.executable, "-m", "fairseq_cli.hydra_train", "--config-dir", "config", "--config-name", "stage1",
         "common.user_dir=melhubert_fairseq", f"task.data={data}", f"task.label_dir={data}", "task.num_classes=32",
@@ -149,7 +150,7 @@ def prepare_training_corpus(assets: Path, work: Path) -> None:
     rng = np.random.default_rng(1)
     rows = (data / "train.tsv").read_text().splitlines()[1:]
     (data / "train.km").write_text("".join(" ".join(map(str, rng.integers(0, 32, int(r.split("\t")[1])))) + "\n" for r in rows))
-    (data / "dict.km.txt").write_text("".join(f"{k} 1\n" for k in range(32)))
+    (data / KM_DICTIONARY_NAME).write_text("".join(f"{k} 1\n" for k in range(32)))
 
 
 def training_command(work: Path) -> List[str]:

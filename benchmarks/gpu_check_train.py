@@ -40,7 +40,8 @@ def write_learnable_corpus(directory: Path, num_utts: int, num_frames: int, num_
 
     from melhubert_fairseq.atomic_output import atomic_save_npy
     from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS
-    from melhubert_fairseq.data.manifest import write_dictionary, write_km, write_manifest
+    from melhubert_fairseq.data.labels import KM_DICTIONARY_NAME, write_dictionary, write_km
+    from melhubert_fairseq.data.manifest import write_manifest
 
     rng = np.random.default_rng(seed)
     centroids = rng.standard_normal((num_classes, FBANK_NUM_MEL_BINS)).astype(np.float32)
@@ -56,7 +57,7 @@ def write_learnable_corpus(directory: Path, num_utts: int, num_frames: int, num_
         labels.append(classes)
     write_manifest(str(directory / "train.tsv"), str(feature_dir), rows)
     write_km(str(directory / "train.km"), labels)
-    write_dictionary(str(directory / "dict.km.txt"), num_classes)
+    write_dictionary(str(directory / KM_DICTIONARY_NAME), num_classes)
     return directory
 
 

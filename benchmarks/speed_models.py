@@ -28,8 +28,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, compute_fbank, load_audio
-from melhubert_fairseq.data.features import stack_frames
+from melhubert_fairseq.data.fbank import compute_fbank, load_audio
+from melhubert_fairseq.data.features import FBANK_SAMPLE_RATE, stack_frames
 from melhubert_fairseq.models.components import Dropout, SelfAttention
 from melhubert_fairseq.models.mel_hubert import MelHubertConfig, MelHubertModel
 

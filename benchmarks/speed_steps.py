@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from melhubert_fairseq.criterions.hard_label_masked_ce import HardLabelMaskedCe
-from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE
+from melhubert_fairseq.data.features import FBANK_SAMPLE_RATE
 from melhubert_fairseq.models.mel_hubert import MelHubertModel
 from speed_models import NUM_CLASSES
 

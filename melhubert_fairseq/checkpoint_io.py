@@ -52,6 +52,7 @@ import torch
 
 from melhubert_fairseq.atomic_output import atomic_output
 from melhubert_fairseq.errors import check_regular_file
+from melhubert_fairseq.models.mel_hubert import MODEL_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ def require_mel_hubert(path: str, state: dict, purpose: str) -> None:
     cfg = state.get("cfg")
     model = cfg.get("model") if hasattr(cfg, "get") else None
     name = model.get("_name") if hasattr(model, "get") else getattr(state.get("args"), "arch", None)
-    if name != "mel_hubert":
+    if name != MODEL_NAME:
         what = f"a fairseq {name!r} checkpoint" if name else "a checkpoint naming no fairseq model (cfg.model._name)"
         raise CheckpointFormatError(f"{path}: {what}, not 'mel_hubert': {purpose}")
 

@@ -9,12 +9,10 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 from tqdm import tqdm
 
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ
+from melhubert_fairseq.data.frame_rates import LABEL_RATE_HELP
 from melhubert_fairseq.errors import InputError
 
 T = TypeVar("T")
-
-#: How many utterance ids an error or skip report spells out before "... and N more".
-LISTED_IDS = 20
 
 #: What bad input raises in this project: messages already name the file, utterance and problem.
 #: InputError is the project's own; ValueError/OSError stay for library errors that name a file.
@@ -84,10 +82,16 @@ def console_main(main: Callable) -> Callable:
     return wrapper
 
 
-def format_ids(ids: Sequence[str], limit: int = LISTED_IDS) -> str:
-    """``a, b, c, ... and N more`` for reports that must name utterances without flooding the terminal."""
-    shown = ", ".join(ids[:limit])
-    return shown + (f", ... and {len(ids) - limit} more" if len(ids) > limit else "")
+def add_label_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --num-classes and --label-rate flags shared by the label-writing tools."""
+    parser.add_argument("--num-classes", type=int, default=512, help="number of clusters K; labels must be in [0, K)")
+    parser.add_argument("--label-rate", type=float, default=float(FBANK_FRAME_RATE_HZ), help=LABEL_RATE_HELP)
+
+
+def report_skipped(problems: Sequence[str]) -> None:
+    """One ``skipped: ...`` line on stderr per thing a tool left out (a label import with --skip-missing)."""
+    for problem in problems:
+        print(f"skipped: {problem}", file=sys.stderr)
 
 
 def summary_line(action: str, utterances: int, frames: int, seconds: float, written: Dict[str, str]) -> str:

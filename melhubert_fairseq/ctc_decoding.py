@@ -23,6 +23,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from melhubert_fairseq.errors import InputError, check_regular_file
+from melhubert_fairseq.models.mel_hubert import MODEL_NAME
 
 #: fairseq's word boundary symbol in letter dictionaries (the CTC "silence" for flashlight's decoders).
 WORD_BOUNDARY = "|"
@@ -60,7 +61,7 @@ def load_ctc_model(path: str, device: str = "cpu") -> CtcModel:
     state = load_fairseq_state(path, mmap=True)
     cfg = state.get("cfg") or {}
     name = (cfg.get("model") or {}).get("_name") if hasattr(cfg, "get") else None
-    if name == "mel_hubert":
+    if name == MODEL_NAME:
         raise InputError(
             f"{path}: a mel_hubert pretraining checkpoint, which has no CTC output layer: decode a checkpoint "
             "fine-tuned from it with wav2vec_ctc (README: Fine-tuning with fairseq (CTC))"

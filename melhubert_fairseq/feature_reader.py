@@ -24,8 +24,8 @@ import torch
 from fairseq import checkpoint_utils
 
 from melhubert_fairseq.checkpoint_io import load_fairseq_state, require_mel_hubert
-from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, INT16_SCALE, check_audio
-from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, MeanStd, read_feature_file, stack_frames
+from melhubert_fairseq.data.fbank import check_audio
+from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, FBANK_SAMPLE_RATE, INT16_SCALE, MeanStd, read_feature_file, stack_frames
 from melhubert_fairseq.data.manifest import FeatureManifest, read_manifest
 from melhubert_fairseq.data.shards import shard_range
 from melhubert_fairseq.models.waveform_frontend import check_sample_rate, check_waveform, collate_waveforms

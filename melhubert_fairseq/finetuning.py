@@ -143,7 +143,7 @@ def check_finetuning_checkpoint(path: str) -> None:
     import torch
 
     from melhubert_fairseq.checkpoint_io import CheckpointFormatError
-    from melhubert_fairseq.original_checkpoint import read_mel_hubert_checkpoint
+    from melhubert_fairseq.original.export import read_mel_hubert_checkpoint
 
     state, _cfg = read_mel_hubert_checkpoint(path, purpose="this fine-tuning starts from a mel_hubert model")
     stats = state["model"].get("fbank_mean_std")

@@ -17,8 +17,9 @@ import melhubert_fairseq  # noqa: F401  (registers the plugin)
 from helpers import DEMO_CORPUS, TINY_ORIGINAL_CONFIG, make_fbank_corpus, run_hydra_train
 from melhubert_fairseq.criterions.apc_l1 import ApcL1, default_time_shift
 from melhubert_fairseq.errors import InputError
-from melhubert_fairseq.original_checkpoint import build_fairseq_cfg, build_model, convert_config
-from melhubert_fairseq.tasks.mel_hubert_pretraining import MelHubertPretrainingConfig, MelHubertPretrainingTask
+from melhubert_fairseq.original.convert import build_fairseq_cfg, build_model, convert_config
+from melhubert_fairseq.tasks.mel_hubert_pretraining import MelHubertPretrainingTask
+from melhubert_fairseq.tasks.pretraining_config import MelHubertPretrainingConfig
 
 STRICTLY_CAUSAL = {"attention_type": "causal", "pos_conv_causal": True, "prediction_head": "frames"}
 

@@ -165,7 +165,7 @@ def test_loading_never_shrinks_the_allow_list(tiny_checkpoint, tmp_path):
     from fairseq.data import Dictionary
 
     from melhubert_fairseq.checkpoint_io import load_fairseq_state
-    from melhubert_fairseq.original_checkpoint import original_checkpoint_safe_globals
+    from melhubert_fairseq.original.format import original_checkpoint_safe_globals
 
     before = set(torch.serialization.get_safe_globals())
     assert Dictionary in before  # registered with the plugin

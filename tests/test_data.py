@@ -8,22 +8,14 @@ import numpy as np
 import pytest
 
 from helpers import make_fbank_corpus, write_indexed_corpus
-from melhubert_fairseq.data.fbank_label_dataset import FbankLabelDataset, FrameRates
-from melhubert_fairseq.data.features import label_stride, load_mean_std, stack_frames, subsample_labels
-from melhubert_fairseq.data.manifest import (
-    LabelLineFormatter,
-    index_label_file,
-    load_km_labels,
-    parse_label_line,
-    read_manifest,
-    write_km,
-    write_manifest,
-)
+from melhubert_fairseq.data.fbank_label_dataset import FbankLabelDataset
+from melhubert_fairseq.data.features import load_mean_std, stack_frames
+from melhubert_fairseq.data.frame_rates import FrameRates, label_stride, subsample_labels
+from melhubert_fairseq.data.labels import LabelLineFormatter, index_label_file, load_km_labels, parse_label_line, write_km
+from melhubert_fairseq.data.manifest import read_manifest, write_manifest
 from melhubert_fairseq.errors import InputError
-from melhubert_fairseq.tasks.mel_hubert_pretraining import (
-    MelHubertPretrainingConfig,
-    MelHubertPretrainingTask,
-)
+from melhubert_fairseq.tasks.mel_hubert_pretraining import MelHubertPretrainingTask
+from melhubert_fairseq.tasks.pretraining_config import MelHubertPretrainingConfig
 
 
 def make_task(data: Path, **overrides) -> MelHubertPretrainingTask:
@@ -62,12 +54,12 @@ def test_read_manifest_rows_and_paths(tmp_path):
 )
 def test_read_manifest_rejects_bad_files(tmp_path, content, message):
     (tmp_path / "train.tsv").write_text(content)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message):
         read_manifest(str(tmp_path / "train.tsv"))
 
 
 def test_a_relative_root_is_relative_to_the_manifest_folder_for_both_kinds(tmp_path, monkeypatch):
-    from melhubert_fairseq.tools.wav_to_fbank import read_audio_manifest
+    from melhubert_fairseq.data.audio_manifest import read_audio_manifest
 
     data = tmp_path / "corpus"
     data.mkdir()
@@ -121,7 +113,7 @@ def test_parse_label_line(line, labels):
 
 @pytest.mark.parametrize("line, bad", [(b"1 x 3", "'x'"), (b"1.5 2", "'1.5'"), (b"4 5 6abc", "'6abc'")])
 def test_parse_label_line_names_the_bad_token(line, bad):
-    with pytest.raises(ValueError, match=f"train.km:4: label {bad} is not an integer"):
+    with pytest.raises(InputError, match=f"train.km:4: label {bad} is not an integer"):
         parse_label_line(line, "train.km:4")
 
 
@@ -163,9 +155,9 @@ def test_frame_rates_validation():
     assert FrameRates.from_config(2, 100).labels_per_model_frame_step == 2
     assert FrameRates.from_config(2, 50).labels_per_model_frame_step == 1
     assert FrameRates.from_config(4, 50).labels_per_model_frame_step == 2
-    with pytest.raises(ValueError, match="label_rate=50"):
+    with pytest.raises(InputError, match="label_rate=50"):
         FrameRates.from_config(1, 50)  # 20 ms labels cannot feed a 10 ms model
-    with pytest.raises(ValueError, match="label_rate=30"):
+    with pytest.raises(InputError, match="label_rate=30"):
         FrameRates.from_config(2, 30)
 
 
@@ -173,7 +165,7 @@ def test_label_stride_accepts_100_hz_over_an_integer_only():
     # 100 / 11 Hz (a model stacking 11 frames) is 11 although 100 / (100 / 11) is not exactly 11.0 in floats.
     assert [label_stride(rate) for rate in (100, 50, 25, 100 / 3, 100 / 11)] == [1, 2, 4, 3, 11]
     for rate in (30, 33.3, 200, 0, -50):
-        with pytest.raises(ValueError, match="not 100 Hz divided by an integer"):
+        with pytest.raises(InputError, match="not 100 Hz divided by an integer"):
             label_stride(rate)
 
 
@@ -289,14 +281,14 @@ def test_label_count_mismatch_names_utterance_and_both_lengths(tmp_path):
     lines = (tmp_path / "train.km").read_text().splitlines()
     lines[1] = " ".join(lines[1].split()[:-2])
     (tmp_path / "train.km").write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match=r"train.tsv:3 \(u1\): 40 frames -> expected 40 labels, .*train.km:2 has 38"):
+    with pytest.raises(InputError, match=r"train.tsv:3 \(u1\): 40 frames -> expected 40 labels, .*train.km:2 has 38"):
         load(data)
 
 
 def test_km_line_count_must_match_manifest(tmp_path):
     data = write_indexed_corpus(tmp_path, [30, 40])
     (tmp_path / "train.km").write_text((tmp_path / "train.km").read_text().splitlines()[0] + "\n")
-    with pytest.raises(ValueError, match="train.km has 1 lines but manifest .*train.tsv has 2"):
+    with pytest.raises(InputError, match="train.km has 1 lines but manifest .*train.tsv has 2"):
         load(data)
 
 
@@ -304,7 +296,7 @@ def test_label_outside_class_range_names_utterance(tmp_path):
     data = write_indexed_corpus(tmp_path, [30])
     task = MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), label_dir=str(data), num_classes=20, seed=1, stack_frames=1))
     task.load_dataset("train")
-    with pytest.raises(ValueError, match=r"\(u0\).*label 20 outside \[0, 20\)"):
+    with pytest.raises(InputError, match=r"\(u0\).*label 20 outside \[0, 20\)"):
         task.datasets["train"].collater([{"id": 0}])
 
 
@@ -312,13 +304,13 @@ def test_negative_label_is_rejected(tmp_path):
     data = write_indexed_corpus(tmp_path, [5])
     (tmp_path / "train.km").write_text("0 1 -2 3 4\n")
     dataset = load(data, stack_frames=1)
-    with pytest.raises(ValueError, match=r"label -2 outside"):
+    with pytest.raises(InputError, match=r"label -2 outside"):
         dataset.collater([{"id": 0}])
 
 
 def test_wrong_feature_dimension_is_reported_at_load(tmp_path):
     data = write_indexed_corpus(tmp_path, [30], dim=80)
-    with pytest.raises(ValueError, match=r"u0\).*shape \(30, 80\), expected \(frames, 40\)"):
+    with pytest.raises(InputError, match=r"u0\).*shape \(30, 80\), expected \(frames, 40\)"):
         load(data)
 
 
@@ -328,7 +320,7 @@ def test_nan_in_crop_names_utterance_and_frame(tmp_path):
     feats[12, 3] = np.nan
     np.save(tmp_path / "feats" / "u1.npy", feats)
     dataset = load(data, stack_frames=1)
-    with pytest.raises(ValueError, match=r"\(u1\).*NaN/Inf \(first at frame 12\)"):
+    with pytest.raises(InputError, match=r"\(u1\).*NaN/Inf \(first at frame 12\)"):
         dataset.collater([{"id": 1}])
 
 
@@ -337,7 +329,7 @@ def test_inf_in_crop_is_rejected(tmp_path):
     feats = np.load(tmp_path / "feats" / "u0.npy")
     feats[0, 0] = np.inf
     np.save(tmp_path / "feats" / "u0.npy", feats)
-    with pytest.raises(ValueError, match="NaN/Inf"):
+    with pytest.raises(InputError, match="NaN/Inf"):
         load(data, stack_frames=1)
 
 
@@ -353,28 +345,28 @@ def test_truncated_feature_file_names_utterance(tmp_path):
     data = write_indexed_corpus(tmp_path, [30])
     path = tmp_path / "feats" / "u0.npy"
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(ValueError, match=r"\(u0\): cannot read .*u0.npy \(truncated"):
+    with pytest.raises(InputError, match=r"\(u0\): cannot read .*u0.npy \(truncated"):
         load(data, stack_frames=1)
 
 
 def test_frame_count_disagreeing_with_manifest_is_rejected(tmp_path):
     data = write_indexed_corpus(tmp_path, [30])
     np.save(tmp_path / "feats" / "u0.npy", np.zeros((31, 40), np.float32))
-    with pytest.raises(ValueError, match=r"has 31 frames but the manifest says 30"):
+    with pytest.raises(InputError, match=r"has 31 frames but the manifest says 30"):
         load(data, stack_frames=1)
 
 
 def test_empty_manifest_is_rejected(tmp_path):
     (tmp_path / "train.tsv").write_text("/root\n")
     (tmp_path / "train.km").write_text("")
-    with pytest.raises(ValueError, match="empty manifest"):
+    with pytest.raises(InputError, match="empty manifest"):
         load(tmp_path)
 
 
 def test_num_classes_must_agree_with_dictionary(tmp_path):
     data = write_indexed_corpus(tmp_path, [30])
     (tmp_path / "dict.km.txt").write_text("".join(f"{k} 1\n" for k in range(64)))
-    with pytest.raises(ValueError, match="num_classes=1000 but .*dict.km.txt lists 64"):
+    with pytest.raises(InputError, match="num_classes=1000 but .*dict.km.txt lists 64"):
         make_task(data)
     task = MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), label_dir=str(data), num_classes=-1, seed=1))
     assert task.num_classes == 64
@@ -382,10 +374,10 @@ def test_num_classes_must_agree_with_dictionary(tmp_path):
 
 def test_mean_std_file_validation(tmp_path):
     np.save(tmp_path / "bad.npy", np.zeros((3, 40), np.float32))
-    with pytest.raises(ValueError, match=r"expected shape \(2, dim\)"):
+    with pytest.raises(InputError, match=r"expected shape \(2, dim\)"):
         load_mean_std(str(tmp_path / "bad.npy"))
     np.save(tmp_path / "zero.npy", np.stack([np.zeros(40), np.zeros(40)]).astype(np.float32))
-    with pytest.raises(ValueError, match="std must be positive"):
+    with pytest.raises(InputError, match="std must be positive"):
         load_mean_std(str(tmp_path / "zero.npy"))
 
 
@@ -432,14 +424,14 @@ def test_feature_and_audio_manifests_refuse_rows_outside_their_root(tmp_path, ro
     row = str(tmp_path / "u1.npy") if row == "ABSOLUTE" else row
     manifest = tmp_path / "train.tsv"
     manifest.write_text(f"{tmp_path}\nok.npy\t10\n{row}\t10\n")
-    with pytest.raises(ValueError, match=r"train\.tsv:3 \(.*\): path .* must stay below its root folder"):
+    with pytest.raises(InputError, match=r"train\.tsv:3 \(.*\): path .* must stay below its root folder"):
         read_manifest(str(manifest))
-    with pytest.raises(ValueError, match=r"train\.tsv:3 \(.*\): path .* must stay below its root folder"):
+    with pytest.raises(InputError, match=r"train\.tsv:3 \(.*\): path .* must stay below its root folder"):
         MelHubertPretrainingTask(
             MelHubertPretrainingConfig(data=str(tmp_path), label_dir=str(tmp_path), num_classes=4, seed=1)
         ).load_dataset("train")  # training
     manifest.write_text(f"{tmp_path}\nok.wav\t10\n{row.replace('.npy', '.wav')}\t10\n")
-    with pytest.raises(ValueError, match=r"train\.tsv:3 \(.*\): path .* must stay below its root folder"):
+    with pytest.raises(InputError, match=r"train\.tsv:3 \(.*\): path .* must stay below its root folder"):
         list(iter_tsv_manifest(str(manifest), AUDIO))
 
 
@@ -462,7 +454,7 @@ def test_training_checks_the_recorded_normalisation_and_stores_those_statistics(
     data = make_fbank_corpus(tmp_path / "data", num_utts=3)
     raw_stats = np.stack([np.full(40, 15.5), np.full(40, 3.7)])
     raw = _record(data, "train", False, raw_stats, "train.mean-std.npy")
-    with pytest.raises(ValueError, match=rf"train\.features\.json: the features of train\.tsv are raw log-Mel.*"
+    with pytest.raises(InputError, match=rf"train\.features\.json: the features of train\.tsv are raw log-Mel.*"
                                          rf"task\.mean_std_path={re.escape(raw)}"):
         task_on(data).load_dataset("train")
     task = task_on(data, mean_std_path=raw)
@@ -470,7 +462,7 @@ def test_training_checks_the_recorded_normalisation_and_stores_those_statistics(
     np.testing.assert_array_equal(task.training_feature_stats().mean, raw_stats[0])
 
     normalised_by = _record(data, "train", True, np.stack([np.full(40, 0.5), np.full(40, 2.0)]), "mean-std.npy")
-    with pytest.raises(ValueError, match="already normalised .* would normalise them twice"):
+    with pytest.raises(InputError, match="already normalised .* would normalise them twice"):
         task_on(data, mean_std_path=normalised_by).load_dataset("train")
     task = task_on(data)
     task.load_dataset("train")
@@ -478,7 +470,7 @@ def test_training_checks_the_recorded_normalisation_and_stores_those_statistics(
     # A valid split normalised with other statistics than the training split.
     make_fbank_corpus(data, num_utts=3, split="valid")
     _record(data, "valid", True, np.stack([np.full(40, 0.1), np.full(40, 1.0)]), "other.npy")
-    with pytest.raises(ValueError, match=r"valid\.tsv is normalised by .*other\.npy, the training split by"):
+    with pytest.raises(InputError, match=r"valid\.tsv is normalised by .*other\.npy, the training split by"):
         task_on(data).load_dataset("valid")
 
 
@@ -492,14 +484,14 @@ def test_a_folder_without_a_record_keeps_working_and_plainly_raw_features_are_re
     feats = Path(read_manifest(str(data / "train.tsv")).root)
     for path in feats.glob("*.npy"):
         np.save(path, np.load(path) * 3.7 + 15.5)
-    with pytest.raises(ValueError, match=r"train\.tsv: its features look raw \(mean 15\.\d.*pass task\.mean_std_path="):
+    with pytest.raises(InputError, match=r"train\.tsv: its features look raw \(mean 15\.\d.*pass task\.mean_std_path="):
         task_on(data).load_dataset("train")
     task_on(data, mean_std_path=str(data / "mean-std.npy")).load_dataset("train")
 
 
 def test_a_missing_label_dir_is_an_error_not_task_data(tmp_path):
     data = make_fbank_corpus(tmp_path / "data", num_utts=3)  # train.km beside the features: no fallback to it
-    with pytest.raises(ValueError, match=r"task\.label_dir is not set: name the folder holding \{split\}\.km"):
+    with pytest.raises(InputError, match=r"task\.label_dir is not set: name the folder holding \{split\}\.km"):
         MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), num_classes=32, seed=3))
     # A model loaded from a checkpoint (fine-tuning, feature extraction) needs no labels.
     MelHubertPretrainingTask(MelHubertPretrainingConfig(data=str(data), num_classes=32, seed=3), from_checkpoint=True)

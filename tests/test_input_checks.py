@@ -12,6 +12,7 @@ import pytest
 import soundfile
 
 from melhubert_fairseq.cli import console_main
+from melhubert_fairseq.data.audio_manifest import list_audio_dir
 from melhubert_fairseq.data.fbank import load_audio
 from melhubert_fairseq.data.features import (
     MeanStd,
@@ -20,8 +21,10 @@ from melhubert_fairseq.data.features import (
     open_feature_file,
     read_feature_file,
 )
-from melhubert_fairseq.data.fbank_label_dataset import FbankLabelDataset, FrameRates
-from melhubert_fairseq.data.manifest import index_label_file, read_manifest
+from melhubert_fairseq.data.fbank_label_dataset import FbankLabelDataset
+from melhubert_fairseq.data.frame_rates import FrameRates
+from melhubert_fairseq.data.labels import index_label_file
+from melhubert_fairseq.data.manifest import read_manifest
 from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.tools import wav_to_fbank
 
@@ -170,7 +173,7 @@ def test_symlinked_speaker_folders_under_audio_dir_are_followed_once(tmp_path):
     soundfile.write(audio / "spk1" / "a.flac", np.zeros(8000, np.float32), 16000)
     os.symlink(elsewhere, audio / "spk2")
     os.symlink(audio, audio / "spk1" / "loop")  # a link back up the tree is walked once, not forever
-    items = wav_to_fbank.list_audio_dir(str(audio))
+    items = list_audio_dir(str(audio))
     assert [item.relative_path for item in items] == ["spk1/a.flac", "spk2/b.flac"]
 
 
@@ -193,7 +196,7 @@ def test_label_parsing_leaves_warnings_of_other_threads_alone():
     import threading
     import warnings
 
-    from melhubert_fairseq.data.manifest import parse_label_line
+    from melhubert_fairseq.data.labels import parse_label_line
 
     lines = [b"1 2 3 4 5\n", b"7 -1 3\n", b"0 0 1\n"]
     stop = threading.Event()

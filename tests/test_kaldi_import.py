@@ -9,7 +9,8 @@ import pytest
 from kaldiio.compression_header import kOneByteAuto, kSpeechFeature, kTwoByteAuto
 
 from melhubert_fairseq.data.features import FeatureNormalization, load_mean_std, mean_std_from_sums
-from melhubert_fairseq.data.manifest import load_km_labels, read_manifest
+from melhubert_fairseq.data.labels import load_km_labels
+from melhubert_fairseq.data.manifest import read_manifest
 from melhubert_fairseq.tools import create_manifest, import_kaldi_features, import_kaldi_labels
 from melhubert_fairseq.data.kaldi import read_mean_var
 from melhubert_fairseq.errors import InputError

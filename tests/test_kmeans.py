@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from melhubert_fairseq.data.features import MeanStd, save_mean_std, stack_frames
-from melhubert_fairseq.data.manifest import load_km_labels, read_manifest, write_manifest
+from melhubert_fairseq.data.labels import load_km_labels
+from melhubert_fairseq.data.manifest import read_manifest, write_manifest
 from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.kmeans import (
     KMeansAssigner,

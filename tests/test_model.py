@@ -16,6 +16,7 @@ from melhubert_fairseq.criterions.hard_label_masked_ce import HardLabelMaskedCe
 from melhubert_fairseq.models import mel_hubert
 from melhubert_fairseq.models.masking import SpanMaskConfig, SpanMaskError, span_mask
 from melhubert_fairseq.models.mel_hubert import MelHubertConfig, MelHubertModel
+from melhubert_fairseq.errors import InputError
 
 
 def tiny_config(**overrides) -> MelHubertConfig:
@@ -79,7 +80,7 @@ def test_output_layer_stops_early_and_matches_full_run():
 
 def test_wrong_input_dimension_is_a_clear_error():
     model = MelHubertModel(tiny_config(stack_frames=2))
-    with pytest.raises(ValueError, match=r"feat_dim x stack_frames = 40 x 2 = 80"):
+    with pytest.raises(InputError, match=r"feat_dim x stack_frames = 40 x 2 = 80"):
         model.extract_features(torch.randn(1, 10, 40))
 
 
@@ -213,7 +214,7 @@ def test_min_masks_applies_to_short_utterances():
 
 
 def test_unsupported_mask_options_fail_at_build():
-    with pytest.raises(ValueError, match="no_mask_overlap"):
+    with pytest.raises(InputError, match="no_mask_overlap"):
         MelHubertModel(tiny_config(no_mask_overlap=True))
 
 

@@ -14,13 +14,9 @@ import torch
 
 import melhubert_fairseq  # noqa: F401  (registers the plugin)
 from helpers import TINY_ORIGINAL_CONFIG, load_converted, make_reference, padded_input, save_original
-from melhubert_fairseq.original_checkpoint import (
-    CheckpointFormatError,
-    UnsafeCheckpointError,
-    convert_original_checkpoint,
-    original_checkpoint_safe_globals,
-    safe_torch_load,
-)
+from melhubert_fairseq.checkpoint_io import CheckpointFormatError, UnsafeCheckpointError, safe_torch_load
+from melhubert_fairseq.original.convert import convert_original_checkpoint
+from melhubert_fairseq.original.format import original_checkpoint_safe_globals
 from melhubert_fairseq.tools.convert_original_checkpoint import main as convert_main
 
 CASES = {

@@ -22,7 +22,8 @@ from helpers import (
     write_indexed_corpus,
 )
 from melhubert_fairseq.checkpoint_io import checkpoint_load_problem, safe_torch_load
-from melhubert_fairseq.tasks.mel_hubert_pretraining import MelHubertPretrainingConfig, MelHubertPretrainingTask
+from melhubert_fairseq.tasks.mel_hubert_pretraining import MelHubertPretrainingTask
+from melhubert_fairseq.tasks.pretraining_config import MelHubertPretrainingConfig
 
 
 def stop_workers(epoch_batch_itr) -> None:

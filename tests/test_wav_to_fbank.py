@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from melhubert_fairseq.data.audio_manifest import read_audio_manifest
 from melhubert_fairseq.data.fbank import (
     compute_fbank,
     fbank_options,
@@ -264,7 +265,7 @@ def test_demo_corpus_manifests_match_the_committed_audio():
     assert len({utt.text for utt in plan}) == len(plan) >= 100
     listed = {}
     for split in ["train", "valid"]:
-        for item in wav_to_fbank.read_audio_manifest(os.path.join(DEMO_CORPUS, f"{split}.tsv")):
+        for item in read_audio_manifest(os.path.join(DEMO_CORPUS, f"{split}.tsv")):
             listed[item.relative_path] = item
             info = soundfile.info(item.full_path)
             assert (info.samplerate, info.channels, info.frames) == (16000, 1, item.expected_samples)

@@ -11,7 +11,7 @@ from melhubert_fairseq.data.fbank import compute_fbank, fbank_options, load_audi
 from melhubert_fairseq.data.features import load_mean_std, stack_frames
 from melhubert_fairseq.models.mel_hubert import MelHubertConfig, MelHubertModel
 from melhubert_fairseq.models.waveform_frontend import KaldiFbank, collate_waveforms
-from melhubert_fairseq.tools.wav_to_fbank import list_audio_dir
+from melhubert_fairseq.data.audio_manifest import list_audio_dir
 from melhubert_fairseq.tools.wav_to_fbank import main as wav_to_fbank_main
 
 from helpers import DEMO_CORPUS

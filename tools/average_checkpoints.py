@@ -95,16 +95,16 @@ def check_compatible(reference: Dict[str, torch.Tensor], other: Dict[str, torch.
 
     missing, extra = sorted(set(reference) - set(other)), sorted(set(other) - set(reference))
     if missing or extra:
-        raise ValueError(f"{where} and {first} hold different parameters: missing {missing}, extra {extra}")
+        raise InputError(f"{where} and {first} hold different parameters: missing {missing}, extra {extra}")
     for name, tensor in reference.items():
         theirs = other[name]
         if theirs.shape != tensor.shape or theirs.dtype != tensor.dtype:
-            raise ValueError(
+            raise InputError(
                 f"{where}: {name} is {tuple(theirs.shape)} {theirs.dtype}, {first} has {tuple(tensor.shape)} {tensor.dtype}"
             )
         exact = name in MUST_BE_EQUAL or not tensor.is_floating_point()
         if exact and not torch.equal(theirs.nan_to_num(), tensor.nan_to_num()):
-            raise ValueError(f"{where}: {name} differs from {first}; it cannot be averaged")
+            raise InputError(f"{where}: {name} differs from {first}; it cannot be averaged")
 
 
 def epoch_of(state: Dict[str, Any]) -> Optional[int]:
@@ -119,7 +119,7 @@ def average_checkpoints(paths: Sequence[str]) -> Dict[str, Any]:
     from melhubert_fairseq.checkpoint_io import load_fairseq_state
 
     if len(paths) < 2:
-        raise ValueError(f"averaging needs at least 2 checkpoints, got {list(paths)}")
+        raise InputError(f"averaging needs at least 2 checkpoints, got {list(paths)}")
     sums: Dict[str, torch.Tensor] = {}
     template: Optional[Dict[str, Any]] = None
     reference: Dict[str, torch.Tensor] = {}
@@ -158,7 +158,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     count = args.num_update_checkpoints if update_based else args.num_epoch_checkpoints
     if count is not None:
         if len(args.inputs) != 1:
-            raise ValueError("--num-*-checkpoints takes exactly one run directory as --inputs")
+            raise InputError("--num-*-checkpoints takes exactly one run directory as --inputs")
         paths = newest_checkpoints(args.inputs[0], count, update_based=update_based)
     else:
         paths = list(args.inputs)

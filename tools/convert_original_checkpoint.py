@@ -69,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     # torch and the plugin's checkpoint code after parsing: --help needs neither.
     from melhubert_fairseq.checkpoint_io import atomic_torch_save
-    from melhubert_fairseq.original_checkpoint import convert_original_checkpoint, describe_attention, training_overrides
+    from melhubert_fairseq.original.convert import convert_original_checkpoint, describe_attention, training_overrides
 
     started = time.perf_counter()
     refuse_replacing_inputs([args.output], [args.checkpoint, args.mean_std])

@@ -23,17 +23,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from melhubert_fairseq.atomic_output import check_writable, refuse_replacing_inputs
-from melhubert_fairseq.data.features import label_stride, open_feature_file, open_npy
-from melhubert_fairseq.data.manifest import (
-    ManifestRows,
-    add_label_arguments,
-    check_num_classes,
-    check_unique_ids,
-    match_ids,
-    write_label_outputs,
-    write_manifest,
-)
-from melhubert_fairseq.cli import console_main, summary_line, with_progress
+from melhubert_fairseq.data.features import open_feature_file, open_npy
+from melhubert_fairseq.data.frame_rates import label_stride
+from melhubert_fairseq.data.label_import import ManifestRows, check_unique_ids, match_ids, write_label_outputs
+from melhubert_fairseq.data.labels import check_num_classes
+from melhubert_fairseq.data.manifest import write_manifest
+from melhubert_fairseq.cli import add_label_arguments, console_main, report_skipped, summary_line, with_progress
 from melhubert_fairseq.errors import InputError
 
 
@@ -127,6 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
         label_dir = os.path.abspath(args.label_dir)
         label_paths = {utt: os.path.join(label_dir, rel) for rel, utt in label_files}
         match = match_ids(all_rows.utt_ids, label_paths, feature_dir, label_dir, args.skip_missing)
+        report_skipped(match.problems)
         rows = all_rows.select(match.keep)
 
         def read_labels(i: int) -> np.ndarray:
@@ -147,6 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
             dropped=match.dropped_rows(),
             stride=label_stride(args.label_rate),
             inputs=inputs,
+            progress=with_progress,
         )
     print(summary_line("listed", len(rows.utt_ids), int(rows.num_frames.sum()), time.perf_counter() - start, written))
     return written

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 from melhubert_fairseq.atomic_output import atomic_output, check_writable, refuse_replacing_inputs
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ
-from melhubert_fairseq.data.manifest import LabelLineFormatter, dictionary_needs_writing, write_dictionary
+from melhubert_fairseq.data.labels import KM_DICTIONARY_NAME, LabelLineFormatter, dictionary_needs_writing, write_dictionary
 from melhubert_fairseq.data.shards import shard_file_name, shard_range, split_name
 from melhubert_fairseq.kmeans import (
     IMPORTED_SOURCE_KIND,
@@ -56,7 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     set_torch_threads(parser, args.threads)
     split = args.split or split_name(args.manifest)
     out_path = os.path.join(args.out_dir, shard_file_name(split, args.rank, args.nshard, ".km"))
-    dict_path = os.path.join(args.out_dir, "dict.km.txt")
+    dict_path = os.path.join(args.out_dir, KM_DICTIONARY_NAME)
     model = load_kmeans(args.km_path)  # first: a file that is no k-means model is named as such
     source = feature_source_from_args(args)
     refuse_replacing_inputs(

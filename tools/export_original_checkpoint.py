@@ -53,7 +53,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     # torch and the plugin's checkpoint code after parsing: --help needs neither.
     from melhubert_fairseq.checkpoint_io import atomic_torch_save
-    from melhubert_fairseq.original_checkpoint import export_original_checkpoint, is_old_mask_checkpoint
+    from melhubert_fairseq.original.export import export_original_checkpoint
+    from melhubert_fairseq.original.format import is_old_mask_checkpoint
 
     started = time.perf_counter()
     if args.mean_std_out and os.path.abspath(args.mean_std_out) == os.path.abspath(args.output):
@@ -65,7 +66,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with progress_bar(total=2, desc="export", unit="step") as progress:
         result = export_original_checkpoint(args.checkpoint, with_optimizer=args.with_optimizer)
         if args.mean_std_out and result.mean_std is None:
-            raise ValueError(
+            raise InputError(
                 f"{args.checkpoint}: records no fbank mean/std, so --mean-std-out has nothing to write "
                 "(use the mean-std.npy of the corpus it was trained on)"
             )

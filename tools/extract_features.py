@@ -40,7 +40,7 @@ from melhubert_fairseq.data.fbank import load_audio, num_fbank_frames
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, read_feature_file
 from melhubert_fairseq.data.manifest import read_manifest
 from melhubert_fairseq.errors import InputError
-from melhubert_fairseq.tools.wav_to_fbank import list_audio_dir, read_audio_manifest
+from melhubert_fairseq.data.audio_manifest import list_audio_dir, read_audio_manifest
 from melhubert_fairseq.cli import console_main, with_progress
 
 if TYPE_CHECKING:

@@ -27,18 +27,12 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from melhubert_fairseq.data.features import label_stride
+from melhubert_fairseq.data.frame_rates import label_stride
 from melhubert_fairseq.data.kaldi import ArkHandles, read_scp, read_text_ark_labels, resolve_ark_paths
-from melhubert_fairseq.data.manifest import (
-    ManifestRows,
-    add_label_arguments,
-    check_num_classes,
-    check_unique_ids,
-    match_ids,
-    read_manifest,
-    write_label_outputs,
-)
-from melhubert_fairseq.cli import console_main, summary_line
+from melhubert_fairseq.data.label_import import ManifestRows, check_unique_ids, match_ids, write_label_outputs
+from melhubert_fairseq.data.labels import check_num_classes
+from melhubert_fairseq.data.manifest import read_manifest
+from melhubert_fairseq.cli import add_label_arguments, console_main, report_skipped, summary_line, with_progress
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +83,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
     resolved = resolve_ark_paths(entries, args.label_scp, args.ark_dir)
     by_utt = {entry.utt_id: entry for entry in entries}
     match = match_ids(utt_ids, by_utt, args.manifest, args.label_scp, args.skip_missing)
+    report_skipped(match.problems)
 
     all_rows = ManifestRows(
         manifest.root,
@@ -119,6 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, str]:
             dropped=dropped,
             stride=label_stride(args.label_rate),
             inputs=[args.manifest, args.label_scp, *resolved.values()],
+            progress=with_progress,
         )
     print(summary_line("labelled", len(rows.utt_ids), int(rows.num_frames.sum()), time.perf_counter() - start, written))
     return written

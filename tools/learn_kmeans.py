@@ -44,6 +44,7 @@ from melhubert_fairseq.kmeans import (
     sidecar_path,
 )
 from melhubert_fairseq.cli import console_main, set_torch_threads
+from melhubert_fairseq.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,25 +102,25 @@ def load_sample_shards(args, split: str):
     for rank, path in enumerate(paths):
         sample, meta = load_sample(path)
         if meta.get("rank") != rank or meta.get("nshard") != args.nshard:
-            raise ValueError(f"{path}: sidecar says shard {meta.get('rank')}/{meta.get('nshard')}, expected {rank}/{args.nshard}")
+            raise InputError(f"{path}: sidecar says shard {meta.get('rank')}/{meta.get('nshard')}, expected {rank}/{args.nshard}")
         if source is None:
             source, first_path, first = meta["feature_source"], path, meta
         elif any(meta[key] != first[key] for key in ("feature_source", "sample_seed", "sample_frac")):
-            raise ValueError(
+            raise InputError(
                 f"{path}: sampled from {meta['feature_source']} (seed {meta['sample_seed']}, frac "
                 f"{meta['sample_frac']}) but {first_path} from {source} (seed {first['sample_seed']}, "
                 f"frac {first['sample_frac']}); sample every shard with the same flags"
             )
         if samples and sample.frames.shape[1] != samples[0].frames.shape[1]:
-            raise ValueError(f"{path}: dim {sample.frames.shape[1]} differs from {paths[0]}'s {samples[0].frames.shape[1]}")
+            raise InputError(f"{path}: dim {sample.frames.shape[1]} differs from {paths[0]}'s {samples[0].frames.shape[1]}")
         samples.append(sample)
     checks = [("--manifest", args.manifest, "manifest"), ("--mean-std", args.mean_std, "mean_std"),
               ("--checkpoint", args.checkpoint, "checkpoint")]
     for flag, given, key in checks:
         if not same_path(given, source.get(key)):
-            raise ValueError(f"{flag} {given} differs from the sample shards' {key} {source.get(key)}")
+            raise InputError(f"{flag} {given} differs from the sample shards' {key} {source.get(key)}")
     if args.layer is not None and args.layer != source.get("layer"):
-        raise ValueError(f"--layer {args.layer} differs from the sample shards' layer {source.get('layer')}")
+        raise InputError(f"--layer {args.layer} differs from the sample shards' layer {source.get('layer')}")
     frames = np.concatenate([s.frames for s in samples], axis=0)
     return frames, sum(s.utterances for s in samples), sum(s.source_frames for s in samples), first
 

@@ -44,7 +44,9 @@ from typing import List, Optional
 import numpy as np
 import soundfile
 
-from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, num_fbank_frames, resample_audio
+from melhubert_fairseq.data.audio_manifest import read_audio_manifest, write_audio_manifest
+from melhubert_fairseq.data.fbank import num_fbank_frames, resample_audio
+from melhubert_fairseq.data.features import FBANK_SAMPLE_RATE
 from melhubert_fairseq.atomic_output import StagedOutputs, atomic_output, writing
 from melhubert_fairseq.cli import console_main, with_progress
 from melhubert_fairseq.errors import InputError
@@ -213,7 +215,7 @@ def plan_corpus(num_speakers: int, seed: int) -> List[Utterance]:
     rng = random.Random(seed)
     combos = [(accent, variant) for accent in ACCENTS for variant in VARIANTS]
     if num_speakers > len(combos):
-        raise ValueError(f"at most {len(combos)} speakers are available, asked for {num_speakers}")
+        raise InputError(f"at most {len(combos)} speakers are available, asked for {num_speakers}")
     chosen = rng.sample(combos, num_speakers)
     speakers = [
         Speaker(
@@ -287,9 +289,8 @@ def write_probe_labels(out_dir: str, espeak: str) -> int:
             transcripts[utt_id] = (voice, text)
     count = 0
     for split in ("train", "valid"):
-        with open(os.path.join(out_dir, f"{split}.tsv"), encoding="utf-8") as handle:
-            rows = [line.split("\t")[0] for line in list(handle)[1:] if line.strip()]
-        utt_ids = [os.path.splitext(os.path.basename(row))[0] for row in rows]
+        items = read_audio_manifest(os.path.join(out_dir, f"{split}.tsv"))
+        utt_ids = [os.path.splitext(os.path.basename(item.relative_path))[0] for item in items]
         phones = [" ".join(espeak_phones(*transcripts[utt_id], espeak)) for utt_id in utt_ids]
         with atomic_output(os.path.join(out_dir, f"{split}.phn"), overwrite=True) as handle:
             handle.write("".join(line + "\n" for line in phones))
@@ -297,14 +298,6 @@ def write_probe_labels(out_dir: str, espeak: str) -> int:
             handle.write("".join(speaker_of(utt_id) + "\n" for utt_id in utt_ids))
         count += len(utt_ids)
     return count
-
-
-def write_audio_manifest(path: str, rows: List[tuple]) -> None:
-    """fairseq audio manifest with root ``.`` (the manifest's own directory)."""
-    with writing(path, "w") as handle:
-        handle.write(".\n")
-        for rel_path, num_samples in rows:
-            handle.write(f"{rel_path}\t{num_samples}\n")
 
 
 def build_corpus(out_dir: str, num_speakers: int, seed: int, espeak: str) -> tuple:
@@ -328,7 +321,7 @@ def build_corpus(out_dir: str, num_speakers: int, seed: int, espeak: str) -> tup
         total_samples += len(audio)
         total_frames += num_fbank_frames(len(audio))
     for split, rows in split_rows.items():
-        write_audio_manifest(os.path.join(out_dir, f"{split}.tsv"), sorted(rows))
+        write_audio_manifest(os.path.join(out_dir, f"{split}.tsv"), ".", sorted(rows))  # root: the corpus folder
     with writing(os.path.join(out_dir, "transcripts.tsv"), "w") as handle:
         handle.write("\n".join(transcript_lines) + "\n")
     write_probe_labels(out_dir, espeak)

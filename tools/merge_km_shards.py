@@ -17,10 +17,13 @@ from typing import List, Optional
 import numpy as np
 
 from melhubert_fairseq.atomic_output import atomic_output, check_writable, refuse_replacing_inputs
-from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, expected_label_count, label_stride
-from melhubert_fairseq.data.manifest import index_label_file, read_manifest
+from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ
+from melhubert_fairseq.data.frame_rates import expected_label_count, label_stride
+from melhubert_fairseq.data.labels import index_label_file
+from melhubert_fairseq.data.manifest import read_manifest
 from melhubert_fairseq.data.shards import shard_file_name, shard_range, split_name
 from melhubert_fairseq.cli import console_main, with_progress
+from melhubert_fairseq.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,11 +44,11 @@ def check_shard(path: str, expected_counts: np.ndarray, first_row: int, manifest
     """Check a shard has one line per row and the right number of labels on each line."""
     index = index_label_file(path)
     if len(index) != len(expected_counts):
-        raise ValueError(f"{path}: has {len(index)} lines but its shard holds {len(expected_counts)} manifest rows")
+        raise InputError(f"{path}: has {len(index)} lines but its shard holds {len(expected_counts)} manifest rows")
     bad = np.flatnonzero(index.counts != expected_counts)
     if bad.size:
         line = int(bad[0])
-        raise ValueError(
+        raise InputError(
             f"{path}:{line + 1}: {index.counts[line]} labels but {expected_counts[line]} expected for "
             f"[{manifest.describe(first_row + line)}] ({bad.size} such lines)"
         )

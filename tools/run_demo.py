@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Tuple
 
 import melhubert_fairseq
 from melhubert_fairseq.cli import console_main
+from melhubert_fairseq.data.features import MEAN_STD_NAME
 from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.finetuning import check_finetuning_checkpoint, write_finetuning_data
 from melhubert_fairseq.tools import dump_km_labels, learn_kmeans, wav_to_fbank
@@ -120,7 +121,7 @@ def make_features(checkout: Path, out: Path, workers: int) -> Path:
     wav_to_fbank.main(["--manifest", str(corpus / "train.tsv"), "--out-dir", str(feature_dir), "--workers", str(workers)])
     wav_to_fbank.main([
         "--manifest", str(corpus / "valid.tsv"), "--out-dir", str(feature_dir),
-        "--mean-std", str(feature_dir / "mean-std.npy"),
+        "--mean-std", str(feature_dir / MEAN_STD_NAME),
     ])
     return feature_dir
 

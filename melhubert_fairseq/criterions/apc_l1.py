@@ -94,7 +94,7 @@ class ApcL1(FairseqCriterion):
         net_input = sample["net_input"]
         source = net_input["source"]
         if source.dim() != 3:
-            raise ValueError(f"apc_l1 predicts input frames: expected (batch, frames, dim) input, got {tuple(source.shape)}")
+            raise InputError(f"apc_l1 predicts input frames: expected (batch, frames, dim) input, got {tuple(source.shape)}")
         padding_mask = net_input.get("padding_mask")
         if padding_mask is None:
             padding_mask = torch.zeros(source.shape[:2], dtype=torch.bool, device=source.device)

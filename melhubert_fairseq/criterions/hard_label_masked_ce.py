@@ -12,6 +12,9 @@ from fairseq.dataclass import FairseqDataclass
 
 from melhubert_fairseq.errors import InputError
 
+#: The name fairseq registers the criterion under (``criterion._name``).
+CRITERION_NAME = "hard_label_masked_ce"
+
 
 @dataclass
 class HardLabelMaskedCeConfig(FairseqDataclass):
@@ -23,7 +26,7 @@ class HardLabelMaskedCeConfig(FairseqDataclass):
     )
 
 
-@register_criterion("hard_label_masked_ce", dataclass=HardLabelMaskedCeConfig)
+@register_criterion(CRITERION_NAME, dataclass=HardLabelMaskedCeConfig)
 class HardLabelMaskedCe(FairseqCriterion):
     """Plain cross-entropy of ``final_proj`` logits against hard cluster ids.
 

@@ -20,19 +20,18 @@ import kaldi_native_fbank as knf
 import numpy as np
 import soundfile
 
-from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, FBANK_NUM_MEL_BINS
+from melhubert_fairseq.data.features import (
+    FBANK_FRAME_RATE_HZ,
+    FBANK_NUM_MEL_BINS,
+    FBANK_SAMPLE_RATE,
+    FBANK_SHIFT_SAMPLES,
+    FBANK_WINDOW_SAMPLES,
+    INT16_SCALE,
+)
 from melhubert_fairseq.errors import InputError, check_regular_file
 
-#: Sample rate every fbank feature in this project is computed at.
-FBANK_SAMPLE_RATE = 16000
-#: 25 ms analysis window at 16 kHz.
-FBANK_WINDOW_SAMPLES = 400
-#: Frame shift at 16 kHz: 160 samples = 10 ms.
-FBANK_SHIFT_SAMPLES = FBANK_SAMPLE_RATE // FBANK_FRAME_RATE_HZ
 #: A line of libsndfile's header log where the file is shorter than a chunk's declared size.
 _TRUNCATED_CHUNK = re.compile(r"^(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)")
-#: torchaudio.load returns int16 audio divided by 2**15; the original multiplied it back.
-INT16_SCALE = float(2**15)
 
 
 def fbank_options(num_mel_bins: int = FBANK_NUM_MEL_BINS) -> knf.FbankOptions:
@@ -83,12 +82,12 @@ def compute_fbank(waveform: np.ndarray, sample_rate: int = FBANK_SAMPLE_RATE) ->
     Audio shorter than one 25 ms window gives a (0, 40) array.
     """
     if sample_rate != FBANK_SAMPLE_RATE:
-        raise ValueError(
+        raise InputError(
             f"fbank needs {FBANK_SAMPLE_RATE} Hz audio, got {sample_rate} Hz (resample it first)"
         )
     waveform = np.asarray(waveform)
     if waveform.ndim != 1:
-        raise ValueError(f"fbank needs a 1-D mono waveform, got shape {waveform.shape}")
+        raise InputError(f"fbank needs a 1-D mono waveform, got shape {waveform.shape}")
     if np.issubdtype(waveform.dtype, np.integer):
         samples = waveform.astype(np.float32)
     elif np.issubdtype(waveform.dtype, np.floating):
@@ -110,7 +109,7 @@ def resample_audio(waveform: np.ndarray, orig_sr: int, target_sr: int) -> np.nda
     """Polyphase resampling (scipy.signal.resample_poly, Kaiser-windowed FIR) to ``target_sr``."""
     if orig_sr == target_sr:
         return waveform
-    from scipy.signal import resample_poly  # scipy comes with scikit-learn
+    from scipy.signal import resample_poly  # deferred on purpose: scipy.signal is slow to import and only resampling needs it
 
     divisor = math.gcd(int(orig_sr), int(target_sr))
     resampled = resample_poly(waveform, int(target_sr) // divisor, int(orig_sr) // divisor, axis=0)

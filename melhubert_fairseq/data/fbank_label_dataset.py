@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -13,15 +12,14 @@ from melhubert_fairseq.data.features import (
     FBANK_FRAME_RATE_HZ,
     MeanStd,
     check_finite_frames,
-    expected_label_count,
-    label_count_tolerance,
-    label_stride,
     num_stacked_frames,
     open_feature_file,
     stack_frames,
-    subsample_labels,
 )
-from melhubert_fairseq.data.manifest import FeatureManifest, LabelIndex, parse_label_line
+from melhubert_fairseq.data.frame_rates import FrameRates, subsample_labels
+from melhubert_fairseq.data.labels import LabelIndex, parse_label_line
+from melhubert_fairseq.data.manifest import FeatureManifest
+from melhubert_fairseq.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -58,46 +56,6 @@ class EpochTaggedBatches:
         return [[(int(index), tag) for index in batch] for batch in self.make_batches(dataset, epoch)]
 
 
-@dataclass(frozen=True)
-class FrameRates:
-    """How fbank frames, model frames and label frames line up (all in 10 ms fbank frames)."""
-
-    stack: int  # fbank frames per model frame
-    label_stride: int  # fbank frames per label
-
-    @classmethod
-    def from_config(cls, stack_frames: int, label_rate: float) -> "FrameRates":
-        """Validate that labels at ``label_rate`` Hz can be read at the model's rate."""
-        model_rate = FBANK_FRAME_RATE_HZ / stack_frames
-        error = ValueError(
-            f"label_rate={label_rate:g} Hz does not divide the model frame rate: the model runs at "
-            f"{model_rate:g} Hz (stack_frames={stack_frames}); labels must be at "
-            f"{FBANK_FRAME_RATE_HZ} Hz (one per fbank frame) or at a rate that is a multiple of "
-            f"{model_rate:g} Hz dividing {FBANK_FRAME_RATE_HZ}"
-        )
-        try:
-            stride = label_stride(label_rate)
-        except ValueError:
-            raise error from None
-        if stack_frames % stride:
-            raise error
-        return cls(stack=stack_frames, label_stride=stride)
-
-    @property
-    def labels_per_model_frame_step(self) -> int:
-        """Take every n-th label to get one label per model frame."""
-        return self.stack // self.label_stride
-
-    def expected_labels(self, fbank_frames: np.ndarray) -> np.ndarray:
-        """Number of labels a ``.km`` line should hold for utterances of ``fbank_frames`` frames."""
-        return expected_label_count(fbank_frames, self.label_stride)
-
-    @property
-    def label_tolerance(self) -> int:
-        """Allowed |labels - expected| (see ``label_count_tolerance``)."""
-        return label_count_tolerance(self.label_stride)
-
-
 class FbankLabelDataset(FairseqDataset):
     """Reads only each utterance's crop window (memory-mapped ``.npy``) and its ``.km`` line (if labels are given).
 
@@ -124,12 +82,12 @@ class FbankLabelDataset(FairseqDataset):
     ) -> None:
         super().__init__()
         if labels is not None and len(labels) != len(manifest):
-            raise ValueError(
+            raise InputError(
                 f"{labels.path} has {len(labels)} lines but manifest {manifest.path} has "
                 f"{len(manifest)} utterances: they must match line for line"
             )
         if mean_std is not None and mean_std.dim != feat_dim:
-            raise ValueError(f"mean/std has dim {mean_std.dim} but task.feat_dim is {feat_dim}")
+            raise InputError(f"mean/std has dim {mean_std.dim} but task.feat_dim is {feat_dim}")
         self.rates = rates
         self.feat_dim = feat_dim
         self.num_classes = num_classes
@@ -157,7 +115,7 @@ class FbankLabelDataset(FairseqDataset):
             if too_long.any():
                 logger.info(f"skipping {int(too_long.sum())} utterances longer than {max_keep_size} model frames")
         if not keep.any():
-            raise ValueError(f"{manifest.path}: no utterance left after min/max size filtering")
+            raise InputError(f"{manifest.path}: no utterance left after min/max size filtering")
         rows = np.flatnonzero(keep)
         self.manifest = manifest.select(rows) if len(rows) < len(manifest) else manifest
         #: None: no labels (a criterion that reads none); batches then have no ``target``.
@@ -178,7 +136,7 @@ class FbankLabelDataset(FairseqDataset):
                 f"{expected[i]} labels, {labels.path}:{i + 1} has {labels.counts[i]}"
                 for i in bad[:5]
             )
-            raise ValueError(
+            raise InputError(
                 f"{bad.size} utterances have a label count that does not match their frames "
                 f"(label stride {self.rates.label_stride} fbank frames): {examples}"
             )
@@ -236,7 +194,7 @@ class FbankLabelDataset(FairseqDataset):
         labels = parse_label_line(line, where)
         bad = (labels < 0) | (labels >= self.num_classes)
         if bad.any():
-            raise ValueError(
+            raise InputError(
                 f"{where}: label {int(labels[bad][0])} outside [0, {self.num_classes}) (task.num_classes)"
             )
         labels = subsample_labels(labels, self.rates.labels_per_model_frame_step)

@@ -16,13 +16,23 @@ import numpy as np
 from melhubert_fairseq.atomic_output import atomic_save_npy, writing
 from melhubert_fairseq.errors import InputError, check_regular_file
 
+# The fbank every feature file of this project holds (computed by melhubert_fairseq.data.fbank).
 #: Mel bins of one fbank frame, in every feature file of this project (the original's num_mel_bins=40).
 FBANK_NUM_MEL_BINS = 40
 #: fbank frames per second (a 10 ms Kaldi frame shift), in every feature file of this project.
 FBANK_FRAME_RATE_HZ = 100
+#: Sample rate every fbank feature in this project is computed at.
+FBANK_SAMPLE_RATE = 16000
+#: 25 ms analysis window at 16 kHz.
+FBANK_WINDOW_SAMPLES = 400
+#: Frame shift at 16 kHz: 160 samples = 10 ms.
+FBANK_SHIFT_SAMPLES = FBANK_SAMPLE_RATE // FBANK_FRAME_RATE_HZ
+#: torchaudio.load returns int16 audio divided by 2**15; the original multiplied it back.
+INT16_SCALE = float(2**15)
 #: dtypes a feature matrix may have on disk (read as float32).
 FEATURE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
-_NPY_MAGIC = np.lib.format.MAGIC_PREFIX
+#: The first bytes of every ``.npy`` file.
+NPY_MAGIC = np.lib.format.MAGIC_PREFIX
 _PICKLE_PROTOCOL_2_PLUS = b"\x80"
 
 
@@ -39,8 +49,8 @@ def open_npy(path: str, where: str = "", what: str = ".npy file") -> np.ndarray:
     check_regular_file(path, where, what)
     try:
         with open(path, "rb") as handle:
-            start = handle.read(len(_NPY_MAGIC))
-            if not start.startswith(_NPY_MAGIC):
+            start = handle.read(len(NPY_MAGIC))
+            if not start.startswith(NPY_MAGIC):
                 if start.startswith(_PICKLE_PROTOCOL_2_PLUS):
                     raise InputError(f"{prefix}{path} is not a plain .npy array but a Python pickle; refusing to unpickle it")
                 raise InputError(f"{prefix}cannot read {path} (not a .npy file: it does not start with the .npy magic)")
@@ -176,36 +186,6 @@ def stack_frames(feats: np.ndarray, stack: int) -> np.ndarray:
         pad = np.zeros((padded_len - num_frames, dim), dtype=feats.dtype)
         feats = np.concatenate([feats, pad], axis=0)
     return feats.reshape(padded_len // stack, stack * dim)
-
-
-def label_stride(label_rate: float) -> int:
-    """10 ms fbank frames per label for labels at ``label_rate`` Hz (100 -> 1, 50 -> 2, 25 -> 4).
-
-    The one check that a rate is 100 Hz over an integer; a model's rate ``100 / stack``
-    passes for every stack although float division does not always give it back exactly (100 / 11).
-    """
-    stride = FBANK_FRAME_RATE_HZ / label_rate if label_rate > 0 else 0
-    if round(stride) < 1 or abs(stride - round(stride)) > 1e-6:
-        raise ValueError(
-            f"label rate {label_rate:g} Hz is not {FBANK_FRAME_RATE_HZ} Hz divided by an integer (100, 50, 25, ...)"
-        )
-    return int(round(stride))
-
-
-def expected_label_count(num_frames, stride: int):
-    """Labels a ``.km`` line should hold for ``num_frames`` fbank frames at ``stride`` frames per label."""
-    return -(-num_frames // stride)
-
-
-def label_count_tolerance(stride: int) -> int:
-    """Allowed |labels - expected|: labels per fbank frame must match exactly; coarser labels may be
-    one short or long, the rounding a 20 ms feature dump causes."""
-    return 0 if stride == 1 else 1
-
-
-def subsample_labels(labels: np.ndarray, step: int) -> np.ndarray:
-    """Keep every ``step``-th label (the label of each stacked frame's first 10 ms frame)."""
-    return labels[::step] if step > 1 else labels
 
 
 #: Smallest per-dimension std accepted in a mean/std. Normalising divides by it: below 1e-5 the

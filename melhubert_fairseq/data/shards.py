@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Tuple
 
+from melhubert_fairseq.errors import InputError
+
 
 def shard_range(total: int, nshard: int, rank: int) -> Tuple[int, int]:
     """Rows ``[start, end)`` of shard ``rank`` of ``nshard`` over ``total`` manifest rows.
@@ -20,15 +22,15 @@ def shard_range(total: int, nshard: int, rank: int) -> Tuple[int, int]:
     would give 3 + 2) and our shards merge with fairseq's.
     """
     if nshard < 1:
-        raise ValueError(f"--nshard must be >= 1, got {nshard}")
+        raise InputError(f"--nshard must be >= 1, got {nshard}")
     if not 0 <= rank < nshard:
-        raise ValueError(f"--rank must be in [0, {nshard - 1}], got {rank}")
+        raise InputError(f"--rank must be in [0, {nshard - 1}], got {rank}")
     if nshard > total:
-        raise ValueError(f"--nshard {nshard} is larger than the number of utterances ({total})")
+        raise InputError(f"--nshard {nshard} is larger than the number of utterances ({total})")
     start = round(total / nshard * rank)
     end = round(total / nshard * (rank + 1))
     if start >= end:  # fairseq asserts the same; cannot happen with nshard <= total
-        raise ValueError(f"shard {rank}/{nshard} of {total} utterances is empty ({start}-{end})")
+        raise InputError(f"shard {rank}/{nshard} of {total} utterances is empty ({start}-{end})")
     return start, end
 
 

@@ -18,11 +18,11 @@ from melhubert_fairseq.data.features import (
     FBANK_FRAME_RATE_HZ,
     MeanStd,
     check_feature_array,
-    label_stride,
     load_mean_std,
     num_stacked_frames,
     read_feature_file,
 )
+from melhubert_fairseq.data.frame_rates import label_stride
 from melhubert_fairseq.data.manifest import FeatureManifest, read_manifest
 from melhubert_fairseq.data.shards import shard_range
 

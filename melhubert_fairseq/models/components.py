@@ -18,6 +18,7 @@ from fairseq.utils import get_activation_fn
 from torch import nn
 
 from melhubert_fairseq.models import cpu_kernels
+from melhubert_fairseq.errors import InputError
 
 
 def make_conv_pos(embed_dim: int, kernel_size: int, groups: int, causal: bool = False) -> nn.Module:
@@ -95,7 +96,7 @@ class Dropout(nn.Module):
     def __init__(self, p: float) -> None:
         super().__init__()
         if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+            raise InputError(f"dropout probability must be in [0, 1), got {p}")
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +118,7 @@ class SelfAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, dropout: float) -> None:
         super().__init__()
         if embed_dim % num_heads:
-            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+            raise InputError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.dropout = dropout
         self.q_proj = nn.Linear(embed_dim, embed_dim)

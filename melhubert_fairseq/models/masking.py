@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from fairseq.data.data_utils import compute_mask_indices
 
+from melhubert_fairseq.errors import InputError
+
 
 @dataclass(frozen=True)
 class SpanMaskConfig:
@@ -51,7 +53,7 @@ class SpanMaskConfig:
         return cls(**values)
 
 
-class SpanMaskError(ValueError):
+class SpanMaskError(InputError):
     """An utterance too short to mask: every frame would be hidden. ``row`` is its batch row (None: unknown)."""
 
     def __init__(self, message: str, row: Optional[int] = None) -> None:
@@ -67,17 +69,17 @@ def check_span_mask_config(cfg: SpanMaskConfig, what: Optional[str] = None) -> N
     # Generator.randint; both were removed from numpy, so fail at build time
     # instead of in the first training step.
     if cfg.no_mask_overlap:
-        raise ValueError(
+        raise InputError(
             f"{prefix}no_mask_overlap=true is not supported: fairseq's compute_mask_indices uses np.int, "
             "which numpy >= 1.24 removed"
         )
     if cfg.mask_selection not in ("static", "normal", "poisson"):
-        raise ValueError(
+        raise InputError(
             f"{prefix}mask_selection={cfg.mask_selection!r} is not supported (use static, normal or poisson; "
             "fairseq's 'uniform' path calls numpy's removed Generator.randint)"
         )
     if not 0.0 <= cfg.mask_prob < 1.0 or cfg.mask_length < 1:
-        raise ValueError(f"{prefix}mask_prob must be in [0, 1) and mask_length >= 1, got {cfg}")
+        raise InputError(f"{prefix}mask_prob must be in [0, 1) and mask_length >= 1, got {cfg}")
 
 
 def span_mask(

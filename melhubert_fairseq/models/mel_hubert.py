@@ -8,12 +8,13 @@ import torch
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import BaseFairseqModel, register_model
 from fairseq.modules.transformer_sentence_encoder import init_bert_params
-from omegaconf import II
+from omegaconf import II, open_dict
 from torch import nn
 
 from melhubert_fairseq.models.components import Dropout, TransformerEncoder, TransformerLayer
 from melhubert_fairseq.models.masking import SpanMaskConfig, check_span_mask_config, span_mask
 from melhubert_fairseq.models.waveform_frontend import WaveformFrontEnd
+from melhubert_fairseq.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +23,8 @@ ATTENTION_TYPE_CHOICES = ChoiceEnum(["original", "causal"])
 PREDICTION_HEAD_CHOICES = ChoiceEnum(["cluster_ids", "frames"])
 #: Added to the masking seed for channel masks, so that they do not repeat the frame masks' random draws.
 CHANNEL_MASK_SEED_OFFSET = 7919
+#: The name fairseq registers the model under (``model._name`` in configs and checkpoints).
+MODEL_NAME = "mel_hubert"
 
 
 @dataclass
@@ -135,7 +138,7 @@ class MelHubertConfig(FairseqDataclass):
     )
 
 
-@register_model("mel_hubert", dataclass=MelHubertConfig)
+@register_model(MODEL_NAME, dataclass=MelHubertConfig)
 class MelHubertModel(BaseFairseqModel):
     """Linear projection of (stacked) fbank frames -> conv positional embedding -> transformer -> pretraining head
     (``final_proj`` over k-means ids, or ``apc_proj`` onto the input frame: ``prediction_head``).
@@ -203,7 +206,7 @@ class MelHubertModel(BaseFairseqModel):
         if cfg.fbank_mean_std is not None:
             stats = torch.tensor([list(row) for row in cfg.fbank_mean_std], dtype=torch.float32)
             if stats.shape != self.fbank_mean_std.shape:
-                raise ValueError(
+                raise InputError(
                     f"model.fbank_mean_std has shape {tuple(stats.shape)}, expected [mean, std] of feat_dim = "
                     f"{cfg.feat_dim} values each"
                 )
@@ -228,12 +231,12 @@ class MelHubertModel(BaseFairseqModel):
         return self.fbank_mean_std[0], self.fbank_mean_std[1]
 
     def require_fbank_stats(self, where: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`fbank_stats`, or a ValueError naming ``where`` (default: the checkpoint the model was
+        """:meth:`fbank_stats`, or an InputError naming ``where`` (default: the checkpoint the model was
         read from, if known) when they are unknown."""
         stats = self.fbank_stats()
         if stats is None:
             where = where or self.cfg.loaded_from or "this mel_hubert model"
-            raise ValueError(
+            raise InputError(
                 f"{where} does not record the corpus mean/std its features were normalised with, "
                 "so raw fbank or audio cannot be normalised: pass normalised features from a manifest instead, or "
                 "store the stats in the checkpoint (melhubert-convert-original --mean-std FILE, or train with "
@@ -317,12 +320,12 @@ class MelHubertModel(BaseFairseqModel):
         if source.dim() == 2:
             source, padding_mask = self.waveform_to_frames(source, padding_mask)
         elif source.dim() != 3:
-            raise ValueError(
+            raise InputError(
                 f"input has shape {tuple(source.shape)}: expected (batch, samples) 16 kHz audio or "
                 f"(batch, frames, {self.input_dim}) fbank frames"
             )
         if source.size(-1) != self.input_dim:
-            raise ValueError(
+            raise InputError(
                 f"input frames have dim {source.size(-1)}, model expects feat_dim x stack_frames = "
                 f"{self.cfg.feat_dim} x {self.cfg.stack_frames} = {self.input_dim}"
             )
@@ -385,10 +388,8 @@ def record_checkpoint_in_config(state: Dict[str, Any], path: str) -> None:
     authority; None when unknown) and the file's own path into ``cfg.model.loaded_from``
     for errors. Configs saved before ``task.normalize`` existed get its only value, false.
     """
-    from omegaconf import open_dict
-
     cfg = state.get("cfg")
-    if cfg is None or cfg.get("model") is None or cfg.model.get("_name") != "mel_hubert":
+    if cfg is None or cfg.get("model") is None or cfg.model.get("_name") != MODEL_NAME:
         return
     stats = state.get("model", {}).get("fbank_mean_std")
     known = stats is not None and not bool(torch.isnan(stats).any())

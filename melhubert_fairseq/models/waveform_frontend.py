@@ -19,7 +19,9 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, INT16_SCALE, fbank_options
+from melhubert_fairseq.data.fbank import fbank_options
+from melhubert_fairseq.data.features import FBANK_SAMPLE_RATE, INT16_SCALE
+from melhubert_fairseq.errors import InputError
 
 
 def _unsupported_options(opts: knf.FbankOptions) -> list:
@@ -128,21 +130,21 @@ def collate_waveforms(waveforms: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, 
 
 
 def check_waveform(waveform, where: str, dims: Tuple[int, ...] = (1, 2)) -> None:
-    """Raise ValueError naming ``where`` unless ``waveform`` is a floating tensor/array with ``dims`` dimensions."""
+    """Raise InputError naming ``where`` unless ``waveform`` is a floating tensor/array with ``dims`` dimensions."""
     dtype = waveform.dtype
     is_float = dtype.is_floating_point if isinstance(dtype, torch.dtype) else np.issubdtype(dtype, np.floating)
     if waveform.ndim not in dims or not is_float:
         shapes = " or ".join({1: "(samples,)", 2: "(batch, samples)"}[d] for d in dims)
-        raise ValueError(
+        raise InputError(
             f"{where}: expected a float {shapes} waveform in [-1, 1], got {str(dtype).replace('torch.', '')} "
             f"array of shape {tuple(waveform.shape)}"
         )
 
 
 def check_sample_rate(sample_rate: int, where: str) -> None:
-    """Raise ValueError naming ``where`` unless audio is at the 16 kHz every model here was trained on."""
+    """Raise InputError naming ``where`` unless audio is at the 16 kHz every model here was trained on."""
     if sample_rate != FBANK_SAMPLE_RATE:
-        raise ValueError(
+        raise InputError(
             f"{where}: sample rate is {sample_rate} Hz, the model takes {FBANK_SAMPLE_RATE} Hz audio "
             "(resample it first, e.g. melhubert_fairseq.data.fbank.resample_audio)"
         )
@@ -182,7 +184,7 @@ class WaveformFrontEnd(nn.Module):
         """
         check_waveform(waveform, "waveform input", dims=(2,))
         if mean.shape[-1] != self.fbank.num_mel_bins:
-            raise ValueError(
+            raise InputError(
                 f"the model takes {mean.shape[-1]}-dim features, the waveform front end computes "
                 f"melhubert-wav-to-fbank's {self.fbank.num_mel_bins}-bin fbank"
             )
@@ -204,7 +206,7 @@ class WaveformFrontEnd(nn.Module):
         if bool((too_short | misplaced).any()):  # one host sync for both checks
             if bool(misplaced.any()):
                 raise ValueError("padding_mask must be True exactly on the trailing padding of each row")
-            raise ValueError(
+            raise InputError(
                 f"waveform rows {too_short.nonzero().flatten().tolist()} are shorter than one "
                 f"{self.fbank.window_samples}-sample fbank window"
             )

@@ -5,131 +5,36 @@ import inspect
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import numpy as np
 import torch
-from fairseq.dataclass import FairseqDataclass
+from fairseq.logging import metrics
 from fairseq.tasks import FairseqTask, register_task
-from omegaconf import II, MISSING, open_dict
+from omegaconf import open_dict
 
 from melhubert_fairseq.data.features import (
-    FBANK_FRAME_RATE_HZ,
-    FBANK_NUM_MEL_BINS,
     MEAN_STD_NAME,
     FeatureNormalization,
     MeanStd,
     load_mean_std,
     normalization_record_path,
 )
-from melhubert_fairseq.data.fbank_label_dataset import EpochTaggedBatches, FbankLabelDataset, FrameRates
-from melhubert_fairseq.data.manifest import index_label_file, read_dictionary_size, read_manifest
+from melhubert_fairseq.data.fbank_label_dataset import EpochTaggedBatches, FbankLabelDataset
+from melhubert_fairseq.data.frame_rates import FrameRates
+from melhubert_fairseq.data.labels import dictionary_name, index_label_file, read_dictionary_size
+from melhubert_fairseq.data.manifest import read_manifest
 from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.models.masking import SpanMaskError
+from melhubert_fairseq.probe.during_training import TrainingProbe
+from melhubert_fairseq.tasks.pretraining_config import MelHubertPretrainingConfig, is_training_split, training_split_name
 
 logger = logging.getLogger(__name__)
 
 #: The fairseq metrics aggregator counting validations for the in-training probe (saved in checkpoints).
 PROBE_SCHEDULE_AGGREGATOR = "mel_hubert_probe_schedule"
-
-
-@dataclass
-class MelHubertPretrainingConfig(FairseqDataclass):
-    """Where the fbank manifests and labels are, and how utterances become batches."""
-
-    data: str = field(default=MISSING, metadata={"help": "directory holding {split}.tsv fbank manifests"})
-    label_dir: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "directory holding {split}.{labels} and dict.{labels}.txt; required to train or validate (stage 1 "
-            "and stage 2 labels of one corpus live in different folders, so it never defaults to task.data)"
-        },
-    )
-    labels: Optional[str] = field(
-        default="km",
-        metadata={
-            "help": "label file extension: {label_dir}/{split}.{labels}; null = no labels, for a criterion that reads "
-            "none (apc_l1): the manifest alone"
-        },
-    )
-    label_rate: float = field(
-        default=float(FBANK_FRAME_RATE_HZ),
-        metadata={"help": "labels per second: 100 = one per 10 ms fbank frame (stage 1), 50 = one per 20 ms model frame"},
-    )
-    num_classes: int = field(
-        default=512,
-        metadata={"help": "number of k-means clusters; labels are class ids 0..K-1; -1 = read dict.{labels}.txt"},
-    )
-    feat_dim: int = field(
-        default=FBANK_NUM_MEL_BINS, metadata={"help": "dimension of one 10 ms fbank frame in the .npy files"}
-    )
-    stack_frames: int = field(
-        default=2, metadata={"help": "10 ms frames concatenated per model frame: 1 (10 ms), 2 (20 ms) or 4 (40 ms)"}
-    )
-    mean_std_path: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "mean-std.npy (2 x feat_dim) to normalise raw features with at load; null = features are normalised "
-            "on disk. Checked against the {split}.features.json the feature tools write"
-        },
-    )
-    max_sample_size: Optional[int] = field(
-        default=None, metadata={"help": "crop utterances to at most this many model frames (750 at 20 ms)"}
-    )
-    min_sample_size: Optional[int] = field(
-        default=None, metadata={"help": "skip utterances shorter than this many model frames"}
-    )
-    max_keep_size: Optional[int] = field(
-        default=None, metadata={"help": "skip utterances longer than this many model frames"}
-    )
-    pad_audio: bool = field(
-        default=False, metadata={"help": "pad to the longest utterance in the batch instead of cropping to the shortest"}
-    )
-    random_crop: bool = field(default=True, metadata={"help": "random crop window; false = crop from the start"})
-    rebuild_batches: bool = field(
-        default=True,
-        metadata={
-            "help": "rebuild the length-bucketed batches every epoch from (seed, epoch) (fairseq's rebuild_batches); "
-            "must stay true: batch order then does not depend on the epoch a run was resumed in"
-        },
-    )
-    normalize: bool = field(
-        default=False,
-        metadata={
-            "help": "whether waveforms fed to the model are normalised per utterance (fairseq fine-tuning checks its "
-            "task.normalize against this); always false: the fbank is computed from the raw audio"
-        },
-    )
-    probe_train: Optional[str] = field(
-        default=None,
-        metadata={
-            "help": "probe the model during training: manifest (audio or fbank) of a small held-out probe set the "
-            "heads train on, with .phn (PR) and/or .spk (SID) beside it (see melhubert-probe); null = no probe"
-        },
-    )
-    probe_test: Optional[str] = field(
-        default=None, metadata={"help": "manifest PR is scored on (.phn beside it); SID's few-shot split uses both"}
-    )
-    probe_tasks: str = field(default="pr,sid", metadata={"help": "probes to run: pr (logs probe_pr_per), sid (probe_sid_acc)"})
-    probe_interval: int = field(
-        default=10, metadata={"help": "probe at the first validation and then every N-th one"}
-    )
-    probe_shots: int = field(default=2, metadata={"help": "SID: training utterances per speaker (few-shot); the rest test"})
-    probe_seeds: int = field(default=1, metadata={"help": "heads per probe (seeds 1..N); the logged value is their mean"})
-    probe_pr_steps: int = field(default=600, metadata={"help": "PR: Adam steps of the CTC head"})
-    probe_sid_steps: int = field(default=200, metadata={"help": "SID: full-batch steps of the speaker classifier"})
-    probe_phone_map: Optional[str] = field(
-        default=None, metadata={"help": "PR: 'phone replacement' lines folding phones before training the head"}
-    )
-    seed: int = II("common.seed")
-    train_subset: str = field(
-        default=II("dataset.train_subset"),
-        metadata={
-            "help": "the split trained on (fairseq's dataset.train_subset, whatever its name): shuffled, its crops and "
-            "batches redrawn every epoch; every other split keeps fixed crops, so validations compare"
-        },
-    )
+#: The name fairseq registers the task under (``task._name``).
+TASK_NAME = "mel_hubert_pretraining"
 
 
 def _same_stats(path_a: str, path_b: str) -> bool:
@@ -140,26 +45,7 @@ def _same_stats(path_a: str, path_b: str) -> bool:
     return a.dim == b.dim and np.allclose(a.to_array(), b.to_array(), rtol=1e-6, atol=0)
 
 
-def training_split_name(cfg) -> Optional[str]:
-    """``cfg.train_subset`` (fairseq's dataset.train_subset) when it resolves: a task built from a fairseq config
-    or a checkpoint; None for a task config built on its own."""
-    try:
-        train_subset = cfg.train_subset
-    except Exception:  # omegaconf: an interpolation with no dataset group to resolve against
-        train_subset = None
-    if isinstance(train_subset, str) and train_subset and not train_subset.startswith("${"):
-        return train_subset
-    return None
-
-
-def is_training_split(split: str, cfg) -> bool:
-    """Whether ``split`` is the one trained on: ``cfg.train_subset`` when it resolves, else fairseq's
-    default name (a task config built on its own)."""
-    train_subset = training_split_name(cfg)
-    return split == train_subset if train_subset is not None else split.startswith("train")
-
-
-@register_task("mel_hubert_pretraining", dataclass=MelHubertPretrainingConfig)
+@register_task(TASK_NAME, dataclass=MelHubertPretrainingConfig)
 class MelHubertPretrainingTask(FairseqTask):
     """Masked prediction of hard k-means labels from log-Mel frames."""
 
@@ -168,14 +54,14 @@ class MelHubertPretrainingTask(FairseqTask):
     def __init__(self, cfg: MelHubertPretrainingConfig, from_checkpoint: bool = False) -> None:
         super().__init__(cfg)
         if cfg.stack_frames not in (1, 2, 4):
-            raise ValueError(f"task.stack_frames must be 1, 2 or 4, got {cfg.stack_frames}")
+            raise InputError(f"task.stack_frames must be 1, 2 or 4, got {cfg.stack_frames}")
         if cfg.normalize:
-            raise ValueError(
+            raise InputError(
                 "task.normalize=true is not supported: mel_hubert computes its fbank from the raw audio "
                 "(scaled by 2**15), so audio is never normalised per utterance; fine-tune with task.normalize=false"
             )
         if not cfg.rebuild_batches:
-            raise ValueError(
+            raise InputError(
                 "task.rebuild_batches=false is not supported: fairseq would then build the batches once, "
                 "seeded by the epoch the iterator was created in, so a resumed run would train on other batches"
             )
@@ -197,8 +83,6 @@ class MelHubertPretrainingTask(FairseqTask):
         # Read and checked now, so a bad probe set fails before training, not at a validation.
         self.training_probe = None
         if cfg.probe_train and not from_checkpoint:
-            from melhubert_fairseq.probe.during_training import TrainingProbe
-
             self.training_probe = TrainingProbe.from_task_config(cfg)
         self._last_validated_update: Optional[int] = None
 
@@ -245,19 +129,19 @@ class MelHubertPretrainingTask(FairseqTask):
         if record is None:
             self._check_unrecorded_features(manifest_path, dataset)
         elif record.normalized and self.cfg.mean_std_path:
-            raise ValueError(
+            raise InputError(
                 f"{record_path}: the features of {split}.tsv are already normalised (by {record.mean_std}); "
                 f"task.mean_std_path={self.cfg.mean_std_path} would normalise them twice: leave it unset"
             )
         elif not record.normalized and not self.cfg.mean_std_path:
             stats = train.mean_std if train is not None and not train.normalized and train.mean_std else record.mean_std
-            raise ValueError(
+            raise InputError(
                 f"{record_path}: the features of {split}.tsv are raw log-Mel (written with --no-normalize): "
                 f"normalise them at load with task.mean_std_path={stats or '<the training split mean-std.npy>'}"
             )
         elif record.normalized and train is not None and train.normalized and record is not train:
             if record.mean_std and train.mean_std and not _same_stats(record.mean_std, train.mean_std):
-                raise ValueError(
+                raise InputError(
                     f"{record_path}: {split}.tsv is normalised by {record.mean_std}, the training split by "
                     f"{train.mean_std}: rewrite it with melhubert-wav-to-fbank --mean-std {train.mean_std}"
                 )
@@ -274,7 +158,7 @@ class MelHubertPretrainingTask(FairseqTask):
         first = dataset.read_frames(0, 0, int(dataset.sizes[0]))
         mean = float(np.mean(first, dtype=np.float64))
         if abs(mean - raw_mean) < abs(mean):
-            raise ValueError(
+            raise InputError(
                 f"{manifest_path}: its features look raw (mean {mean:.1f}, like the mean {raw_mean:.1f} of "
                 f"{stats_path}), yet with no task.mean_std_path they are taken as normalised (no "
                 f"{os.path.basename(normalization_record_path(manifest_path))}: written before normalisation was "
@@ -291,7 +175,7 @@ class MelHubertPretrainingTask(FairseqTask):
     def label_dir(self) -> str:
         """Directory of the label files (``task.label_dir``, which must be set)."""
         if not self.cfg.label_dir:
-            raise ValueError(
+            raise InputError(
                 f"task.label_dir is not set: name the folder holding {{split}}.{self.cfg.labels} and "
                 f"dict.{self.cfg.labels}.txt (task.label_dir=DIR; fairseq-validate: --label-dir DIR); "
                 "it does not default to task.data"
@@ -299,14 +183,14 @@ class MelHubertPretrainingTask(FairseqTask):
         return self.cfg.label_dir
 
     def _resolve_num_classes(self) -> int:
-        dict_path = os.path.join(self.label_dir, f"dict.{self.cfg.labels}.txt")
+        dict_path = os.path.join(self.label_dir, dictionary_name(self.cfg.labels))
         dict_size = read_dictionary_size(dict_path)
         if self.cfg.num_classes == -1:
             if dict_size is None:
                 raise FileNotFoundError(f"task.num_classes=-1 asks for {dict_path}, which does not exist")
             return dict_size
         if dict_size is not None and dict_size != self.cfg.num_classes:
-            raise ValueError(
+            raise InputError(
                 f"task.num_classes={self.cfg.num_classes} but {dict_path} lists {dict_size} clusters"
             )
         return self.cfg.num_classes
@@ -369,7 +253,7 @@ class MelHubertPretrainingTask(FairseqTask):
         model = super().build_model(cfg, from_checkpoint)
         expected_input = self.cfg.feat_dim * self.cfg.stack_frames
         if getattr(model, "input_dim", expected_input) != expected_input:
-            raise ValueError(
+            raise InputError(
                 f"model input dim {model.input_dim} != task feat_dim x stack_frames = {expected_input}"
             )
         if not from_checkpoint and hasattr(model, "set_fbank_stats"):
@@ -378,7 +262,7 @@ class MelHubertPretrainingTask(FairseqTask):
                 model.set_fbank_stats(torch.from_numpy(stats.mean), torch.from_numpy(stats.std))
         final_proj = getattr(model, "final_proj", None)
         if final_proj is not None and final_proj.out_features != self.num_classes:
-            raise ValueError(f"model predicts {final_proj.out_features} classes, task has {self.num_classes}")
+            raise InputError(f"model predicts {final_proj.out_features} classes, task has {self.num_classes}")
         return model
 
     def build_criterion(self, cfg, from_checkpoint: bool = False):
@@ -426,7 +310,7 @@ class MelHubertPretrainingTask(FairseqTask):
             # (fairseq-validate) pass their own command line's seed, which is theirs to choose.
             seed, epoch = call.arguments["seed"], int(call.arguments["epoch"])
             if seed != self.cfg.seed and seed == self.cfg.seed + epoch:
-                raise ValueError(
+                raise InputError(
                     "dataset.update_ordered_indices_seed=true is not supported: the batches are already rebuilt "
                     "every epoch from common.seed + epoch, and fairseq would keep the seed of the epoch a run was "
                     "(re)started in, so a resumed run would train on other batches"
@@ -457,8 +341,6 @@ class MelHubertPretrainingTask(FairseqTask):
         its checkpoints (``extra_state["metrics"]``) and restores them on resume, so a resumed run probes
         at the validations the uninterrupted one would have.
         """
-        from fairseq.logging import metrics
-
         module = getattr(model, "module", model)
         num_updates = int(getattr(module, "num_updates", 0))
         if num_updates == self._last_validated_update:
@@ -499,7 +381,7 @@ def naming_unmaskable_utterances(sample: dict):
         if not utterances or row is None:
             raise
         cropped = " (the batch is cropped to this, its shortest utterance)" if sample.get("crop_row") is not None else ""
-        raise ValueError(
+        raise InputError(
             f"{utterances[row]}: too short to mask{cropped}: {err}; skip utterances this short with "
             "task.min_sample_size (model frames)"
         ) from None
