@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from fairseq import checkpoint_utils
 
-from melhubert_fairseq.checkpoint_io import load_fairseq_state, require_mel_hubert
+from melhubert_fairseq import register_with_fairseq
+from melhubert_fairseq.checkpoint_loading import load_fairseq_state, require_mel_hubert
 from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, INT16_SCALE, check_audio
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, MeanStd, read_feature_file, stack_frames
 from melhubert_fairseq.data.manifest import FeatureManifest, read_manifest
@@ -37,6 +38,7 @@ def load_mel_hubert(checkpoint_path: str, device: str = "cpu"):
     """Load a fairseq ``mel_hubert`` checkpoint (weights_only stays on) -> (model in eval mode, task cfg)."""
     # Named before fairseq builds anything: another model's task would look for its own data first.
     require_mel_hubert(checkpoint_path, load_fairseq_state(checkpoint_path, mmap=True), "its features are not Mel-HuBERT's")
+    register_with_fairseq()  # fairseq rebuilds the task and model by their registered names
     models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([checkpoint_path])
     model = models[0].to(device).eval()
     return model, cfg.task

@@ -19,6 +19,7 @@ from typing import Dict, List, Mapping, Tuple
 
 from melhubert_fairseq.atomic_output import atomic_output
 from melhubert_fairseq.data.manifest import AUDIO, iter_tsv_manifest
+from melhubert_fairseq.file_sniffing import CheckpointFormatError
 
 #: fairseq's word boundary symbol in letter targets.
 WORD_BOUNDARY = "|"
@@ -140,10 +141,10 @@ def write_finetuning_data(
 def check_finetuning_checkpoint(path: str) -> None:
     """Raise :class:`CheckpointFormatError` naming ``path`` unless it is a ``mel_hubert`` checkpoint that can
     take audio (it records the fbank statistics its training features were normalised with)."""
+    # Deferred: the fine-tuning data tools import this module, and their --help must not import torch.
     import torch
 
-    from melhubert_fairseq.checkpoint_io import CheckpointFormatError
-    from melhubert_fairseq.original_checkpoint import read_mel_hubert_checkpoint
+    from melhubert_fairseq.original_checkpoint import read_mel_hubert_checkpoint  # imports torch: as above
 
     state, _cfg = read_mel_hubert_checkpoint(path, purpose="this fine-tuning starts from a mel_hubert model")
     stats = state["model"].get("fbank_mean_std")

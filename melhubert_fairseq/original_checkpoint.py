@@ -41,8 +41,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from melhubert_fairseq.checkpoint_io import (  # noqa: F401  (re-exported)
-    CheckpointFormatError,
+from melhubert_fairseq.checkpoint_loading import (  # noqa: F401  (re-exported)
     UnsafeCheckpointError,
     load_fairseq_state,
     require_mel_hubert,
@@ -50,6 +49,7 @@ from melhubert_fairseq.checkpoint_io import (  # noqa: F401  (re-exported)
 )
 from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS, MeanStd, validate_mean_std
 from melhubert_fairseq.errors import InputError
+from melhubert_fairseq.file_sniffing import CheckpointFormatError  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 

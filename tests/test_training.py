@@ -13,7 +13,7 @@ from fairseq import checkpoint_utils
 
 import melhubert_fairseq  # noqa: F401  (registers the plugin and the checkpoint allow-list)
 from helpers import make_fbank_corpus, run_hydra_train
-from melhubert_fairseq.checkpoint_io import safe_torch_load
+from melhubert_fairseq.checkpoint_loading import safe_torch_load
 
 pytestmark = pytest.mark.slow  # every test here runs fairseq-hydra-train (or uses the trained tiny_checkpoint)
 

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import check_writable, refuse_replacing_inputs
+from melhubert_fairseq.output_guards import check_writable, refuse_replacing_inputs
 from melhubert_fairseq.data.features import label_stride, open_feature_file, open_npy
 from melhubert_fairseq.data.manifest import (
     ManifestRows,

@@ -16,7 +16,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import atomic_output, check_writable, refuse_replacing_inputs
+from melhubert_fairseq.atomic_output import atomic_output
+from melhubert_fairseq.output_guards import check_writable, refuse_replacing_inputs
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, expected_label_count, label_stride
 from melhubert_fairseq.data.manifest import index_label_file, read_manifest
 from melhubert_fairseq.data.shards import shard_file_name, shard_range, split_name

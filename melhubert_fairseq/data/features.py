@@ -13,8 +13,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import atomic_save_npy, writing
+from melhubert_fairseq.atomic_output import atomic_save_npy
+from melhubert_fairseq.disk_full import writing
 from melhubert_fairseq.errors import InputError, check_regular_file
+from melhubert_fairseq.file_formats import NPY_MAGIC
 
 #: Mel bins of one fbank frame, in every feature file of this project (the original's num_mel_bins=40).
 FBANK_NUM_MEL_BINS = 40
@@ -22,7 +24,6 @@ FBANK_NUM_MEL_BINS = 40
 FBANK_FRAME_RATE_HZ = 100
 #: dtypes a feature matrix may have on disk (read as float32).
 FEATURE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
-_NPY_MAGIC = np.lib.format.MAGIC_PREFIX
 _PICKLE_PROTOCOL_2_PLUS = b"\x80"
 
 
@@ -39,8 +40,8 @@ def open_npy(path: str, where: str = "", what: str = ".npy file") -> np.ndarray:
     check_regular_file(path, where, what)
     try:
         with open(path, "rb") as handle:
-            start = handle.read(len(_NPY_MAGIC))
-            if not start.startswith(_NPY_MAGIC):
+            start = handle.read(len(NPY_MAGIC))
+            if not start.startswith(NPY_MAGIC):
                 if start.startswith(_PICKLE_PROTOCOL_2_PLUS):
                     raise InputError(f"{prefix}{path} is not a plain .npy array but a Python pickle; refusing to unpickle it")
                 raise InputError(f"{prefix}cannot read {path} (not a .npy file: it does not start with the .npy magic)")

@@ -22,8 +22,7 @@ from kaldiio.matio import read_kaldi
 from melhubert_fairseq.data.features import MeanStd, load_mean_std, mean_std_from_sums
 from melhubert_fairseq.data.manifest import parse_label_line
 from melhubert_fairseq.errors import InputError, check_regular_file
-
-_NPY_MAGIC = b"\x93NUMPY"
+from melhubert_fairseq.file_formats import NPY_MAGIC
 
 
 @dataclass(frozen=True)
@@ -166,8 +165,8 @@ def load_normalization_stats(path: str) -> MeanStd:
     """Mean/std from a Kaldi ``.mean-var`` file or a (2, dim) ``mean-std.npy`` (told apart by content)."""
     check_regular_file(path, what="mean/std file")
     with open(path, "rb") as handle:
-        magic = handle.read(len(_NPY_MAGIC))
-    return load_mean_std(path) if magic == _NPY_MAGIC else read_mean_var(path)
+        magic = handle.read(len(NPY_MAGIC))
+    return load_mean_std(path) if magic == NPY_MAGIC else read_mean_var(path)
 
 
 def check_ark_key(handle: IO[bytes], offset: int, utt_id: str, ark_path: str) -> None:

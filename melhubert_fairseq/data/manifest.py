@@ -34,14 +34,10 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import (
-    StagedOutputs,
-    atomic_output,
-    check_writable,
-    refuse_replacing_inputs,
-    safe_relative_path,
-    writing,
-)
+from melhubert_fairseq.atomic_output import atomic_output
+from melhubert_fairseq.disk_full import writing
+from melhubert_fairseq.output_guards import check_writable, refuse_replacing_inputs, safe_relative_path
+from melhubert_fairseq.staged_outputs import StagedOutputs
 from melhubert_fairseq.cli import format_ids, with_progress
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, expected_label_count, label_count_tolerance
 from melhubert_fairseq.errors import InputError, check_regular_file

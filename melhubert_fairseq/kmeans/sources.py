@@ -132,6 +132,8 @@ class ModelLayerSource(FeatureSource):
         device: str = "cpu",
         max_batch_frames: int = 20000,
     ) -> None:
+        # Deferred: learn_kmeans and dump_km_labels import this module, and their --help must not import
+        # fairseq or torch (which the feature reader does).
         from melhubert_fairseq.feature_reader import MelHubertFeatureReader
 
         if layer < 1:

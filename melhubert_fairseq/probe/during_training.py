@@ -20,6 +20,7 @@ from typing import Dict, Iterator, List, Sequence
 import numpy as np
 import torch
 
+from melhubert_fairseq.feature_reader import MelHubertFeatureReader
 from melhubert_fairseq.probe.features import PRETRAINED, Upstream, extract_probe_features
 from melhubert_fairseq.probe.run import DEFAULT_SETTINGS, PR, SID, TASKS, ProbeData, check_probe_data, load_probe_data, run_pr, run_sid
 
@@ -80,8 +81,6 @@ class TrainingProbe:
     @torch.no_grad()
     def run(self, model: torch.nn.Module, task_cfg, device: str) -> Dict[str, float]:
         """Probe ``model`` (left exactly as it was); return {metric name: mean over seeds}."""
-        from melhubert_fairseq.feature_reader import MelHubertFeatureReader
-
         start = time.perf_counter()
         was_training = model.training
         model.eval()
