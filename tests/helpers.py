@@ -29,9 +29,11 @@ import torch.nn.functional as F
 from fairseq import checkpoint_utils
 from torch import nn
 
-import melhubert_fairseq  # noqa: F401  (registers the plugin)
+import melhubert_fairseq
 from melhubert_fairseq.checkpoint_loading import safe_torch_load
 from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS
+
+melhubert_fairseq.register_with_fairseq()  # the tests load checkpoints with fairseq's own functions
 
 # --- this checkout, synthetic corpora, training runs --------------------------------------------
 
