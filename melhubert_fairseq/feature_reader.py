@@ -30,6 +30,7 @@ from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, MeanStd, read_f
 from melhubert_fairseq.data.manifest import FeatureManifest, read_manifest
 from melhubert_fairseq.data.shards import shard_range
 from melhubert_fairseq.models.waveform_frontend import check_sample_rate, check_waveform, collate_waveforms
+from melhubert_fairseq.errors import InputError
 
 Key = TypeVar("Key")
 
@@ -59,10 +60,10 @@ def parse_layers(spec: str, num_layers: int) -> List[int]:
             try:
                 layers.add(int(part))
             except ValueError:
-                raise ValueError(f"layers must be 'all' and/or comma-separated integers, got {spec!r}") from None
+                raise InputError(f"layers must be 'all' and/or comma-separated integers, got {spec!r}") from None
     bad = [layer for layer in layers if not 0 <= layer <= num_layers]
     if not layers or bad:
-        raise ValueError(
+        raise InputError(
             f"layers must be in 0..{num_layers} (0 = input of the first layer; the model has {num_layers}), "
             f"got {spec!r}"
         )
@@ -107,7 +108,7 @@ class MelHubertFeatureReader:
         self.load_time_stats: Optional[MeanStd] = None
         if self.task_cfg.mean_std_path:
             if self.corpus_stats is None:
-                raise ValueError(f"{checkpoint_path}: trained with task.mean_std_path but holds no fbank stats")
+                raise InputError(f"{checkpoint_path}: trained with task.mean_std_path but holds no fbank stats")
             self.load_time_stats = self.corpus_stats
 
     def _check_fbank(self, fbank: np.ndarray) -> np.ndarray:
@@ -236,7 +237,7 @@ class MelHubertFeatureReader:
         """Yield (row, [states of each of ``layers``]) for the ``rows`` of a read manifest, in their order."""
         bad = [layer for layer in layers if not 0 <= layer <= self.num_layers]
         if not layers or bad:
-            raise ValueError(f"layer must be in 0..{self.num_layers} (0 = input of the first layer), got {list(layers)}")
+            raise InputError(f"layer must be in 0..{self.num_layers} (0 = input of the first layer), got {list(layers)}")
 
         def model_inputs():
             for row in rows:

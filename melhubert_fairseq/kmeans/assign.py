@@ -5,6 +5,8 @@ from typing import Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from melhubert_fairseq.errors import InputError
+
 
 class KMeansAssigner:
     """Nearest-centroid labels via chunked ``||x||^2 - 2 x.c + ||c||^2`` matmuls (torch).
@@ -102,7 +104,7 @@ class KMeansAssigner:
         pending_frames = 0
         for row, feats in pairs:
             if feats.shape[1] != self.dim:
-                raise ValueError(
+                raise InputError(
                     f"{where(row)}: feature dim {feats.shape[1]} does not match the k-means "
                     f"centroids' dim {self.dim}"
                 )

@@ -36,7 +36,7 @@ def resolve_backend(backend: Optional[str] = None) -> str:
     if backend is None:
         return DEFAULT_BACKEND if import_faiss() is not None else FALLBACK_BACKEND
     if backend not in BACKENDS:
-        raise ValueError(f"unknown k-means backend {backend!r}; choose one of {BACKENDS}")
+        raise InputError(f"unknown k-means backend {backend!r}; choose one of {BACKENDS}")
     if backend == "faiss" and import_faiss() is None:
         raise InputError(
             "--backend faiss: faiss is not installed (pip install 'melhubert-fairseq[faiss]', or use an "
@@ -64,18 +64,18 @@ def fit_kmeans(
     """
     frames = np.ascontiguousarray(frames, dtype=np.float32)
     if frames.ndim != 2 or frames.shape[0] == 0:
-        raise ValueError(f"need a non-empty (frames, dim) matrix to fit k-means, got {frames.shape}")
+        raise InputError(f"need a non-empty (frames, dim) matrix to fit k-means, got {frames.shape}")
     if num_clusters < 1:
-        raise ValueError(f"--num-clusters must be >= 1, got {num_clusters}")
+        raise InputError(f"--num-clusters must be >= 1, got {num_clusters}")
     if num_clusters > frames.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"--num-clusters {num_clusters} is larger than the {frames.shape[0]} sampled frames; "
             "raise --sample-frac/--max-frames or lower --num-clusters"
         )
     backend = resolve_backend(backend)
     iterations = DEFAULT_ITERATIONS[backend] if iterations is None else iterations
     if init not in ("k-means++", "random"):
-        raise ValueError(f"unknown k-means init {init!r}; choose 'k-means++' or 'random'")
+        raise InputError(f"unknown k-means init {init!r}; choose 'k-means++' or 'random'")
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=threads):  # None: leave the libraries' defaults

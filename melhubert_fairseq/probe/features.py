@@ -92,7 +92,7 @@ class Upstream:
         """``reader``: a :class:`~melhubert_fairseq.feature_reader.MelHubertFeatureReader` (None only for
         ``fbank`` over feature manifests, stacked ``stack`` frames at a time)."""
         if reader is None and name != FBANK:
-            raise ValueError(f"the {name} upstream needs a checkpoint")
+            raise InputError(f"the {name} upstream needs a checkpoint")
         self.name = name
         self.reader = reader
         self.stack = reader.stack if reader is not None else stack
