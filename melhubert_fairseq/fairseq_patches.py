@@ -12,10 +12,9 @@ fairseq name                                               replaced by, and why
 ``checkpoint_utils.torch_persistent_save``                 an atomic, fsynced save
                                                            (:mod:`~melhubert_fairseq.checkpoint_saving`): a kill
                                                            or a full disk never leaves a truncated checkpoint
-``checkpoint_utils.PathManager``                           :class:`~melhubert_fairseq.checkpoint_saving.\
-AtomicCopyPathManager`: fairseq's copy of
-                                                           ``checkpoint_N_M.pt`` onto ``checkpoint_last.pt`` is
-                                                           atomic too
+``checkpoint_utils.PathManager``                           ``checkpoint_saving.AtomicCopyPathManager``: fairseq's
+                                                           copy of ``checkpoint_N_M.pt`` onto
+                                                           ``checkpoint_last.pt`` is atomic too
 ``checkpoint_utils.load_checkpoint_to_cpu``                ``torch.load(weights_only=True)`` with an allow-list
                                                            (:mod:`~melhubert_fairseq.checkpoint_loading`):
                                                            fairseq's plain ``torch.load`` can run a file's code;
@@ -34,9 +33,13 @@ AtomicCopyPathManager`: fairseq's copy of
 ``distributed.utils.call_main``                            an ``InputError`` is one ``error:`` line, exit 2
                                                            (``fairseq-train``, ``fairseq-validate``, and hydra
                                                            jobs after the first), instead of a traceback
-``tasks.setup_task`` (only when called by                  the same for a mistake in the task config in the first
-``fairseq_cli.train.main``)                                ``fairseq-hydra-train`` job: fairseq imports the plugin
-                                                           inside that job's ``main``, after ``call_main`` began
+``tasks.setup_task`` (only when called by                  the same for a mistake found in the first
+``fairseq_cli.train.main``)                                ``fairseq-hydra-train`` job by the task's setup,
+                                                           ``build_model``, ``build_criterion`` or
+                                                           ``load_dataset`` (wrapped on that task object):
+                                                           fairseq imports the plugin inside that job's
+                                                           ``main``, after ``call_main`` began, so the
+                                                           ``call_main`` wrapper cannot see that job
 =========================================================  ====================================================
 
 Only :class:`~melhubert_fairseq.errors.InputError` becomes an ``error:`` line: any other exception (a real
@@ -131,13 +134,18 @@ def _verify_checkpoint_directory(save_dir: str) -> None:
 
 
 def _setup_task(cfg, **kwargs):
-    """``tasks.setup_task``; called by ``fairseq_cli.train.main`` (a training run), an ``InputError`` is one line.
+    """``tasks.setup_task``; called by ``fairseq_cli.train.main`` (a training run), an ``InputError`` in the task's
+    setup, or later in its ``build_model``, ``build_criterion`` or ``load_dataset``, is one line.
 
-    Called from Python (``load_model_ensemble_and_task``), the error is raised as it is."""
+    Called from Python (``load_model_ensemble_and_task``), the task is fairseq's and errors are raised as they are."""
     train_main = getattr(sys.modules.get("fairseq_cli.train"), "main", None)
-    if train_main is not None and sys._getframe(1).f_code is train_main.__code__:
-        return exit_on_input_error(_original["setup_task"])(cfg, **kwargs)
-    return _original["setup_task"](cfg, **kwargs)
+    if train_main is None or sys._getframe(1).f_code is not train_main.__code__:
+        return _original["setup_task"](cfg, **kwargs)
+    task = exit_on_input_error(_original["setup_task"])(cfg, **kwargs)
+    # main calls these on the task next, before anything else of ours it looks up at call time.
+    for name in ("build_model", "build_criterion", "load_dataset"):
+        setattr(task, name, exit_on_input_error(getattr(task, name)))
+    return task
 
 
 def _patch_training_loop() -> None:

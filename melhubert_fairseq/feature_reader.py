@@ -29,8 +29,8 @@ from melhubert_fairseq.data.fbank import FBANK_SAMPLE_RATE, INT16_SCALE, check_a
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, MeanStd, read_feature_file, stack_frames
 from melhubert_fairseq.data.manifest import FeatureManifest, read_manifest
 from melhubert_fairseq.data.shards import shard_range
-from melhubert_fairseq.models.waveform_frontend import check_sample_rate, check_waveform, collate_waveforms
 from melhubert_fairseq.errors import InputError
+from melhubert_fairseq.models.waveform_frontend import check_sample_rate, check_waveform, collate_waveforms
 
 Key = TypeVar("Key")
 

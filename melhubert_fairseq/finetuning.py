@@ -19,8 +19,8 @@ from typing import Dict, List, Mapping, Tuple
 
 from melhubert_fairseq.atomic_output import atomic_output
 from melhubert_fairseq.data.manifest import AUDIO, iter_tsv_manifest
-from melhubert_fairseq.file_sniffing import CheckpointFormatError
 from melhubert_fairseq.errors import InputError
+from melhubert_fairseq.file_sniffing import CheckpointFormatError
 
 #: fairseq's word boundary symbol in letter targets.
 WORD_BOUNDARY = "|"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from melhubert_fairseq.atomic_output import atomic_output, remove_stale_temp_files
-from melhubert_fairseq.staged_outputs import StagedOutputs
 from melhubert_fairseq.errors import InputError
+from melhubert_fairseq.staged_outputs import StagedOutputs
 
 OLD = {"a.npy": "old a", "sub/b.npy": "old b", "mean-std.npy": "old stats", "train.tsv": "old manifest"}
 NEW = {"a.npy": "new a", "sub/b.npy": "new b", "sub/c.npy": "new c", "mean-std.npy": "new stats", "train.tsv": "new manifest"}

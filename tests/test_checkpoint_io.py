@@ -10,9 +10,11 @@ import pytest
 import torch
 from fairseq import checkpoint_utils
 
-import melhubert_fairseq  # noqa: F401  (installs the checkpoint I/O into fairseq)
-from melhubert_fairseq.checkpoint_loading import safe_torch_load, UnsafeCheckpointError
+import melhubert_fairseq
+from melhubert_fairseq.checkpoint_loading import UnsafeCheckpointError, safe_torch_load
 from melhubert_fairseq.feature_reader import MelHubertFeatureReader
+
+melhubert_fairseq.register_with_fairseq()  # installs the checkpoint I/O into fairseq
 
 
 class RunsCode:

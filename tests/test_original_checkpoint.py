@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-import melhubert_fairseq  # noqa: F401  (registers the plugin)
+import melhubert_fairseq
 from helpers import TINY_ORIGINAL_CONFIG, load_converted, make_reference, padded_input, save_original
 from melhubert_fairseq.original_checkpoint import (
     CheckpointFormatError,
@@ -22,6 +22,8 @@ from melhubert_fairseq.original_checkpoint import (
     safe_torch_load,
 )
 from melhubert_fairseq.tools.convert_original_checkpoint import main as convert_main
+
+melhubert_fairseq.register_with_fairseq()  # fairseq knows the task, model and criteria by name
 
 CASES = {
     "20ms-postLN": {},

@@ -1,7 +1,7 @@
 """Convert a checkpoint of the original Mel-HuBERT release (``.ckpt``) into a fairseq ``mel_hubert`` checkpoint.
 
 The result loads with ``fairseq.checkpoint_utils.load_model_ensemble_and_task``
-(after ``import melhubert_fairseq``), gives the same hidden states as the
+(after ``melhubert_fairseq.register_with_fairseq()``), gives the same hidden states as the
 original model, and can initialise training
 (``checkpoint.finetune_from_model=converted.pt``).
 

@@ -17,13 +17,13 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from melhubert_fairseq.disk_full import save_npy, writing
-from melhubert_fairseq.output_guards import check_writable
-from melhubert_fairseq.staged_outputs import StagedOutputs
 from melhubert_fairseq.data.features import open_npy
+from melhubert_fairseq.disk_full import save_npy, writing
 from melhubert_fairseq.errors import InputError, check_regular_file
 from melhubert_fairseq.file_formats import KMEANS_FORMAT, SAMPLE_FORMAT
 from melhubert_fairseq.kmeans.sample import FrameSample
+from melhubert_fairseq.output_guards import check_writable
+from melhubert_fairseq.staged_outputs import StagedOutputs
 
 
 def sidecar_path(npy_path: str) -> str:

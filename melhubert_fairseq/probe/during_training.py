@@ -20,10 +20,10 @@ from typing import Dict, Iterator, List, Sequence
 import numpy as np
 import torch
 
+from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.feature_reader import MelHubertFeatureReader
 from melhubert_fairseq.probe.features import PRETRAINED, Upstream, extract_probe_features
 from melhubert_fairseq.probe.run import DEFAULT_SETTINGS, PR, SID, TASKS, ProbeData, check_probe_data, load_probe_data, run_pr, run_sid
-from melhubert_fairseq.errors import InputError
 
 logger = logging.getLogger(__name__)
 
