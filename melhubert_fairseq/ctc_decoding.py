@@ -22,6 +22,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import editdistance
 import torch
+from fairseq.data.data_utils import post_process
 
 from melhubert_fairseq import load_checkpoint
 from melhubert_fairseq.checkpoint_loading import load_fairseq_state
@@ -117,8 +118,6 @@ class Hypothesis:
 
 def units_to_words(dictionary, units: Sequence[int]) -> List[str]:
     """Words of a letter-unit sequence as fairseq's ``ctc`` criterion makes them (``letter`` post-processing)."""
-    from fairseq.data.data_utils import post_process
-
     return post_process(dictionary.string(list(units)), LETTER_POST_PROCESS).split()
 
 
@@ -249,6 +248,7 @@ class BeamSearchDecoder:
         lexicon_path: Optional[str] = None,
     ) -> None:
         fl = flashlight_decoder_module()
+        # The optional flashlight-text extra, as in flashlight_decoder_module (which said how to install it).
         from flashlight.lib.text.decoder.kenlm import KenLM
         from flashlight.lib.text.dictionary import Dictionary as FlDictionary
 

@@ -1,6 +1,7 @@
 """Fitting k-means centroids on sampled frames: faiss (when installed) or scikit-learn's MiniBatchKMeans."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Optional
 
@@ -21,10 +22,8 @@ DEFAULT_ITERATIONS = {"faiss": 25, "sklearn": 100}
 
 def import_faiss():
     """The ``faiss`` module, or None when it is not importable (it is an optional extra)."""
-    import logging
-
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs its CPU probing
-    try:
+    try:  # an optional extra: imported only when a fit may use it
         import faiss
     except ImportError:
         return None
@@ -76,7 +75,7 @@ def fit_kmeans(
     iterations = DEFAULT_ITERATIONS[backend] if iterations is None else iterations
     if init not in ("k-means++", "random"):
         raise InputError(f"unknown k-means init {init!r}; choose 'k-means++' or 'random'")
-    from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits  # deferred with scikit-learn (see _fit_sklearn)
 
     with threadpool_limits(limits=threads):  # None: leave the libraries' defaults
         fit = _fit_faiss if backend == "faiss" else _fit_sklearn
@@ -107,6 +106,7 @@ def _fit_faiss(frames, num_clusters, seed, iterations, init, batch_size) -> np.n
 
 def _fit_sklearn(frames, num_clusters, seed, iterations, init, batch_size) -> np.ndarray:
     """scikit-learn MiniBatchKMeans with fairseq simple_kmeans' settings."""
+    # Deferred: scikit-learn takes seconds to import, and the k-means tools' --help and sampling never need it.
     from sklearn.cluster import MiniBatchKMeans
 
     # fairseq simple_kmeans' settings (HuBERT's labels were made with these).
@@ -130,7 +130,7 @@ def kmeans_plusplus_init(
     frames: np.ndarray, num_clusters: int, seed: int, max_points: Optional[int] = None
 ) -> np.ndarray:
     """k-means++ seeds (scikit-learn's) drawn from at most ``max(20000, 40 K)`` random frames."""
-    from sklearn.cluster import kmeans_plusplus
+    from sklearn.cluster import kmeans_plusplus  # deferred, as in _fit_sklearn
 
     rng = np.random.default_rng(seed)
     # Seeding costs O(points * K * dim) and dominated the fit on all 300k frames; on
