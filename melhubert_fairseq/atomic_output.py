@@ -61,9 +61,9 @@ def note(message: str) -> None:
     print(f"note: {message}", file=sys.stderr)
 
 
-#: What :func:`atomic_output`'s temporary files are called: ``.{output name}.{8 random characters}.tmp``
-#: (``tempfile.mkstemp`` with :func:`temp_file_prefix` and :data:`TEMP_SUFFIX`).
-TEMP_FILE_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+#: What :func:`atomic_output`'s temporary files are called: ``.{output name}.{random characters}.tmp``
+#: (``tempfile.mkstemp`` with :func:`temp_file_prefix` and :data:`TEMP_SUFFIX`; the random part has no dot).
+TEMP_FILE_NAME = re.compile(r"^\.(?P<target>.+)\.[^.]+\.tmp$")
 TEMP_SUFFIX = ".tmp"
 
 
