@@ -86,7 +86,8 @@ def _free_space(directory: str) -> str:
 
 def open_for_writing(file: Union[str, int], mode: str = "wb") -> IO:
     """``open(file, mode)`` (a path or a descriptor) for an output: the one place where the files of
-    :func:`atomic_output` and :func:`writing` are opened (tests replace it to fill the disk at any byte)."""
+    :func:`~melhubert_fairseq.atomic_output.atomic_output` and :func:`writing` are opened (tests replace it
+    to fill the disk at any byte)."""
     return open(file, mode) if "b" in mode else open(file, mode, encoding="utf-8")
 
 
@@ -114,7 +115,8 @@ def disk_full_error(path: str, err: BaseException, watch: Optional[WriteWatch] =
 def writing(path: str, mode: str = "wb") -> Iterator[IO]:
     """Open ``path`` for writing (parent folders created), as a handle whose full-disk errors, however the
     writer reports them, become one :class:`DiskFullError` naming ``path``. Not atomic: for files in a
-    private staging folder (:class:`StagedOutputs`); :func:`atomic_output` for files under their final name."""
+    private staging folder (:class:`~melhubert_fairseq.staged_outputs.StagedOutputs`);
+    :func:`~melhubert_fairseq.atomic_output.atomic_output` for files under their final name."""
     watch = None
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
