@@ -1,22 +1,13 @@
 """melhubert-fairseq: Mel-HuBERT pretraining as a fairseq plugin."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="melhubert-fairseq",
     version="0.1.0",
     description="Mel-HuBERT (log-Mel HuBERT) pretraining as a fairseq user-dir plugin",
     python_requires=">=3.10",
-    packages=[
-        "melhubert_fairseq",
-        "melhubert_fairseq.data",
-        "melhubert_fairseq.kmeans",
-        "melhubert_fairseq.models",
-        "melhubert_fairseq.original",
-        "melhubert_fairseq.tasks",
-        "melhubert_fairseq.criterions",
-        "melhubert_fairseq.s3prl_upstream",
-        "melhubert_fairseq.tools",
-    ],
+    # Every subpackage of melhubert_fairseq (a listed one is easy to forget: a regular install would lack it).
+    packages=find_packages(include=["melhubert_fairseq", "melhubert_fairseq.*"]) + ["melhubert_fairseq.tools"],
     # The data tools live in tools/ (where users look for them) but install as
     # melhubert_fairseq.tools so console scripts and tests can import them: a
     # top-level "tools" package would collide with any other in site-packages.

@@ -206,7 +206,7 @@ def checkpoint_fingerprint(path: Path) -> str:
     import torch
 
     from melhubert_fairseq import register_with_fairseq
-    from melhubert_fairseq.checkpoint_io import checkpoint_load_problem, safe_torch_load
+    from melhubert_fairseq.checkpoint_loading import checkpoint_load_problem, safe_torch_load
 
     register_with_fairseq()  # fairseq's checkpoint types (a fine-tuning checkpoint's Dictionary) allow-listed
 
@@ -246,7 +246,7 @@ def classify_training(trial: Trial, reference: Reference) -> str:
 
 def scenarios() -> List[Scenario]:
     """Every scenario, in table order."""
-    from melhubert_fairseq.checkpoint_io import SAVE_DIR_LOCK  # imports torch: not before it is needed
+    from melhubert_fairseq.checkpoint_resume import SAVE_DIR_LOCK  # imports torch: not before it is needed
 
     return [
         Scenario(

@@ -20,9 +20,15 @@ import tempfile
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+import editdistance
 import torch
+from fairseq.data.data_utils import post_process
 
+from melhubert_fairseq import load_checkpoint
+from melhubert_fairseq.checkpoint_loading import load_fairseq_state
 from melhubert_fairseq.errors import InputError, check_regular_file
+from melhubert_fairseq.finetuning import letter_targets
+from melhubert_fairseq.models.waveform_frontend import collate_waveforms
 from melhubert_fairseq.models.mel_hubert import MODEL_NAME
 
 #: fairseq's word boundary symbol in letter dictionaries (the CTC "silence" for flashlight's decoders).
@@ -55,9 +61,6 @@ class CtcModel:
 
 def load_ctc_model(path: str, device: str = "cpu") -> CtcModel:
     """Load a ``wav2vec_ctc`` checkpoint; a pretraining (``mel_hubert``) or other checkpoint is refused naming it."""
-    from melhubert_fairseq import load_checkpoint
-    from melhubert_fairseq.checkpoint_io import load_fairseq_state
-
     state = load_fairseq_state(path, mmap=True)
     cfg = state.get("cfg") or {}
     name = (cfg.get("model") or {}).get("_name") if hasattr(cfg, "get") else None
@@ -90,8 +93,6 @@ def batches_by_size(lengths: Sequence[int], max_samples: int) -> List[List[int]]
 def emissions(ctc_model: CtcModel, waveforms: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """1-D 16 kHz waveforms -> (log-probs (B, T, V) float32 on the CPU, frames per utterance (B,)), computed as
     fairseq's ``ctc`` criterion computes them at validation."""
-    from melhubert_fairseq.models.waveform_frontend import collate_waveforms
-
     waves = [wav.to(ctc_model.device, torch.float32) for wav in waveforms]
     if ctc_model.normalize:  # fairseq's RawAudioDataset.postprocess
         waves = [torch.nn.functional.layer_norm(wav, wav.shape) for wav in waves]
@@ -118,8 +119,6 @@ class Hypothesis:
 
 def units_to_words(dictionary, units: Sequence[int]) -> List[str]:
     """Words of a letter-unit sequence as fairseq's ``ctc`` criterion makes them (``letter`` post-processing)."""
-    from fairseq.data.data_utils import post_process
-
     return post_process(dictionary.string(list(units)), LETTER_POST_PROCESS).split()
 
 
@@ -154,7 +153,7 @@ class BeamOptions:
 
 def flashlight_decoder_module():
     """``flashlight.lib.text.decoder``, or an :class:`InputError` saying how to install it."""
-    try:
+    try:  # flashlight-text is an optional extra (melhubert_fairseq[decode]): imported only when beam search is asked for
         import flashlight.lib.text.decoder as decoder
     except ImportError:
         raise InputError(
@@ -250,6 +249,7 @@ class BeamSearchDecoder:
         lexicon_path: Optional[str] = None,
     ) -> None:
         fl = flashlight_decoder_module()
+        # The optional flashlight-text extra, as in flashlight_decoder_module (which said how to install it).
         from flashlight.lib.text.decoder.kenlm import KenLM
         from flashlight.lib.text.dictionary import Dictionary as FlDictionary
 
@@ -350,8 +350,6 @@ class Reference:
 def read_references(path: str, dictionary, num_rows: int, manifest: str) -> List[Reference]:
     """References of every manifest row from a ``.ltr`` (letters, ``|`` after each word) or ``.wrd`` (words)
     file, one line per row; a different number of lines is an :class:`InputError`."""
-    from melhubert_fairseq.finetuning import letter_targets
-
     check_regular_file(path, what="references")
     with open(path, encoding="utf-8") as handle:
         lines = handle.read().splitlines()
@@ -383,8 +381,6 @@ class ErrorCounts:
 
     def add(self, hypothesis: Hypothesis, reference: Reference) -> None:
         """Count one utterance."""
-        import editdistance
-
         self.unit_errors += editdistance.eval(hypothesis.units, reference.units)
         self.units += len(reference.units)
         self.word_errors += editdistance.eval(hypothesis.words, reference.words)

@@ -23,11 +23,13 @@ import numpy as np
 import torch
 from fairseq import checkpoint_utils
 
-from melhubert_fairseq.checkpoint_io import load_fairseq_state, require_mel_hubert
+from melhubert_fairseq import register_with_fairseq
+from melhubert_fairseq.checkpoint_loading import load_fairseq_state, require_mel_hubert
 from melhubert_fairseq.data.fbank import check_audio
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, FBANK_SAMPLE_RATE, INT16_SCALE, MeanStd, read_feature_file, stack_frames
 from melhubert_fairseq.data.manifest import FeatureManifest, read_manifest
 from melhubert_fairseq.data.shards import shard_range
+from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.models.waveform_frontend import check_sample_rate, check_waveform, collate_waveforms
 
 Key = TypeVar("Key")
@@ -37,6 +39,7 @@ def load_mel_hubert(checkpoint_path: str, device: str = "cpu"):
     """Load a fairseq ``mel_hubert`` checkpoint (weights_only stays on) -> (model in eval mode, task cfg)."""
     # Named before fairseq builds anything: another model's task would look for its own data first.
     require_mel_hubert(checkpoint_path, load_fairseq_state(checkpoint_path, mmap=True), "its features are not Mel-HuBERT's")
+    register_with_fairseq()  # fairseq rebuilds the task and model by their registered names
     models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([checkpoint_path])
     model = models[0].to(device).eval()
     return model, cfg.task
@@ -57,10 +60,10 @@ def parse_layers(spec: str, num_layers: int) -> List[int]:
             try:
                 layers.add(int(part))
             except ValueError:
-                raise ValueError(f"layers must be 'all' and/or comma-separated integers, got {spec!r}") from None
+                raise InputError(f"layers must be 'all' and/or comma-separated integers, got {spec!r}") from None
     bad = [layer for layer in layers if not 0 <= layer <= num_layers]
     if not layers or bad:
-        raise ValueError(
+        raise InputError(
             f"layers must be in 0..{num_layers} (0 = input of the first layer; the model has {num_layers}), "
             f"got {spec!r}"
         )
@@ -105,7 +108,7 @@ class MelHubertFeatureReader:
         self.load_time_stats: Optional[MeanStd] = None
         if self.task_cfg.mean_std_path:
             if self.corpus_stats is None:
-                raise ValueError(f"{checkpoint_path}: trained with task.mean_std_path but holds no fbank stats")
+                raise InputError(f"{checkpoint_path}: trained with task.mean_std_path but holds no fbank stats")
             self.load_time_stats = self.corpus_stats
 
     def _check_fbank(self, fbank: np.ndarray) -> np.ndarray:
@@ -234,7 +237,7 @@ class MelHubertFeatureReader:
         """Yield (row, [states of each of ``layers``]) for the ``rows`` of a read manifest, in their order."""
         bad = [layer for layer in layers if not 0 <= layer <= self.num_layers]
         if not layers or bad:
-            raise ValueError(f"layer must be in 0..{self.num_layers} (0 = input of the first layer), got {list(layers)}")
+            raise InputError(f"layer must be in 0..{self.num_layers} (0 = input of the first layer), got {list(layers)}")
 
         def model_inputs():
             for row in rows:

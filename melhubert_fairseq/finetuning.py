@@ -19,6 +19,8 @@ from typing import Dict, List, Mapping, Tuple
 
 from melhubert_fairseq.atomic_output import atomic_output
 from melhubert_fairseq.data.manifest import AUDIO, iter_tsv_manifest
+from melhubert_fairseq.errors import InputError
+from melhubert_fairseq.file_sniffing import CheckpointFormatError
 
 #: fairseq's word boundary symbol in letter targets.
 WORD_BOUNDARY = "|"
@@ -49,17 +51,17 @@ def read_transcripts(path: str) -> Dict[str, str]:
         header = handle.readline().rstrip("\n").split("\t")
         missing = [name for name in TRANSCRIPT_COLUMNS if name not in header]
         if missing:
-            raise ValueError(f"{path}:1: header has no {' or '.join(missing)} column (it has {', '.join(header)})")
+            raise InputError(f"{path}:1: header has no {' or '.join(missing)} column (it has {', '.join(header)})")
         id_column, text_column = (header.index(name) for name in TRANSCRIPT_COLUMNS)
         for line_no, line in enumerate(handle, start=2):
             fields = line.rstrip("\n").split("\t")
             if not line.strip():
                 continue
             if len(fields) != len(header):
-                raise ValueError(f"{path}:{line_no}: {len(fields)} columns, the header has {len(header)}")
+                raise InputError(f"{path}:{line_no}: {len(fields)} columns, the header has {len(header)}")
             utt_id = fields[id_column]
             if utt_id in texts:
-                raise ValueError(f"{path}:{line_no} ({utt_id}): second transcript for this utterance")
+                raise InputError(f"{path}:{line_no} ({utt_id}): second transcript for this utterance")
             texts[utt_id] = fields[text_column]
     return texts
 
@@ -82,15 +84,15 @@ def _split_rows(manifest: str, transcripts: Mapping[str, str], transcripts_path:
         utt_id = os.path.splitext(os.path.basename(rel_path))[0]
         where = f"{manifest}:{line_no} ({utt_id})"
         if "\t" in rel_path:
-            raise ValueError(f"{where}: path contains a tab")
+            raise InputError(f"{where}: path contains a tab")
         if utt_id not in transcripts:
-            raise ValueError(f"{where}: no transcript for this utterance in {transcripts_path}")
+            raise InputError(f"{where}: no transcript for this utterance in {transcripts_path}")
         words = normalise_transcript(transcripts[utt_id])
         if not words:
-            raise ValueError(f"{where}: transcript {transcripts[utt_id]!r} has no letters A-Z")
+            raise InputError(f"{where}: transcript {transcripts[utt_id]!r} has no letters A-Z")
         rows.append((rel_path, num_samples, words))
     if root is None:
-        raise ValueError(f"{manifest}: no utterances after the root line")
+        raise InputError(f"{manifest}: no utterances after the root line")
     # iter_tsv_manifest resolves a relative root against the manifest's folder; fairseq's FileAudioDataset
     # would take it relative to the working directory, so the copy gets this absolute root.
     return root, rows
@@ -140,10 +142,10 @@ def write_finetuning_data(
 def check_finetuning_checkpoint(path: str) -> None:
     """Raise :class:`CheckpointFormatError` naming ``path`` unless it is a ``mel_hubert`` checkpoint that can
     take audio (it records the fbank statistics its training features were normalised with)."""
+    # Deferred: the fine-tuning data tools import this module, and their --help must not import torch.
     import torch
 
-    from melhubert_fairseq.checkpoint_io import CheckpointFormatError
-    from melhubert_fairseq.original.export import read_mel_hubert_checkpoint
+    from melhubert_fairseq.original.export import read_mel_hubert_checkpoint  # imports torch: as above
 
     state, _cfg = read_mel_hubert_checkpoint(path, purpose="this fine-tuning starts from a mel_hubert model")
     stats = state["model"].get("fbank_mean_std")

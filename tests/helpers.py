@@ -29,9 +29,11 @@ import torch.nn.functional as F
 from fairseq import checkpoint_utils
 from torch import nn
 
-import melhubert_fairseq  # noqa: F401  (registers the plugin)
-from melhubert_fairseq.checkpoint_io import safe_torch_load
+import melhubert_fairseq
+from melhubert_fairseq.checkpoint_loading import safe_torch_load
 from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS
+
+melhubert_fairseq.register_with_fairseq()  # the tests load checkpoints with fairseq's own functions
 
 # --- this checkout, synthetic corpora, training runs --------------------------------------------
 
@@ -458,18 +460,18 @@ def load_converted(path: Path):
 
 class FillingDisk:
     """A file system with ``room`` bytes left for outputs: every file opened through
-    ``atomic_output.open_for_writing`` shares that room, and the write that passes it stores what fits and
+    ``disk_full.open_for_writing`` shares that room, and the write that passes it stores what fits and
     then fails with ENOSPC, as a full disk does. torch and numpy see a real OSError from ``write`` and report
     it their own way (torch as ``RuntimeError: [enforce fail ...]``), as on a real full disk.
 
-    Use ``monkeypatch.setattr(atomic_output, "open_for_writing", FillingDisk(room))``.
+    Use ``monkeypatch.setattr(disk_full, "open_for_writing", FillingDisk(room))``.
     """
 
     def __init__(self, room: int) -> None:
-        from melhubert_fairseq import atomic_output
+        from melhubert_fairseq import disk_full
 
         self.room = room
-        self._open = atomic_output.open_for_writing
+        self._open = disk_full.open_for_writing
 
     def __call__(self, file, mode="wb"):
         disk = self

@@ -13,13 +13,15 @@ import torch
 from fairseq import checkpoint_utils
 from omegaconf import OmegaConf
 
-import melhubert_fairseq  # noqa: F401  (registers the plugin)
+import melhubert_fairseq
 from helpers import DEMO_CORPUS, TINY_ORIGINAL_CONFIG, make_fbank_corpus, run_hydra_train
 from melhubert_fairseq.criterions.apc_l1 import ApcL1, default_time_shift
 from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.original.convert import build_fairseq_cfg, build_model, convert_config
 from melhubert_fairseq.tasks.mel_hubert_pretraining import MelHubertPretrainingTask
 from melhubert_fairseq.tasks.pretraining_config import MelHubertPretrainingConfig
+
+melhubert_fairseq.register_with_fairseq()  # fairseq knows the task, model and criteria by name
 
 STRICTLY_CAUSAL = {"attention_type": "causal", "pos_conv_causal": True, "prediction_head": "frames"}
 

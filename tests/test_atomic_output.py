@@ -10,8 +10,9 @@ from typing import Dict
 import numpy as np
 import pytest
 
-from melhubert_fairseq.atomic_output import StagedOutputs, atomic_output, remove_stale_temp_files
+from melhubert_fairseq.atomic_output import atomic_output, remove_stale_temp_files
 from melhubert_fairseq.errors import InputError
+from melhubert_fairseq.staged_outputs import StagedOutputs
 
 OLD = {"a.npy": "old a", "sub/b.npy": "old b", "mean-std.npy": "old stats", "train.tsv": "old manifest"}
 NEW = {"a.npy": "new a", "sub/b.npy": "new b", "sub/c.npy": "new c", "mean-std.npy": "new stats", "train.tsv": "new manifest"}
@@ -171,7 +172,7 @@ def test_atomic_output_removes_temp_files_of_killed_writers_only(tmp_path):
 
 
 def test_an_output_that_is_an_input_is_refused_however_it_is_named(tmp_path):
-    from melhubert_fairseq.atomic_output import refuse_replacing_inputs
+    from melhubert_fairseq.output_guards import refuse_replacing_inputs
 
     (tmp_path / "data").mkdir()
     feature = tmp_path / "data" / "u1.npy"
@@ -198,8 +199,9 @@ def test_an_output_that_is_an_input_is_refused_however_it_is_named(tmp_path):
 def test_a_full_disk_is_one_error_naming_the_file_and_the_old_file_stays(tmp_path, monkeypatch):
     from helpers import FillingDisk
 
-    from melhubert_fairseq import atomic_output as module
-    from melhubert_fairseq.atomic_output import DiskFullError, atomic_save_npy, save_npy
+    from melhubert_fairseq import disk_full as module
+    from melhubert_fairseq.atomic_output import atomic_save_npy
+    from melhubert_fairseq.disk_full import DiskFullError, save_npy
 
     target = tmp_path / "out" / "km.npy"
     atomic_save_npy(str(target), np.zeros((2, 40), np.float32))

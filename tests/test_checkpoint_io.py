@@ -10,9 +10,11 @@ import pytest
 import torch
 from fairseq import checkpoint_utils
 
-import melhubert_fairseq  # noqa: F401  (installs the checkpoint I/O into fairseq)
-from melhubert_fairseq.checkpoint_io import UnsafeCheckpointError, safe_torch_load
+import melhubert_fairseq
+from melhubert_fairseq.checkpoint_loading import UnsafeCheckpointError, safe_torch_load
 from melhubert_fairseq.feature_reader import MelHubertFeatureReader
+
+melhubert_fairseq.register_with_fairseq()  # installs the checkpoint I/O into fairseq
 
 
 class RunsCode:
@@ -138,7 +140,7 @@ def test_every_tool_reads_a_checkpoint_resaved_after_fairseqs_loader(tiny_checkp
 
 
 def test_feature_reader_names_another_fairseq_model_before_building_it(tiny_checkpoint, tmp_path):
-    from melhubert_fairseq.checkpoint_io import CheckpointFormatError
+    from melhubert_fairseq.file_sniffing import CheckpointFormatError
 
     state = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
     state["cfg"]["model"]["_name"] = "hubert"  # what a fairseq HuBERT checkpoint says
@@ -164,7 +166,7 @@ def test_loading_never_shrinks_the_allow_list(tiny_checkpoint, tmp_path):
     Dictionary (a fine-tuning checkpoint) still loads after a pretrained checkpoint was read in the same process."""
     from fairseq.data import Dictionary
 
-    from melhubert_fairseq.checkpoint_io import load_fairseq_state
+    from melhubert_fairseq.checkpoint_loading import load_fairseq_state
     from melhubert_fairseq.original.format import original_checkpoint_safe_globals
 
     before = set(torch.serialization.get_safe_globals())

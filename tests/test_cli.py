@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -45,6 +46,12 @@ def test_demo_of_a_regular_install_runs_in_a_checkout_and_refuses_elsewhere(tmp_
         [sys.executable, "setup.py", "-q", "build", "--build-base", str(tmp_path / "build"), "--build-lib", str(site)],
         cwd=REPO_ROOT, check=True, capture_output=True, timeout=300,
     )
+    # The regular install holds every module of the package and every tool (none left out of setup.py's list).
+    package_root = REPO_ROOT / "melhubert_fairseq"
+    modules = {p.relative_to(package_root) for p in package_root.rglob("*.py")}
+    modules |= {Path("tools") / p.name for p in (REPO_ROOT / "tools").glob("*.py")}
+    missing = sorted(str(m) for m in modules if not (site / "melhubert_fairseq" / m).is_file())
+    assert not missing, missing
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])])}
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -109,18 +116,22 @@ def test_help_of_every_tool_imports_neither_fairseq_nor_torch(tmp_path):
 @pytest.mark.parametrize(
     "imports",
     [
-        "import melhubert_fairseq\nfrom fairseq import checkpoint_utils",
-        # fairseq's first import happens inside a plugin module, before that module is complete
-        "import melhubert_fairseq.models.components\nfrom fairseq import checkpoint_utils",
+        # the package first, then fairseq: registration is one explicit call
+        "import melhubert_fairseq\nfrom fairseq import checkpoint_utils\nmelhubert_fairseq.register_with_fairseq()",
+        # fairseq first (as when fairseq imports the plugin through common.user_dir): importing it registers
+        "from fairseq import checkpoint_utils\nimport melhubert_fairseq",
+        # a plugin module pulls fairseq in before the package registered: the explicit call still works
+        "import melhubert_fairseq.models.components\nfrom fairseq import checkpoint_utils\n"
+        "import melhubert_fairseq\nmelhubert_fairseq.register_with_fairseq()",
     ],
-    ids=["package-then-fairseq", "plugin-module-pulls-fairseq"],
+    ids=["package-then-fairseq", "fairseq-then-package", "plugin-module-pulls-fairseq"],
 )
 def test_the_plugin_registers_with_fairseq_whichever_is_imported_first(tiny_checkpoint, tmp_path, imports):
     code = imports + f"""
 from fairseq.criterions import CRITERION_REGISTRY
 from fairseq.tasks import TASK_REGISTRY
 assert "hard_label_masked_ce" in CRITERION_REGISTRY and "mel_hubert_pretraining" in TASK_REGISTRY
-assert checkpoint_utils.load_checkpoint_to_cpu.__module__ == "melhubert_fairseq.checkpoint_io"
+assert checkpoint_utils.load_checkpoint_to_cpu.__module__ == "melhubert_fairseq.fairseq_patches"
 models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([{str(tiny_checkpoint)!r}])
 print(type(models[0]).__name__, type(task).__name__)
 """

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from melhubert_fairseq.checkpoint_io import load_fairseq_state
+from melhubert_fairseq.checkpoint_loading import load_fairseq_state
 from melhubert_fairseq.tools import decode
 
 try:

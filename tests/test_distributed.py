@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import melhubert_fairseq  # noqa: F401  (allow-lists fairseq checkpoint types for the safe loader)
+import melhubert_fairseq
 
 from helpers import REPO_ROOT, TINY_MODEL_OVERRIDES, make_fbank_corpus
+
+melhubert_fairseq.register_with_fairseq()  # allow-lists fairseq checkpoint types for the safe loader
 
 pytestmark = pytest.mark.slow  # every test here runs torchrun with two training processes
 

@@ -22,7 +22,7 @@ from helpers import (
     padded_input,
     save_original,
 )
-from melhubert_fairseq.checkpoint_io import safe_torch_load
+from melhubert_fairseq.checkpoint_loading import safe_torch_load
 from melhubert_fairseq.original.convert import build_fairseq_cfg, build_model, convert_config, fairseq_checkpoint_state
 from melhubert_fairseq.tools.convert_original_checkpoint import main as convert_main
 from melhubert_fairseq.tools.export_original_checkpoint import main as export_main

@@ -42,6 +42,30 @@ def test_training_runs_from_any_directory_and_under_a_config_that_changes_direct
     assert (tmp_path / "ckpt" / "checkpoint_last.pt").is_file()
 
 
+@pytest.mark.slow  # spawns fairseq-hydra-train
+@pytest.mark.parametrize(
+    "labels, overrides, message",
+    [
+        # an InputError in the task's setup
+        (True, ["task.labels=null"], "error: task.label_dir="),
+        # an InputError in the task's build_model (no labels for a model that predicts them)
+        (False, ["task.labels=null"], "error: task.labels=null gives no k-means labels"),
+    ],
+    ids=["task-setup", "build-model"],
+)
+def test_a_config_mistake_is_one_error_line_with_exit_code_2(tmp_path, labels, overrides, message):
+    # Both are found in the first hydra job, after fairseq imported the plugin inside that job's main
+    # (fairseq_patches: tasks.setup_task and the task's methods).
+    data_dir = make_fbank_corpus(tmp_path / "data", num_utts=4)
+    command = hydra_train_command(data_dir, tmp_path / "ckpt", overrides=overrides, labels=labels)
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=ENV, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith(message), last
+    assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr
+    assert not (tmp_path / "ckpt" / "checkpoint_last.pt").exists()
+
+
 def test_fairseq_validate_scores_every_utterance_with_fairseqs_defaults(tiny_checkpoint, tmp_path):
     # Data and labels in a folder the checkpoint has never seen; fairseq-validate's default
     # --required-batch-size-multiple is 8, which made fairseq drop the utterances past a multiple of 8.

@@ -8,13 +8,15 @@ import pytest
 import soundfile
 import torch
 
-import melhubert_fairseq  # noqa: F401  (registers the plugin)
+import melhubert_fairseq
 from melhubert_fairseq.data.fbank import compute_fbank
 from melhubert_fairseq.data.features import stack_frames
 from melhubert_fairseq.data.manifest import read_manifest
 from melhubert_fairseq.feature_reader import MelHubertFeatureReader, parse_layers
 from melhubert_fairseq.tools.extract_features import main as extract_main
 from helpers import checkpoint_without_stats
+
+melhubert_fairseq.register_with_fairseq()  # fairseq knows the task, model and criteria by name
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ import torch
 from omegaconf import OmegaConf
 
 from helpers import DEMO_CORPUS, REPO_ROOT, assert_bit_identical, run_and_kill_during_save, small_corpus
-from melhubert_fairseq.checkpoint_io import CheckpointFormatError, safe_torch_load
+from melhubert_fairseq.checkpoint_loading import safe_torch_load
+from melhubert_fairseq.file_sniffing import CheckpointFormatError
 from melhubert_fairseq.finetuning import (
     check_finetuning_checkpoint,
     letter_targets,

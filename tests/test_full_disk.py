@@ -18,7 +18,7 @@ import soundfile
 
 from helpers import FillingDisk
 
-from melhubert_fairseq import atomic_output
+from melhubert_fairseq import disk_full
 
 
 def digest_tree(root: Path) -> Dict[str, str]:
@@ -69,7 +69,7 @@ def test_a_full_disk_is_one_error_line_and_the_previous_outputs_stay(tiny_checkp
     capsys.readouterr()
 
     monkeypatch.setattr(sys, "argv", [tool] + args + ["--overwrite"])
-    monkeypatch.setattr(atomic_output, "open_for_writing", FillingDisk(room=6000))
+    monkeypatch.setattr(disk_full, "open_for_writing", FillingDisk(room=6000))
     assert main() == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, errors

@@ -17,13 +17,15 @@ import numpy as np
 import pytest
 import torch
 
-import melhubert_fairseq  # noqa: F401  (registers the plugin and the checkpoint allow-list)
+import melhubert_fairseq
 from helpers import make_fbank_corpus, run_hydra_train
 from melhubert_fairseq.criterions.hard_label_masked_ce import HardLabelMaskedCe
 from melhubert_fairseq.feature_reader import MelHubertFeatureReader
 from melhubert_fairseq.models.components import dropout
 from melhubert_fairseq.models.masking import SpanMaskConfig, span_mask
 from melhubert_fairseq.models.mel_hubert import MelHubertConfig, MelHubertModel
+
+melhubert_fairseq.register_with_fairseq()  # registers the plugin and the checkpoint allow-list
 
 #: Environment variable naming the device under test (cuda, cuda:1, cpu).
 DEVICE_VARIABLE = "MELHUBERT_TEST_DEVICE"

@@ -15,12 +15,14 @@ import pytest
 import torch
 from fairseq import checkpoint_utils
 
-import melhubert_fairseq  # noqa: F401  (registers the plugin and the checkpoint allow-list)
+import melhubert_fairseq
 from melhubert_fairseq.models.mel_hubert import MelHubertConfig, MelHubertModel
 from melhubert_fairseq.tools.average_checkpoints import main as average_main
 from melhubert_fairseq.tools.average_checkpoints import newest_checkpoints
 from melhubert_fairseq.tools.convert_original_checkpoint import main as convert_main
 from helpers import TINY_MODEL_OVERRIDES, TINY_ORIGINAL_CONFIG, make_fbank_corpus, make_reference, run_hydra_train, save_original
+
+melhubert_fairseq.register_with_fairseq()  # registers the plugin and the checkpoint allow-list
 
 FROZEN = ["optimization.lr=[0.0]"]  # one update that cannot move the weights
 

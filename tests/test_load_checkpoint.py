@@ -14,10 +14,11 @@ model, cfg, task = melhubert_fairseq.load_checkpoint(sys.argv[1])
 print(type(model).__name__, cfg.model._name, type(task).__name__, model.training, sum(p.numel() for p in model.parameters()))
 """
 
-# The README's example: import the plugin first, then fairseq's own loader.
+# The README's example: register the plugin, then fairseq's own loader.
 README_EXAMPLE = """
 import sys
-import melhubert_fairseq  # registers mel_hubert_pretraining, mel_hubert, hard_label_masked_ce with fairseq
+import melhubert_fairseq
+melhubert_fairseq.register_with_fairseq()  # mel_hubert_pretraining, mel_hubert, hard_label_masked_ce, apc_l1
 from fairseq import checkpoint_utils
 models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([sys.argv[1]])
 print(type(models[0]).__name__, cfg.model._name, type(task).__name__)
@@ -53,7 +54,7 @@ def test_one_call_loads_either_checkpoint_in_a_fresh_process(kind, request, tmp_
 
 
 def test_without_importing_the_plugin_fairseq_cannot_load_a_pretrained_checkpoint(tiny_checkpoint, tmp_path):
-    """Why the README's example imports melhubert_fairseq: fairseq alone does not know the task."""
+    """Why the README's example registers melhubert_fairseq: fairseq alone does not know the task."""
     result = run_fresh(WITHOUT_THE_IMPORT, tiny_checkpoint, tmp_path)
     assert result.returncode != 0
     assert "Could not infer task type from {'_name': 'mel_hubert_pretraining'" in result.stderr

@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-import melhubert_fairseq  # noqa: F401  (registers the plugin)
+import melhubert_fairseq
 from helpers import TINY_ORIGINAL_CONFIG, load_converted, make_reference, padded_input, save_original
-from melhubert_fairseq.checkpoint_io import CheckpointFormatError, UnsafeCheckpointError, safe_torch_load
+from melhubert_fairseq.checkpoint_loading import UnsafeCheckpointError, safe_torch_load
+from melhubert_fairseq.file_sniffing import CheckpointFormatError
 from melhubert_fairseq.original.convert import convert_original_checkpoint
 from melhubert_fairseq.original.format import original_checkpoint_safe_globals
 from melhubert_fairseq.tools.convert_original_checkpoint import main as convert_main
+
+melhubert_fairseq.register_with_fairseq()  # fairseq knows the task, model and criteria by name
 
 CASES = {
     "20ms-postLN": {},

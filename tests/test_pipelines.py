@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import make_fbank_corpus, run_hydra_train
-from melhubert_fairseq.checkpoint_io import load_fairseq_state
+from melhubert_fairseq.checkpoint_loading import load_fairseq_state
 from melhubert_fairseq.data.labels import load_km_labels
 from melhubert_fairseq.data.manifest import read_manifest
 from melhubert_fairseq.tools import dump_km_labels, learn_kmeans, run_demo

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import make_fbank_corpus, run_hydra_train
-from melhubert_fairseq.checkpoint_io import safe_torch_load
+from melhubert_fairseq.checkpoint_loading import safe_torch_load
 from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.probe.features import (
     FBANK,

@@ -21,7 +21,7 @@ from helpers import (
     run_hydra_train,
     write_indexed_corpus,
 )
-from melhubert_fairseq.checkpoint_io import checkpoint_load_problem, safe_torch_load
+from melhubert_fairseq.checkpoint_loading import checkpoint_load_problem, safe_torch_load
 from melhubert_fairseq.tasks.mel_hubert_pretraining import MelHubertPretrainingTask
 from melhubert_fairseq.tasks.pretraining_config import MelHubertPretrainingConfig
 

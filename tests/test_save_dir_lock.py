@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO_ROOT, hydra_train_command, make_fbank_corpus, run_hydra_train
-from melhubert_fairseq import checkpoint_io
-from melhubert_fairseq.checkpoint_io import SAVE_DIR_LOCK, checkpoint_load_problem, checkpoint_num_updates
+from melhubert_fairseq import checkpoint_resume
+from melhubert_fairseq.checkpoint_loading import checkpoint_load_problem, checkpoint_num_updates
+from melhubert_fairseq.checkpoint_resume import SAVE_DIR_LOCK
 
 
 def wait_for(condition, what: str, timeout: float = 300.0) -> None:
@@ -70,18 +71,18 @@ def test_the_lock_is_the_process_s_own_across_a_multirun_and_saves_go_on_without
     first, second = tmp_path / "a", tmp_path / "b"
     first.mkdir(), second.mkdir()
     try:
-        checkpoint_io.lock_save_dir(str(first))
-        checkpoint_io.lock_save_dir(str(first))  # the same process again: not refused by its own lock
+        checkpoint_resume.lock_save_dir(str(first))
+        checkpoint_resume.lock_save_dir(str(first))  # the same process again: not refused by its own lock
         assert (first / SAVE_DIR_LOCK).read_text().startswith(f"pid {os.getpid()} on {socket.gethostname()}, started ")
         other_process = subprocess.run(
-            [sys.executable, "-c", f"from melhubert_fairseq.checkpoint_io import lock_save_dir; lock_save_dir({str(first)!r})"],
+            [sys.executable, "-c", f"from melhubert_fairseq.checkpoint_resume import lock_save_dir; lock_save_dir({str(first)!r})"],
             capture_output=True, text=True, timeout=300,
         )
         assert other_process.returncode != 0 and f"another training run is writing checkpoints here (pid {os.getpid()} " in other_process.stderr
-        checkpoint_io.lock_save_dir(str(second))  # the next job of a hydra multirun releases the first folder
+        checkpoint_resume.lock_save_dir(str(second))  # the next job of a hydra multirun releases the first folder
         assert not (first / SAVE_DIR_LOCK).exists() and (second / SAVE_DIR_LOCK).exists()
     finally:
-        checkpoint_io.release_save_dir_locks()
+        checkpoint_resume.release_save_dir_locks()
     assert not (second / SAVE_DIR_LOCK).exists()
 
     def no_flock(fd, operation):
@@ -89,6 +90,6 @@ def test_the_lock_is_the_process_s_own_across_a_multirun_and_saves_go_on_without
 
     monkeypatch.setattr(fcntl, "flock", no_flock)  # Lustre without flock, some FUSE/SMB mounts
     try:
-        checkpoint_io.lock_save_dir(str(first))  # cannot detect a second run there, but never stops this one
+        checkpoint_resume.lock_save_dir(str(first))  # cannot detect a second run there, but never stops this one
     finally:
-        checkpoint_io.release_save_dir_locks()
+        checkpoint_resume.release_save_dir_locks()

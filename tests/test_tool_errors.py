@@ -346,7 +346,7 @@ BAD_INPUTS = {
     "wav-to-fbank feature manifest": BadInput("wav-to-fbank", _wav_to_fbank_feature_manifest, "train.tsv:2 (u1): this is a "
                                               "feature manifest (u1.npy is a fbank .npy file and 10 its num_frames): it is "
                                               "what melhubert-wav-to-fbank writes"),
-    # Files that are not checkpoints, named for what they are (checkpoint_io.check_torch_file).
+    # Files that are not checkpoints, named for what they are (file_sniffing.check_torch_file).
     "extract-features k-means model as --checkpoint": BadInput(
         "extract-features", _extract_kmeans_checkpoint,
         "in/km.npy: not a torch checkpoint: it is a k-means model (centroids (4, 40), written by melhubert-learn-kmeans)",

@@ -11,9 +11,11 @@ import pytest
 import torch
 from fairseq import checkpoint_utils
 
-import melhubert_fairseq  # noqa: F401  (registers the plugin and the checkpoint allow-list)
+import melhubert_fairseq
 from helpers import make_fbank_corpus, run_hydra_train
-from melhubert_fairseq.checkpoint_io import safe_torch_load
+from melhubert_fairseq.checkpoint_loading import safe_torch_load
+
+melhubert_fairseq.register_with_fairseq()  # registers the plugin and the checkpoint allow-list
 
 pytestmark = pytest.mark.slow  # every test here runs fairseq-hydra-train (or uses the trained tiny_checkpoint)
 

@@ -25,7 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 
-from melhubert_fairseq.atomic_output import check_writable, refuse_replacing_inputs
+from melhubert_fairseq.output_guards import check_writable, refuse_replacing_inputs
 from melhubert_fairseq.cli import console_main, with_progress
 from melhubert_fairseq.errors import InputError
 
@@ -116,7 +116,7 @@ def epoch_of(state: Dict[str, Any]) -> Optional[int]:
 def average_checkpoints(paths: Sequence[str]) -> Dict[str, Any]:
     """Load ``paths`` safely and return the newest one's state (optimizer, update count, epoch and
     iterator position included) with the mean of all models' weights."""
-    from melhubert_fairseq.checkpoint_io import load_fairseq_state
+    from melhubert_fairseq.checkpoint_loading import load_fairseq_state
 
     if len(paths) < 2:
         raise InputError(f"averaging needs at least 2 checkpoints, got {list(paths)}")
@@ -151,7 +151,7 @@ def average_checkpoints(paths: Sequence[str]) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run average_checkpoints; return the exit status."""
     args = build_parser().parse_args(argv)
-    from melhubert_fairseq.checkpoint_io import atomic_torch_save  # after parsing: --help needs no torch
+    from melhubert_fairseq.checkpoint_saving import atomic_torch_save  # after parsing: --help needs no torch
 
     started = time.perf_counter()
     update_based = args.num_update_checkpoints is not None

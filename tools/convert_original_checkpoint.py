@@ -1,7 +1,7 @@
 """Convert a checkpoint of the original Mel-HuBERT release (``.ckpt``) into a fairseq ``mel_hubert`` checkpoint.
 
 The result loads with ``fairseq.checkpoint_utils.load_model_ensemble_and_task``
-(after ``import melhubert_fairseq``), gives the same hidden states as the
+(after ``melhubert_fairseq.register_with_fairseq()``), gives the same hidden states as the
 original model, and can initialise training
 (``checkpoint.finetune_from_model=converted.pt``).
 
@@ -28,7 +28,7 @@ import time
 from typing import List, Optional
 
 
-from melhubert_fairseq.atomic_output import check_writable, refuse_replacing_inputs
+from melhubert_fairseq.output_guards import check_writable, refuse_replacing_inputs
 from melhubert_fairseq.data.features import load_mean_std
 from melhubert_fairseq.cli import console_main, progress_bar
 
@@ -68,7 +68,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the conversion; return the exit status."""
     args = build_parser().parse_args(argv)
     # torch and the plugin's checkpoint code after parsing: --help needs neither.
-    from melhubert_fairseq.checkpoint_io import atomic_torch_save
+    from melhubert_fairseq.checkpoint_saving import atomic_torch_save
     from melhubert_fairseq.original.convert import convert_original_checkpoint, describe_attention, training_overrides
 
     started = time.perf_counter()

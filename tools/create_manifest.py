@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import check_writable, refuse_replacing_inputs
+from melhubert_fairseq.output_guards import check_writable, refuse_replacing_inputs
 from melhubert_fairseq.data.features import open_feature_file, open_npy
 from melhubert_fairseq.data.frame_rates import label_stride
 from melhubert_fairseq.data.label_import import ManifestRows, check_unique_ids, match_ids, write_label_outputs

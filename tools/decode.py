@@ -24,7 +24,8 @@ import sys
 import time
 from typing import List, Optional, Tuple
 
-from melhubert_fairseq.atomic_output import StagedOutputs, check_writable
+from melhubert_fairseq.output_guards import check_writable
+from melhubert_fairseq.staged_outputs import StagedOutputs
 from melhubert_fairseq.cli import console_main, progress_bar
 from melhubert_fairseq.data.manifest import AUDIO, iter_tsv_manifest
 from melhubert_fairseq.errors import InputError

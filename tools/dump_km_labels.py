@@ -15,7 +15,8 @@ import time
 from typing import List, Optional
 
 
-from melhubert_fairseq.atomic_output import atomic_output, check_writable, refuse_replacing_inputs
+from melhubert_fairseq.atomic_output import atomic_output
+from melhubert_fairseq.output_guards import check_writable, refuse_replacing_inputs
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ
 from melhubert_fairseq.data.labels import KM_DICTIONARY_NAME, LabelLineFormatter, dictionary_needs_writing, write_dictionary
 from melhubert_fairseq.data.shards import shard_file_name, shard_range, split_name

@@ -24,7 +24,7 @@ import time
 from typing import List, Optional
 
 
-from melhubert_fairseq.atomic_output import check_writable, refuse_replacing_inputs
+from melhubert_fairseq.output_guards import check_writable, refuse_replacing_inputs
 from melhubert_fairseq.cli import console_main, progress_bar
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, FBANK_NUM_MEL_BINS, save_mean_std
 from melhubert_fairseq.errors import InputError
@@ -52,7 +52,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the export; return the exit status."""
     args = build_parser().parse_args(argv)
     # torch and the plugin's checkpoint code after parsing: --help needs neither.
-    from melhubert_fairseq.checkpoint_io import atomic_torch_save
+    from melhubert_fairseq.checkpoint_saving import atomic_torch_save
     from melhubert_fairseq.original.export import export_original_checkpoint
     from melhubert_fairseq.original.format import is_old_mask_checkpoint
 

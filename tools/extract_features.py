@@ -35,7 +35,9 @@ from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import StagedOutputs, check_writable, refuse_replacing_inputs, safe_relative_path, save_npy
+from melhubert_fairseq.disk_full import save_npy
+from melhubert_fairseq.output_guards import check_writable, refuse_replacing_inputs, safe_relative_path
+from melhubert_fairseq.staged_outputs import StagedOutputs
 from melhubert_fairseq.data.fbank import load_audio, num_fbank_frames
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ, read_feature_file
 from melhubert_fairseq.data.manifest import read_manifest

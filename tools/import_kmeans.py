@@ -16,7 +16,7 @@ import os
 import sys
 from typing import List, Optional
 
-from melhubert_fairseq.atomic_output import check_writable, refuse_replacing_inputs
+from melhubert_fairseq.output_guards import check_writable, refuse_replacing_inputs
 from melhubert_fairseq.cli import console_main
 from melhubert_fairseq.errors import InputError, check_regular_file
 from melhubert_fairseq.kmeans import read_simple_kmeans_joblib, save_kmeans, sidecar_path

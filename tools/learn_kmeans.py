@@ -23,7 +23,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import check_writable, refuse_replacing_inputs
+from melhubert_fairseq.output_guards import check_writable, refuse_replacing_inputs
 from melhubert_fairseq.data.shards import split_name
 from melhubert_fairseq.kmeans import (
     BACKENDS,

@@ -47,7 +47,9 @@ import soundfile
 from melhubert_fairseq.data.audio_manifest import read_audio_manifest, write_audio_manifest
 from melhubert_fairseq.data.fbank import num_fbank_frames, resample_audio
 from melhubert_fairseq.data.features import FBANK_SAMPLE_RATE
-from melhubert_fairseq.atomic_output import StagedOutputs, atomic_output, writing
+from melhubert_fairseq.atomic_output import atomic_output
+from melhubert_fairseq.disk_full import writing
+from melhubert_fairseq.staged_outputs import StagedOutputs
 from melhubert_fairseq.cli import console_main, with_progress
 from melhubert_fairseq.errors import InputError
 

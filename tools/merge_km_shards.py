@@ -16,7 +16,8 @@ from typing import List, Optional
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import atomic_output, check_writable, refuse_replacing_inputs
+from melhubert_fairseq.atomic_output import atomic_output
+from melhubert_fairseq.output_guards import check_writable, refuse_replacing_inputs
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ
 from melhubert_fairseq.data.frame_rates import expected_label_count, label_stride
 from melhubert_fairseq.data.labels import index_label_file

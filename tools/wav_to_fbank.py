@@ -40,7 +40,9 @@ from typing import Callable, Iterable, Iterator, List, Optional
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import StagedOutputs, check_writable, refuse_replacing_inputs, save_npy
+from melhubert_fairseq.disk_full import save_npy
+from melhubert_fairseq.output_guards import check_writable, refuse_replacing_inputs
+from melhubert_fairseq.staged_outputs import StagedOutputs
 from melhubert_fairseq.data.fbank import compute_fbank, load_audio
 from melhubert_fairseq.data.features import (
     FBANK_FRAME_RATE_HZ,

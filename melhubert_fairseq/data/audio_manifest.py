@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Tuple
 
-from melhubert_fairseq.atomic_output import safe_relative_path
+from melhubert_fairseq.output_guards import safe_relative_path
 from melhubert_fairseq.data.manifest import AUDIO, iter_tsv_manifest, write_tsv_manifest
 from melhubert_fairseq.errors import InputError
 

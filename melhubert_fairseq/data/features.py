@@ -13,8 +13,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import atomic_save_npy, writing
+from melhubert_fairseq.atomic_output import atomic_save_npy
+from melhubert_fairseq.disk_full import writing
 from melhubert_fairseq.errors import InputError, check_regular_file
+from melhubert_fairseq.file_formats import NPY_MAGIC
 
 # The fbank every feature file of this project holds (computed by melhubert_fairseq.data.fbank).
 #: Mel bins of one fbank frame, in every feature file of this project (the original's num_mel_bins=40).
@@ -31,8 +33,6 @@ FBANK_SHIFT_SAMPLES = FBANK_SAMPLE_RATE // FBANK_FRAME_RATE_HZ
 INT16_SCALE = float(2**15)
 #: dtypes a feature matrix may have on disk (read as float32).
 FEATURE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
-#: The first bytes of every ``.npy`` file.
-NPY_MAGIC = np.lib.format.MAGIC_PREFIX
 _PICKLE_PROTOCOL_2_PLUS = b"\x80"
 
 

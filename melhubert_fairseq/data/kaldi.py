@@ -19,9 +19,10 @@ from typing import IO, Dict, List, Optional, Sequence
 import numpy as np
 from kaldiio.matio import read_kaldi
 
-from melhubert_fairseq.data.features import NPY_MAGIC, MeanStd, load_mean_std, mean_std_from_sums
+from melhubert_fairseq.data.features import MeanStd, load_mean_std, mean_std_from_sums
 from melhubert_fairseq.data.labels import parse_label_line
 from melhubert_fairseq.errors import InputError, check_regular_file
+from melhubert_fairseq.file_formats import NPY_MAGIC
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import StagedOutputs, check_writable, refuse_replacing_inputs, writing
+from melhubert_fairseq.disk_full import writing
+from melhubert_fairseq.output_guards import check_writable, refuse_replacing_inputs
+from melhubert_fairseq.staged_outputs import StagedOutputs
 from melhubert_fairseq.data.labels import (
     KM_DICTIONARY_NAME,
     LabelLineFormatter,

@@ -31,7 +31,8 @@ from typing import Iterable, Iterator, Optional, Tuple
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import atomic_output, safe_relative_path
+from melhubert_fairseq.atomic_output import atomic_output
+from melhubert_fairseq.output_guards import safe_relative_path
 from melhubert_fairseq.errors import InputError, check_regular_file
 
 #: The two kinds of tsv manifest: fbank features (``num_frames``) and audio (``num_samples``).

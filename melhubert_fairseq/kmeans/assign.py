@@ -1,9 +1,12 @@
 """Nearest-centroid labels for frames (their ``.km`` lines are :mod:`melhubert_fairseq.data.manifest`'s)."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
+
+from melhubert_fairseq.errors import InputError
 
 
 class KMeansAssigner:
@@ -40,7 +43,7 @@ class KMeansAssigner:
         self, frames: np.ndarray, labels: np.ndarray, sq_dist: Optional[np.ndarray], start: int
     ) -> None:
         """Label rows ``[start, start + block_frames)`` into ``labels`` (and ``sq_dist``)."""
-        import torch
+        import torch  # deferred, as in __init__
 
         end = min(start + self.block_frames, frames.shape[0])
         with torch.no_grad():
@@ -66,9 +69,7 @@ class KMeansAssigner:
             for start in starts:
                 self._assign_block(frames, labels, sq_dist, start)
             return labels, sq_dist
-        from concurrent.futures import ThreadPoolExecutor
-
-        import torch
+        import torch  # deferred, as in __init__
 
         torch_threads = torch.get_num_threads()
         torch.set_num_threads(1)  # parallel over blocks, not inside each small matmul
@@ -102,7 +103,7 @@ class KMeansAssigner:
         pending_frames = 0
         for row, feats in pairs:
             if feats.shape[1] != self.dim:
-                raise ValueError(
+                raise InputError(
                     f"{where(row)}: feature dim {feats.shape[1]} does not match the k-means "
                     f"centroids' dim {self.dim}"
                 )

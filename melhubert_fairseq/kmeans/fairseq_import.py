@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from typing import List, Tuple
 
 import numpy as np
@@ -26,8 +27,7 @@ def read_simple_kmeans_joblib(path: str) -> Tuple[KMeansModel, List[str]]:
     Unpickling runs whatever code the file holds: only for files the user
     said they trust (``melhubert-import-kmeans --trust-pickle``).
     """
-    import warnings
-
+    # Deferred: joblib and scikit-learn take seconds to import, and only --trust-pickle imports need them.
     import joblib
     from sklearn import __version__ as sklearn_version
     from sklearn.cluster import KMeans, MiniBatchKMeans

@@ -17,19 +17,19 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from melhubert_fairseq.atomic_output import StagedOutputs, check_writable, save_npy, writing
 from melhubert_fairseq.data.features import open_npy
+from melhubert_fairseq.disk_full import save_npy, writing
 from melhubert_fairseq.errors import InputError, check_regular_file
+from melhubert_fairseq.file_formats import KMEANS_FORMAT, SAMPLE_FORMAT
 from melhubert_fairseq.kmeans.sample import FrameSample
-
-KMEANS_FORMAT = "melhubert-kmeans-v1"
-SAMPLE_FORMAT = "melhubert-kmeans-sample-v1"
+from melhubert_fairseq.output_guards import check_writable
+from melhubert_fairseq.staged_outputs import StagedOutputs
 
 
 def sidecar_path(npy_path: str) -> str:
     """The JSON sidecar next to a ``.npy`` array file (``km.npy`` -> ``km.json``)."""
     if not npy_path.endswith(".npy"):
-        raise ValueError(f"{npy_path}: k-means and sample files must end in .npy")
+        raise InputError(f"{npy_path}: k-means and sample files must end in .npy")
     return npy_path[: -len(".npy")] + ".json"
 
 
@@ -65,13 +65,13 @@ def load_array_with_sidecar(npy_path: str, expected_format: str) -> Tuple[np.nda
     except FileNotFoundError:
         raise FileNotFoundError(f"{json_path}: metadata sidecar of {npy_path} not found") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"{json_path}: not valid JSON ({err})") from None
+        raise InputError(f"{json_path}: not valid JSON ({err})") from None
     if not isinstance(metadata, dict) or metadata.get("format") != expected_format:
-        raise ValueError(f"{json_path}: not a {expected_format} sidecar")
+        raise InputError(f"{json_path}: not a {expected_format} sidecar")
     if array.ndim != 2 or array.dtype != np.float32:
-        raise ValueError(f"{npy_path}: expected a float32 (rows, dim) array, got {array.dtype} {array.shape}")
+        raise InputError(f"{npy_path}: expected a float32 (rows, dim) array, got {array.dtype} {array.shape}")
     if metadata.get("sha256") != array_sha256(array):
-        raise ValueError(f"{json_path}: checksum does not match {npy_path} (files from different runs?)")
+        raise InputError(f"{json_path}: checksum does not match {npy_path} (files from different runs?)")
     return array, metadata
 
 
@@ -111,12 +111,12 @@ def load_kmeans(path: str) -> KMeansModel:
         )
     centroids, metadata = load_array_with_sidecar(path, KMEANS_FORMAT)
     if metadata.get("num_clusters") != centroids.shape[0] or metadata.get("dim") != centroids.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"{sidecar_path(path)}: says K={metadata.get('num_clusters')}, dim={metadata.get('dim')} "
             f"but {path} holds {centroids.shape}"
         )
     if not np.isfinite(centroids).all():
-        raise ValueError(f"{path}: centroids contain NaN or Inf")
+        raise InputError(f"{path}: centroids contain NaN or Inf")
     return KMeansModel(centroids, metadata)
 
 

@@ -1,6 +1,7 @@
 """Fitting k-means centroids on sampled frames: faiss (when installed) or scikit-learn's MiniBatchKMeans."""
 from __future__ import annotations
 
+import logging
 import math
 from typing import Optional
 
@@ -21,10 +22,8 @@ DEFAULT_ITERATIONS = {"faiss": 25, "sklearn": 100}
 
 def import_faiss():
     """The ``faiss`` module, or None when it is not importable (it is an optional extra)."""
-    import logging
-
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs its CPU probing
-    try:
+    try:  # an optional extra: imported only when a fit may use it
         import faiss
     except ImportError:
         return None
@@ -36,7 +35,7 @@ def resolve_backend(backend: Optional[str] = None) -> str:
     if backend is None:
         return DEFAULT_BACKEND if import_faiss() is not None else FALLBACK_BACKEND
     if backend not in BACKENDS:
-        raise ValueError(f"unknown k-means backend {backend!r}; choose one of {BACKENDS}")
+        raise InputError(f"unknown k-means backend {backend!r}; choose one of {BACKENDS}")
     if backend == "faiss" and import_faiss() is None:
         raise InputError(
             "--backend faiss: faiss is not installed (pip install 'melhubert-fairseq[faiss]', or use an "
@@ -64,19 +63,19 @@ def fit_kmeans(
     """
     frames = np.ascontiguousarray(frames, dtype=np.float32)
     if frames.ndim != 2 or frames.shape[0] == 0:
-        raise ValueError(f"need a non-empty (frames, dim) matrix to fit k-means, got {frames.shape}")
+        raise InputError(f"need a non-empty (frames, dim) matrix to fit k-means, got {frames.shape}")
     if num_clusters < 1:
-        raise ValueError(f"--num-clusters must be >= 1, got {num_clusters}")
+        raise InputError(f"--num-clusters must be >= 1, got {num_clusters}")
     if num_clusters > frames.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"--num-clusters {num_clusters} is larger than the {frames.shape[0]} sampled frames; "
             "raise --sample-frac/--max-frames or lower --num-clusters"
         )
     backend = resolve_backend(backend)
     iterations = DEFAULT_ITERATIONS[backend] if iterations is None else iterations
     if init not in ("k-means++", "random"):
-        raise ValueError(f"unknown k-means init {init!r}; choose 'k-means++' or 'random'")
-    from threadpoolctl import threadpool_limits
+        raise InputError(f"unknown k-means init {init!r}; choose 'k-means++' or 'random'")
+    from threadpoolctl import threadpool_limits  # deferred with scikit-learn (see _fit_sklearn)
 
     with threadpool_limits(limits=threads):  # None: leave the libraries' defaults
         fit = _fit_faiss if backend == "faiss" else _fit_sklearn
@@ -107,6 +106,7 @@ def _fit_faiss(frames, num_clusters, seed, iterations, init, batch_size) -> np.n
 
 def _fit_sklearn(frames, num_clusters, seed, iterations, init, batch_size) -> np.ndarray:
     """scikit-learn MiniBatchKMeans with fairseq simple_kmeans' settings."""
+    # Deferred: scikit-learn takes seconds to import, and the k-means tools' --help and sampling never need it.
     from sklearn.cluster import MiniBatchKMeans
 
     # fairseq simple_kmeans' settings (HuBERT's labels were made with these).
@@ -130,7 +130,7 @@ def kmeans_plusplus_init(
     frames: np.ndarray, num_clusters: int, seed: int, max_points: Optional[int] = None
 ) -> np.ndarray:
     """k-means++ seeds (scikit-learn's) drawn from at most ``max(20000, 40 K)`` random frames."""
-    from sklearn.cluster import kmeans_plusplus
+    from sklearn.cluster import kmeans_plusplus  # deferred, as in _fit_sklearn
 
     rng = np.random.default_rng(seed)
     # Seeding costs O(points * K * dim) and dominated the fit on all 300k frames; on

@@ -8,6 +8,7 @@ import numpy as np
 
 from melhubert_fairseq.cli import with_progress
 from melhubert_fairseq.data.shards import shard_range
+from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.kmeans.sources import FeatureSource
 
 
@@ -16,7 +17,7 @@ def choose_sample_rows(
 ) -> np.ndarray:
     """Random whole utterances (sorted positions) holding about ``sample_frac`` of the frames."""
     if not 0 < sample_frac <= 1:
-        raise ValueError(f"--sample-frac must be in (0, 1], got {sample_frac}")
+        raise InputError(f"--sample-frac must be in (0, 1], got {sample_frac}")
     if sample_frac >= 1:
         return np.arange(len(num_frames))
     order = rng.permutation(len(num_frames))

@@ -25,6 +25,7 @@ from melhubert_fairseq.data.features import (
 from melhubert_fairseq.data.frame_rates import label_stride
 from melhubert_fairseq.data.manifest import FeatureManifest, read_manifest
 from melhubert_fairseq.data.shards import shard_range
+from melhubert_fairseq.errors import InputError
 
 FeatureIterator = Iterator[Tuple[int, np.ndarray]]
 
@@ -132,10 +133,12 @@ class ModelLayerSource(FeatureSource):
         device: str = "cpu",
         max_batch_frames: int = 20000,
     ) -> None:
+        # Deferred: learn_kmeans and dump_km_labels import this module, and their --help must not import
+        # fairseq or torch (which the feature reader does).
         from melhubert_fairseq.feature_reader import MelHubertFeatureReader
 
         if layer < 1:
-            raise ValueError(f"--layer is 1-based (transformer layer output), got {layer}")
+            raise InputError(f"--layer is 1-based (transformer layer output), got {layer}")
         self.manifest = read_manifest(manifest_path)
         self.checkpoint_path = checkpoint_path
         self.layer = layer
@@ -146,7 +149,7 @@ class ModelLayerSource(FeatureSource):
         try:  # one label per model frame
             self.stack = label_stride(self.frame_rate_hz)
         except ValueError as err:
-            raise ValueError(f"{checkpoint_path}: model frame rate: {err}") from None
+            raise InputError(f"{checkpoint_path}: model frame rate: {err}") from None
 
     def expected_frames(self, row: int) -> int:
         """Model frames of row ``row``: its 10 ms frames stacked by the model's stack factor."""
@@ -199,12 +202,12 @@ def open_feature_source(
     """Fbank frames, or a checkpoint layer's hidden states when ``checkpoint_path`` is given."""
     if checkpoint_path is None:
         if layer is not None:
-            raise ValueError("--layer needs --checkpoint (it selects a layer of that model)")
+            raise InputError("--layer needs --checkpoint (it selects a layer of that model)")
         return FbankSource(manifest_path, mean_std_path)
     if layer is None:
-        raise ValueError("--checkpoint needs --layer (which transformer layer's output to cluster)")
+        raise InputError("--checkpoint needs --layer (which transformer layer's output to cluster)")
     if mean_std_path is not None:
-        raise ValueError(
+        raise InputError(
             "--mean-std applies to fbank features only; the checkpoint normalises its input itself"
         )
     return ModelLayerSource(manifest_path, checkpoint_path, layer, device, max_batch_frames)

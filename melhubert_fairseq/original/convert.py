@@ -14,7 +14,7 @@ import torch
 from fairseq.dataclass.configs import FairseqConfig
 from omegaconf import OmegaConf, open_dict
 
-from melhubert_fairseq.checkpoint_io import CheckpointFormatError
+from melhubert_fairseq.file_sniffing import CheckpointFormatError
 from melhubert_fairseq.criterions.hard_label_masked_ce import CRITERION_NAME, HardLabelMaskedCe, HardLabelMaskedCeConfig
 from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS, MeanStd
 from melhubert_fairseq.errors import InputError

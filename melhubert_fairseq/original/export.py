@@ -10,7 +10,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from omegaconf import OmegaConf
 
-from melhubert_fairseq.checkpoint_io import CheckpointFormatError, load_fairseq_state, require_mel_hubert
+from melhubert_fairseq.checkpoint_loading import load_fairseq_state, require_mel_hubert
+from melhubert_fairseq.file_sniffing import CheckpointFormatError
 from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS, MeanStd, validate_mean_std
 from melhubert_fairseq.models.components import pos_conv_lookahead
 from melhubert_fairseq.original.convert import build_model

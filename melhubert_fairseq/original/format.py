@@ -42,7 +42,8 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from melhubert_fairseq.checkpoint_io import CheckpointFormatError, safe_torch_load
+from melhubert_fairseq.checkpoint_loading import safe_torch_load
+from melhubert_fairseq.file_sniffing import CheckpointFormatError
 from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS
 
 #: The top-level key that marks an original checkpoint (fairseq checkpoints have ``model`` and ``cfg``).

@@ -20,6 +20,8 @@ from typing import Dict, Iterator, List, Sequence
 import numpy as np
 import torch
 
+from melhubert_fairseq.errors import InputError
+from melhubert_fairseq.feature_reader import MelHubertFeatureReader
 from melhubert_fairseq.probe.features import PRETRAINED, Upstream, extract_probe_features
 from melhubert_fairseq.probe.run import DEFAULT_SETTINGS, PR, SID, TASKS, ProbeData, check_probe_data, load_probe_data, run_pr, run_sid
 
@@ -49,7 +51,7 @@ def parse_tasks(spec: str) -> List[str]:
     tasks = [part.strip() for part in spec.split(",") if part.strip()]
     bad = [task for task in tasks if task not in TASKS]
     if not tasks or bad:
-        raise ValueError(f"task.probe_tasks must name some of {', '.join(TASKS)}, got {spec!r}")
+        raise InputError(f"task.probe_tasks must name some of {', '.join(TASKS)}, got {spec!r}")
     return list(dict.fromkeys(tasks))
 
 
@@ -69,9 +71,9 @@ class TrainingProbe:
         """Read ``cfg.probe_train`` / ``probe_test`` and their labels; fail now, not at a validation."""
         tasks = parse_tasks(cfg.probe_tasks)
         if cfg.probe_interval < 1:
-            raise ValueError(f"task.probe_interval must be >= 1 (validations between probes), got {cfg.probe_interval}")
+            raise InputError(f"task.probe_interval must be >= 1 (validations between probes), got {cfg.probe_interval}")
         if cfg.probe_seeds < 1 or cfg.probe_shots < 1:
-            raise ValueError("task.probe_seeds and task.probe_shots must be >= 1")
+            raise InputError("task.probe_seeds and task.probe_shots must be >= 1")
         test = [cfg.probe_test] if cfg.probe_test else []
         data = load_probe_data([cfg.probe_train], test, tasks, cfg.probe_phone_map)
         check_probe_data(data, tasks, cfg.probe_shots)
@@ -80,8 +82,6 @@ class TrainingProbe:
     @torch.no_grad()
     def run(self, model: torch.nn.Module, task_cfg, device: str) -> Dict[str, float]:
         """Probe ``model`` (left exactly as it was); return {metric name: mean over seeds}."""
-        from melhubert_fairseq.feature_reader import MelHubertFeatureReader
-
         start = time.perf_counter()
         was_training = model.training
         model.eval()

@@ -24,9 +24,12 @@ import torch
 import torch.nn.functional as F
 
 from melhubert_fairseq.cli import with_progress
+from melhubert_fairseq.data.fbank import load_audio
 from melhubert_fairseq.data.features import read_feature_file, stack_frames
 from melhubert_fairseq.data.manifest import AUDIO, FEATURES, iter_tsv_manifest
 from melhubert_fairseq.errors import InputError
+from melhubert_fairseq.feature_reader import MelHubertFeatureReader
+from melhubert_fairseq.models.mel_hubert import MelHubertModel
 
 #: Upstream names, in the order tables list them.
 FBANK, RANDOM_INIT, PRETRAINED = "fbank", "random init", "pretrained"
@@ -89,7 +92,7 @@ class Upstream:
         """``reader``: a :class:`~melhubert_fairseq.feature_reader.MelHubertFeatureReader` (None only for
         ``fbank`` over feature manifests, stacked ``stack`` frames at a time)."""
         if reader is None and name != FBANK:
-            raise ValueError(f"the {name} upstream needs a checkpoint")
+            raise InputError(f"the {name} upstream needs a checkpoint")
         self.name = name
         self.reader = reader
         self.stack = reader.stack if reader is not None else stack
@@ -108,8 +111,6 @@ class Upstream:
                     f"{row.where}: an audio manifest needs a checkpoint for its fbank statistics (--checkpoint), "
                     "or make fbank features first (melhubert-wav-to-fbank)"
                 )
-            from melhubert_fairseq.data.fbank import load_audio
-
             try:
                 waveform = load_audio(row.full_path, expected_samples=row.count)
             except (OSError, ValueError) as err:
@@ -189,8 +190,6 @@ def extract_probe_features(
 def randomly_initialised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """A fresh network of ``model``'s config, initialised from ``seed`` (global RNG untouched), holding
     nothing of ``model`` but its fbank statistics."""
-    from melhubert_fairseq.models.mel_hubert import MelHubertModel
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         fresh = MelHubertModel(model.cfg)
@@ -206,8 +205,6 @@ def load_upstream(
     """The upstream ``name`` (fbank, random init, pretrained) from ``checkpoint`` (optional for fbank)."""
     if checkpoint is None:
         return Upstream(name, None, stack=stack, device=device)
-    from melhubert_fairseq.feature_reader import MelHubertFeatureReader
-
     reader = MelHubertFeatureReader(checkpoint, device=device, max_batch_frames=max_batch_frames)
     if name == RANDOM_INIT:
         reader.model = randomly_initialised(reader.model, seed)

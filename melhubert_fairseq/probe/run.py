@@ -39,6 +39,7 @@ from melhubert_fairseq.probe.labels import (
     read_phone_map,
     read_row_labels,
 )
+from melhubert_fairseq.errors import InputError
 
 #: The probes: phone recognition and speaker identification.
 PR, SID = "pr", "sid"
@@ -114,7 +115,7 @@ def check_probe_data(data: ProbeData, tasks: Sequence[str], shots: Optional[int]
     """Every check that can fail on the labels, before any feature is extracted."""
     if PR in tasks:
         if not data.test_rows:
-            raise ValueError("pr needs test manifests (--test) to score the phone error rate on")
+            raise InputError("pr needs test manifests (--test) to score the phone error rate on")
         phone_targets(data)
     if SID in tasks:
         if shots:
@@ -123,7 +124,7 @@ def check_probe_data(data: ProbeData, tasks: Sequence[str], shots: Optional[int]
             ))
         else:
             if not data.test_rows:
-                raise ValueError("sid without --shots needs test manifests (--test); with --shots N it tests on the rest")
+                raise InputError("sid without --shots needs test manifests (--test); with --shots N it tests on the rest")
             check_known_speakers(
                 [data.speakers[row] for row in data.train_rows], [data.speakers[row] for row in data.test_rows],
                 data.label_source(SPEAKERS),
