@@ -2,7 +2,7 @@
 import argparse
 import contextlib
 import functools
-import pickle
+import os
 import sys
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, TypeVar
 
@@ -10,13 +10,22 @@ from tqdm import tqdm
 
 from melhubert_fairseq.data.features import FBANK_FRAME_RATE_HZ
 from melhubert_fairseq.data.frame_rates import LABEL_RATE_HELP
+from melhubert_fairseq.disk_full import DiskFullError
 from melhubert_fairseq.errors import InputError
 
 T = TypeVar("T")
 
-#: What bad input raises in this project: messages already name the file, utterance and problem.
-#: InputError is the project's own; ValueError/OSError stay for library errors that name a file.
-USER_ERRORS = (InputError, ValueError, OSError, pickle.UnpicklingError)
+#: Set to 1 to see the traceback of a user error too (a bug always keeps its traceback).
+TRACEBACK_ENV = "MELHUBERT_TRACEBACK"
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is the user's mistake, printed as one ``error:`` line: an :class:`InputError` (every
+    check of this project raises it), or a file problem the operating system names (missing, already there,
+    disk full, not permitted). Anything else is a bug and keeps its traceback."""
+    if isinstance(err, (InputError, FileNotFoundError, FileExistsError, DiskFullError)):
+        return True
+    return isinstance(err, OSError) and err.filename is not None
 
 
 def format_user_error(err: BaseException) -> str:
@@ -74,7 +83,9 @@ def console_main(main: Callable) -> Callable:
             return main(argv)
         try:
             result = main(None)
-        except USER_ERRORS as err:
+        except Exception as err:
+            if not is_user_error(err) or os.environ.get(TRACEBACK_ENV) == "1":
+                raise
             print(format_user_error(err), file=sys.stderr)
             return 2
         return result if isinstance(result, int) else 0

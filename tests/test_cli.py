@@ -138,3 +138,28 @@ print(type(models[0]).__name__, type(task).__name__)
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["MelHubertModel", "MelHubertPretrainingTask"]
+
+
+def test_console_scripts_print_user_errors_as_one_line_and_let_bugs_keep_their_traceback(monkeypatch, capsys):
+    """A user mistake (InputError, a missing file) is one ``error:`` line and exit 2; anything else, a plain
+    ValueError included, is a bug and propagates with its traceback; MELHUBERT_TRACEBACK=1 shows it for both."""
+    from melhubert_fairseq.cli import TRACEBACK_ENV, console_main
+    from melhubert_fairseq.errors import InputError
+
+    def failing(err):
+        def main(argv):
+            raise err
+        return console_main(main)
+
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    assert failing(InputError("a.tsv:3 (utt1): 12 frames, expected 40 mel bins"))() == 2
+    assert capsys.readouterr().err == "error: a.tsv:3 (utt1): 12 frames, expected 40 mel bins\n"
+    assert failing(FileNotFoundError("train.tsv is missing"))() == 2
+    assert capsys.readouterr().err == "error: train.tsv is missing\n"
+    with pytest.raises(ValueError, match="a bug"):
+        failing(ValueError("a bug"))()
+    with pytest.raises(OSError, match="no file named"):  # an OSError naming no file is no file problem of the user's
+        failing(OSError("no file named"))()
+    monkeypatch.setenv(TRACEBACK_ENV, "1")
+    with pytest.raises(InputError):
+        failing(InputError("x.tsv:1: bad"))()

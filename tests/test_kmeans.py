@@ -357,6 +357,20 @@ def test_without_faiss_a_bad_input_is_the_only_line(corpus, monkeypatch, capsys)
     assert not (tmp / "km.npy").exists()
 
 
+def test_a_feature_file_of_another_dimension_is_a_user_error_naming_it(corpus):
+    """Features of mixed dimensions (a 80-dim file among 40-dim ones) cannot be clustered together: the tool
+    names the manifest line and utterance (an InputError: one ``error:`` line, exit 2) and writes nothing."""
+    manifest, _, tmp = corpus
+    rows = open(manifest).read().splitlines()
+    name = rows[3].split("\t")[0]
+    path = os.path.join(rows[0], name)
+    feats = np.load(path)
+    np.save(path, np.concatenate([feats, feats], axis=1))
+    with pytest.raises(InputError, match=r"train\.tsv:4 \(utt002\).*feature dim 80 differs from the 40"):
+        learn(manifest, str(tmp / "km.npy"), "--sample-frac", "1")  # every utterance read
+    assert not (tmp / "km.npy").exists()
+
+
 # ----------------------------------------------------------------------------- stage 2
 class StackingReader:
     """Stand-in for MelHubertFeatureReader with its documented API: "hidden states" are

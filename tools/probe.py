@@ -30,6 +30,7 @@ import time
 from typing import List, Optional
 
 from melhubert_fairseq.cli import console_main, set_torch_threads
+from melhubert_fairseq.probe.settings import DEFAULT_STEPS, PR, SID
 
 #: Probes the tool runs.
 TASK_CHOICES = ("pr", "sid")
@@ -57,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seeds", type=int, default=3, help="heads trained per probe (seeds 1..N); mean and spread over them")
     parser.add_argument("--per-layer", action="store_true", help="also probe every state alone")
     parser.add_argument("--lr", type=float, help="Adam learning rate of the heads (default: the probe's own)")
-    parser.add_argument("--pr-steps", type=int, help="pr: Adam steps of the CTC head (default 600)")
-    parser.add_argument("--sid-steps", type=int, help="sid: full-batch Adam steps of the classifier (default 200)")
+    parser.add_argument("--pr-steps", type=int, help=f"pr: Adam steps of the CTC head (default {DEFAULT_STEPS[PR]})")
+    parser.add_argument("--sid-steps", type=int, help=f"sid: full-batch Adam steps of the classifier (default {DEFAULT_STEPS[SID]})")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--feature-dtype", default="float32", choices=["float32", "float16"],
                         help="dtype the extracted frames are held in (float16 halves memory on large corpora)")

@@ -68,7 +68,7 @@ def sample_frames(
         if dim is None:
             dim = feats.shape[1]
         elif feats.shape[1] != dim:
-            raise ValueError(
+            raise InputError(
                 f"{source.where(row)}: feature dim {feats.shape[1]} differs from the {dim} of earlier utterances"
             )
         seen += feats.shape[0]  # sources check each utterance has its expected frame count

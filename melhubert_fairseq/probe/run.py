@@ -40,14 +40,13 @@ from melhubert_fairseq.probe.labels import (
     read_row_labels,
 )
 from melhubert_fairseq.errors import InputError
+from melhubert_fairseq.probe.settings import DEFAULT_LR, DEFAULT_STEPS, PR, SID, TASKS  # noqa: F401  (re-exported)
 
 #: The probes: phone recognition and speaker identification.
-PR, SID = "pr", "sid"
-TASKS = (PR, SID)
 #: Each probe's metric, and whether higher is better.
 METRICS = {PR: ("PER", False), SID: ("accuracy", True)}
 #: Head settings each probe trains with unless told otherwise.
-DEFAULT_SETTINGS = {PR: HeadSettings(lr=1e-2, steps=600), SID: HeadSettings(lr=5e-3, steps=200)}
+DEFAULT_SETTINGS = {task: HeadSettings(lr=DEFAULT_LR[task], steps=DEFAULT_STEPS[task]) for task in TASKS}
 
 
 @dataclass

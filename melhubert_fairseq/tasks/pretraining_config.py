@@ -8,6 +8,7 @@ from omegaconf import II, MISSING
 
 from melhubert_fairseq.data.features import FBANK_NUM_MEL_BINS, FBANK_FRAME_RATE_HZ
 from melhubert_fairseq.data.frame_rates import LABEL_RATE_HELP
+from melhubert_fairseq.probe.settings import DEFAULT_STEPS, PR, SID
 
 
 @dataclass
@@ -93,8 +94,8 @@ class MelHubertPretrainingConfig(FairseqDataclass):
     )
     probe_shots: int = field(default=2, metadata={"help": "SID: training utterances per speaker (few-shot); the rest test"})
     probe_seeds: int = field(default=1, metadata={"help": "heads per probe (seeds 1..N); the logged value is their mean"})
-    probe_pr_steps: int = field(default=600, metadata={"help": "PR: Adam steps of the CTC head"})
-    probe_sid_steps: int = field(default=200, metadata={"help": "SID: full-batch steps of the speaker classifier"})
+    probe_pr_steps: int = field(default=DEFAULT_STEPS[PR], metadata={"help": "PR: Adam steps of the CTC head"})
+    probe_sid_steps: int = field(default=DEFAULT_STEPS[SID], metadata={"help": "SID: full-batch steps of the speaker classifier"})
     probe_phone_map: Optional[str] = field(
         default=None, metadata={"help": "PR: 'phone replacement' lines folding phones before training the head"}
     )
