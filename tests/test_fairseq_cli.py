@@ -44,20 +44,27 @@ def test_training_runs_from_any_directory_and_under_a_config_that_changes_direct
 
 @pytest.mark.slow  # spawns fairseq-hydra-train
 @pytest.mark.parametrize(
-    "labels, overrides, message",
+    "config, labels, overrides, message",
     [
         # an InputError in the task's setup
-        (True, ["task.labels=null"], "error: task.label_dir="),
+        ("stage1", True, ["task.labels=null"], "error: task.label_dir="),
         # an InputError in the task's build_model (no labels for a model that predicts them)
-        (False, ["task.labels=null"], "error: task.labels=null gives no k-means labels"),
+        ("stage1", False, ["task.labels=null"], "error: task.labels=null gives no k-means labels"),
+        # APC: labels given to a criterion that reads none (build_criterion)
+        ("causal_apc", True, ["task.labels=km"], "error: task.labels=km: criterion apc_l1 reads no labels"),
+        # APC: a time shift no crop is longer than (the criterion's constructor)
+        ("causal_apc", False, ["criterion.time_shift=100000"], "error: criterion.time_shift=100000 is not shorter than the crop"),
+        # APC on a model that sees its target (found at the first forward, inside fairseq's training loop)
+        ("causal_apc", False, ["model.attention_type=original", "model.pos_conv_causal=null"],
+         "error: model.attention_type=original: bidirectional attention sees frame t+3 from frame t"),
     ],
-    ids=["task-setup", "build-model"],
+    ids=["task-setup", "build-model", "apc-given-labels", "apc-shift-not-shorter-than-crop", "apc-sees-target"],
 )
-def test_a_config_mistake_is_one_error_line_with_exit_code_2(tmp_path, labels, overrides, message):
-    # Both are found in the first hydra job, after fairseq imported the plugin inside that job's main
-    # (fairseq_patches: tasks.setup_task and the task's methods).
+def test_a_config_mistake_is_one_error_line_with_exit_code_2(tmp_path, config, labels, overrides, message):
+    # All are found in the first hydra job, after fairseq imported the plugin inside that job's main
+    # (fairseq_patches: tasks.setup_task, the task's methods and fairseq_cli.train.train).
     data_dir = make_fbank_corpus(tmp_path / "data", num_utts=4)
-    command = hydra_train_command(data_dir, tmp_path / "ckpt", overrides=overrides, labels=labels)
+    command = hydra_train_command(data_dir, tmp_path / "ckpt", config_name=config, overrides=overrides, labels=labels)
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode == 2, result.stderr[-3000:]
     last = [line for line in result.stderr.splitlines() if line.strip()][-1]
