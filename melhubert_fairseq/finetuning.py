@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Mapping, Tuple
 
 from melhubert_fairseq.atomic_output import atomic_output
+from melhubert_fairseq.data.audio_manifest import write_audio_manifest
 from melhubert_fairseq.data.manifest import AUDIO, iter_tsv_manifest
 from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.file_sniffing import CheckpointFormatError
@@ -119,9 +120,9 @@ def write_finetuning_data(
         raise FileExistsError(f"{existing[0]} already exists; refusing to overwrite it (pass overwrite=True)")
     written = []
     for split, (root, rows) in planned.items():
-        with atomic_output(os.path.join(out_dir, f"{split}.tsv"), overwrite=overwrite) as handle:
-            handle.write(f"{root}\n")
-            handle.writelines(f"{path}\t{samples}\n" for path, samples, _words in rows)
+        write_audio_manifest(
+            os.path.join(out_dir, f"{split}.tsv"), root, [(path, samples) for path, samples, _words in rows], overwrite
+        )
         with atomic_output(os.path.join(out_dir, f"{split}.wrd"), overwrite=overwrite) as handle:
             handle.writelines(f"{words}\n" for _path, _samples, words in rows)
         with atomic_output(os.path.join(out_dir, f"{split}.ltr"), overwrite=overwrite) as handle:

@@ -1,7 +1,7 @@
 """The probes during pretraining: PR and SID of the model being trained, on a small held-out probe set.
 
 The pretraining task (``task.probe_train``, see
-:class:`~melhubert_fairseq.tasks.mel_hubert_pretraining.MelHubertPretrainingConfig`) runs
+:class:`~melhubert_fairseq.tasks.pretraining_config.MelHubertPretrainingConfig`) runs
 :meth:`TrainingProbe.run` at the start of every ``task.probe_interval``-th validation
 and logs ``probe_pr_per`` and ``probe_sid_acc`` with the validation's other metrics
 (fairseq's log and tensorboard). The probe must not change training: the model is read
