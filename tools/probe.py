@@ -88,7 +88,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from dataclasses import replace
 
     from melhubert_fairseq.probe.features import FBANK, PRETRAINED, RANDOM_INIT, extract_probe_features, load_upstream
-    from melhubert_fairseq.probe.run import DEFAULT_SETTINGS, PR, SID, check_probe_data, load_probe_data, run_pr, run_sid
+    from melhubert_fairseq.probe.run import DEFAULT_SETTINGS, check_probe_data, load_probe_data, run_pr, run_sid
 
     start = time.perf_counter()
     tasks = list(dict.fromkeys(args.tasks))

@@ -217,7 +217,8 @@ def probe(checkout: Path, checkpoint: Path, args: argparse.Namespace) -> list:
     from dataclasses import replace
 
     from melhubert_fairseq.probe.features import extract_probe_features, load_upstream
-    from melhubert_fairseq.probe.run import DEFAULT_SETTINGS, PR, SID, TASKS, check_probe_data, load_probe_data, run_pr, run_sid
+    from melhubert_fairseq.probe.run import DEFAULT_SETTINGS, check_probe_data, load_probe_data, run_pr, run_sid
+    from melhubert_fairseq.probe.settings import PR, SID, TASKS
 
     corpus = checkout / CORPUS
     data = load_probe_data([str(corpus / "train.tsv")], [str(corpus / "valid.tsv")], TASKS, str(checkout / PHONE_MAP))
@@ -234,7 +235,8 @@ def probe(checkout: Path, checkpoint: Path, args: argparse.Namespace) -> list:
 
 def probe_summary(results: list, shots: int) -> str:
     """The probe table (ProbeResults), each result's seeds and state weights, and whether pretraining beat random init."""
-    from melhubert_fairseq.probe.run import PR, SID, TASKS, beats, format_table, paired_gap
+    from melhubert_fairseq.probe.run import beats, format_table, paired_gap
+    from melhubert_fairseq.probe.settings import PR, SID, TASKS
 
     example = {r.task: r for r in results}
     title = (

@@ -23,7 +23,8 @@ import torch
 from melhubert_fairseq.errors import InputError
 from melhubert_fairseq.feature_reader import MelHubertFeatureReader
 from melhubert_fairseq.probe.features import PRETRAINED, Upstream, extract_probe_features
-from melhubert_fairseq.probe.run import DEFAULT_SETTINGS, PR, SID, TASKS, ProbeData, check_probe_data, load_probe_data, run_pr, run_sid
+from melhubert_fairseq.probe.run import DEFAULT_SETTINGS, ProbeData, check_probe_data, load_probe_data, run_pr, run_sid
+from melhubert_fairseq.probe.settings import PR, SID, TASKS
 
 logger = logging.getLogger(__name__)
 

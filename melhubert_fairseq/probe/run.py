@@ -40,7 +40,7 @@ from melhubert_fairseq.probe.labels import (
     read_row_labels,
 )
 from melhubert_fairseq.errors import InputError
-from melhubert_fairseq.probe.settings import DEFAULT_LR, DEFAULT_STEPS, PR, SID, TASKS  # noqa: F401  (re-exported)
+from melhubert_fairseq.probe.settings import DEFAULT_LR, DEFAULT_STEPS, PR, SID, TASKS
 
 #: The probes: phone recognition and speaker identification.
 #: Each probe's metric, and whether higher is better.
